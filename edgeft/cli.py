@@ -1,0 +1,216 @@
+"""edgeft command line. Heavy libraries are imported inside commands, so
+`edgeft --help` and `--version` stay instant and the device side stays torch-free."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import EdgeftError
+
+
+class CommandError(click.ClickException):
+    """An EdgeftError as Click shows it: one message, a hint, the error's exit code."""
+
+    def __init__(self, error: EdgeftError):
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+
+class EdgeftGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeftError as e:
+            raise CommandError(e) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+
+    def group(self, *args, **kwargs):
+        kwargs.setdefault("cls", EdgeftGroup)
+        return super().group(*args, **kwargs)
+
+
+def emit(data: dict, as_json: bool, human: str) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else human)
+
+
+@click.group(cls=EdgeftGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgeft")
+def main():
+    """Fine-tune models for small devices: quantization-aware QLoRA on the
+    workstation, incremental training on the device with ONNX Runtime."""
+
+
+# -- doctor ------------------------------------------------------------------
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def doctor(as_json):
+    """What this machine can run, and what to install for the rest."""
+    from .doctor import diagnose, render
+
+    report = diagnose()
+    emit(report, as_json, render(report))
+
+
+# -- targets -----------------------------------------------------------------
+@main.group()
+def targets():
+    """Device profiles: memory budget, threads, providers, quantization scheme."""
+
+
+@targets.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def targets_list(as_json):
+    """List the built-in target profiles."""
+    from .targets import list_targets
+
+    profiles = list_targets()
+    rows = [f"{'name':<24} {'arch':<8} {'ram':>7} {'budget':>7} {'scheme':<10} {'batch x seq':<11} providers"]
+    for t in profiles:
+        rows.append(f"{t.name:<24} {t.arch:<8} {t.ram_mb:>5}MB {t.budget_mb:>5}MB {t.scheme.name:<10} "
+                    f"{t.batch_size:>3} x {t.max_seq_len:<5} {','.join(p.replace('ExecutionProvider', '') for p in t.execution_providers)}")
+    emit([t.to_dict() for t in profiles], as_json, "\n".join(rows))
+
+
+@targets.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def targets_show(name, as_json):
+    """Show one profile (a built-in NAME or a path to a .toml)."""
+    from .targets import load_target
+
+    t = load_target(name)
+    d = t.to_dict()
+    d["bytes_per_base_param"] = round(t.scheme.bytes_per_param, 4)
+    emit(d, as_json, "\n".join(f"{k:<22} {v}" for k, v in d.items()))
+
+
+# -- train -------------------------------------------------------------------
+@main.command()
+@click.option("--model", type=click.Path(path_type=Path), help="Local Hugging Face model folder.")
+@click.option("--data", type=click.Path(path_type=Path), help="Training data: .jsonl, .csv or .parquet.")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Validation data (default: a seeded split of --data).")
+@click.option("--val-fraction", default=0.1, show_default=True, help="Validation share when --eval-data is absent.")
+@click.option("--task", type=click.Choice(["classify", "causal-lm"]), help="classify: {text,label} rows; causal-lm: messages, prompt/completion or text rows.")
+@click.option("--target", help="Target profile name or .toml path: sets the base quantization, batch and sequence length.")
+@click.option("--quant", help="Base quantization scheme (nf4, int8, int4-g128, int3-g32...); overrides the target's.")
+@click.option("--out", type=click.Path(path_type=Path), help="Run directory to create.")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), help="Continue the run in this directory from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once input is validated).")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-steps", type=int, help="Optimizer steps; overrides --epochs.")
+@click.option("--batch-size", type=int, help="Per-process batch (default: the target's, else 8).")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--max-seq-len", type=int, help="Tokens per row (default: the target's, else 256).")
+@click.option("--lr", type=float, help="Peak learning rate (default 1e-3 classify, 2e-4 causal-lm).")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--warmup-ratio", type=float, default=0.06, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Clip gradients to this norm (0: off).")
+@click.option("--lora-r", type=int, default=16, show_default=True)
+@click.option("--lora-alpha", type=float, default=32.0, show_default=True)
+@click.option("--lora-dropout", type=float, default=0.05, show_default=True)
+@click.option("--target-modules", help="Comma-separated module names for LoRA (default: per architecture).")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--label-field", default="label", show_default=True)
+@click.option("--eval-every", type=int, help="Evaluate every N steps (default: about 5 times per run).")
+@click.option("--no-eval-before", is_flag=True, help="Skip the validation pass before training.")
+@click.option("--patience", type=int, help="Stop after N evaluations without improvement.")
+@click.option("--metric", type=click.Choice(["accuracy", "macro_f1", "eval_loss"]), help="Metric that picks the best adapter.")
+@click.option("--reference-data", type=click.Path(path_type=Path), help="Forgetting check (causal-lm): loss on these rows before and after.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Autocast on CUDA; fp32 on CPU.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for activation memory.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder (off by default).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout at the end.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(model, data, eval_data, val_fraction, task, target, quant, out, resume_dir, overwrite, epochs, max_steps, batch_size,
+          grad_accum, max_seq_len, lr, weight_decay, warmup_ratio, schedule, max_grad_norm, lora_r, lora_alpha, lora_dropout,
+          target_modules, text_field, label_field, eval_every, no_eval_before, patience, metric, reference_data, seed, device,
+          precision, gradient_checkpointing, trust_remote_code, as_json, quiet):
+    """Fine-tune a local model with quantization-aware QLoRA.
+
+    \b
+    edgeft train --model assets/models/all-MiniLM-L6-v2 --task classify \\
+        --data assets/data/sentiment/train.jsonl --target raspberry-pi-5-8gb --out runs/sentiment
+    """
+    from .errors import UsageError
+    from .workstation.train import Trainer, TrainConfig
+
+    if resume_dir:
+        cfg_file = resume_dir / "config.json"
+        if not cfg_file.is_file():
+            raise UsageError(f"{resume_dir} is not a run directory (no config.json)", "pass the --out folder of an earlier edgeft train")
+        cfg = TrainConfig(**json.loads(cfg_file.read_text()))
+        cfg.out = str(resume_dir)
+        if max_steps:
+            cfg.max_steps = max_steps
+    else:
+        missing = [n for n, v in (("--model", model), ("--data", data), ("--task", task), ("--out", out)) if not v]
+        if missing:
+            raise UsageError(f"missing {', '.join(missing)}", "see `edgeft train --help`, or use --resume RUN")
+        profile = None
+        if target:
+            from .targets import load_target
+
+            profile = load_target(target)
+        from .schemes import parse_scheme
+
+        scheme = parse_scheme(quant) if quant else (profile.scheme if profile else parse_scheme("nf4"))
+        cfg = TrainConfig(
+            model=str(model), data=str(data), task=task, out=str(out), eval_data=str(eval_data) if eval_data else None,
+            val_fraction=val_fraction, target=profile.name if profile else None, scheme=scheme.name, text_field=text_field,
+            label_field=label_field, max_seq_len=max_seq_len or (profile.max_seq_len if profile else 256),
+            batch_size=batch_size or (profile.batch_size if profile else 8), grad_accum=grad_accum, epochs=epochs,
+            max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, schedule=schedule,
+            max_grad_norm=max_grad_norm, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+            target_modules=[m.strip() for m in target_modules.split(",")] if target_modules else None, eval_every=eval_every,
+            eval_before=not no_eval_before, patience=patience, metric=metric,
+            reference_data=str(reference_data) if reference_data else None, seed=seed, device=device, precision=precision,
+            gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
+        )
+    quiet_libraries()
+    trainer = Trainer(cfg, resume=bool(resume_dir), overwrite=overwrite, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    trainer.setup()
+    if not as_json and trainer.main:
+        click.echo(f"training {cfg.task} on {cfg.model}: base {cfg.scheme}, {trainer.trainable:,} trainable of {trainer.total_params:,} "
+                   f"params, {trainer.total_steps} steps on {trainer.device}", err=True)
+    summary = trainer.run()
+    if trainer.main:
+        emit(summary, as_json, human_summary(summary))
+
+
+def human_summary(s: dict) -> str:
+    lines = [f"run: {s['run']}", f"adapter: {s['adapter']}", f"steps: {s['steps']} in {s['train_seconds']} s ({s['seconds_per_step']} s/step)"]
+    before, after = s.get("before") or {}, s.get("after") or {}
+    for k, v in after.items():
+        lines.append(f"{k}: {before[k]:.4f} -> {v:.4f}" if k in before else f"{k}: {v:.4f}")
+    lines.append(f"best {s['metric']}: {s['best']:.4f} (step {s['best_step']})")
+    if s.get("forgetting"):
+        f = s["forgetting"]
+        lines.append(f"reference loss: {f['reference_loss_before']:.4f} -> {f['reference_loss_after']:.4f}")
+    return "\n".join(lines)
+
+
+def quiet_libraries() -> None:
+    """Silence load-time chatter that is not the user's concern (weight-loading bars, bnb kernel probes)."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()

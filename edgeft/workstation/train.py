@@ -1,0 +1,395 @@
+"""The training loop: AdamW (torch semantics), warmup + decay, accumulation, clipping,
+periodic eval, early stopping on the best adapter, resume, and DDP under torchrun.
+
+Run directory layout:
+  config.json       resolved configuration (what --resume reads back)
+  adapter/          best adapter, PEFT format, + tokenizer + edgeft.json
+  checkpoint/       resume state (safetensors + JSON), replaced atomically
+  metrics.jsonl     one JSON line per logged step and per evaluation
+  report.md, *.png  written at the end
+  summary.json      the final summary
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import DataError, OutputError, UsageError
+from ..fsutil import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: str
+    task: str  # "classify" | "causal-lm"
+    out: str
+    eval_data: str | None = None
+    val_fraction: float = 0.1
+    target: str | None = None
+    scheme: str = "nf4"
+    text_field: str = "text"
+    label_field: str = "label"
+    max_seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: str = "cosine"
+    max_grad_norm: float = 1.0
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    target_modules: list[str] | None = None
+    eval_every: int | None = None
+    eval_before: bool = True
+    patience: int | None = None
+    metric: str | None = None
+    reference_data: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    labels: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.task not in ("classify", "causal-lm"):
+            raise UsageError(f"--task must be classify or causal-lm, got {self.task!r}")
+        for name in ("lora_r", "batch_size", "grad_accum", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UsageError(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise UsageError(f"--epochs must be > 0, got {self.epochs}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise UsageError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
+        if self.reference_data and self.task != "causal-lm":
+            raise UsageError("--reference-data (the forgetting check) applies to --task causal-lm only")
+        if self.lr is None:
+            self.lr = 1e-3 if self.task == "classify" else 2e-4
+        if self.metric is None:
+            self.metric = "accuracy" if self.task == "classify" else "eval_loss"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric in ("accuracy", "macro_f1")
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warmup = int(cfg.warmup_ratio * total)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.lr * (0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress)
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Checked before any work, so a bad invocation never touches an earlier run."""
+    if resume:
+        if not (out / "config.json").is_file() or not (out / "checkpoint").is_dir():
+            raise OutputError(f"{out} is not a resumable run (no config.json or checkpoint/)", "start a new run with --out")
+    elif out.exists() and not overwrite:
+        raise OutputError(f"output folder {out} already exists", "pick another --out, pass --overwrite to replace it, or --resume to continue it")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    if not resume and not os.access(parent if parent.exists() else Path("."), os.W_OK):
+        raise OutputError(f"cannot write to {parent}", "choose an --out in a writable folder")
+
+
+def load_data(cfg: TrainConfig):
+    """Parsed rows for train and validation (explicit file or seeded split)."""
+    from .. import datasets
+
+    if cfg.task == "classify":
+        texts, labels = datasets.load_classify(cfg.data, cfg.text_field, cfg.label_field)
+        names = datasets.label_names(labels)
+        rows = list(zip(texts, labels))
+        if cfg.eval_data:
+            vt, vl = datasets.load_classify(cfg.eval_data, cfg.text_field, cfg.label_field)
+            unknown = sorted(set(vl) - set(names))
+            if unknown:
+                raise DataError(f"{cfg.eval_data} has labels not in the training data: {', '.join(unknown[:5])}", "every label must appear in --data")
+            val = list(zip(vt, vl))
+        else:
+            rows, val = datasets.split(rows, cfg.val_fraction, cfg.seed)
+        return rows, val, names
+    rows = datasets.load_causal(cfg.data)
+    val = datasets.load_causal(cfg.eval_data) if cfg.eval_data else None
+    if val is None:
+        rows, val = datasets.split(rows, cfg.val_fraction, cfg.seed)
+    return rows, val, []
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print):
+        self.cfg, self.resume, self.overwrite, self.progress, self.log = cfg, resume, overwrite, progress, log
+        self.out = Path(cfg.out)
+
+    # -- setup ---------------------------------------------------------------
+    def setup(self) -> None:
+        import torch
+
+        from ..datasets import load_causal
+        from ..schemes import parse_scheme
+        from .encode import encode_causal, encode_classify
+        from .load import inspect_model_dir, load_base, resolve_device
+        from .lora import attach_lora, count_parameters
+        from .objective import make_objective
+
+        cfg = self.cfg
+        prepare_out_dir(self.out, self.resume, self.overwrite)
+        info = inspect_model_dir(cfg.model, cfg.task)
+        train_rows, val_rows, names = load_data(cfg)
+        cfg.labels = names
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        device = resolve_device(cfg.device)
+        if self.world > 1:
+            import torch.distributed as dist
+
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            if device == "cuda":
+                device = f"cuda:{local}"
+                torch.cuda.set_device(local)
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        self.device = device
+        torch.manual_seed(cfg.seed)
+
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if cfg.task == "classify":
+            self.train_set = encode_classify(self.tokenizer, *zip(*train_rows), names, cfg.max_seq_len)
+            self.val_set = encode_classify(self.tokenizer, *zip(*val_rows), names, cfg.max_seq_len)
+            self.truncated = 0
+        else:
+            self.train_set, self.truncated = encode_causal(self.tokenizer, train_rows, cfg.max_seq_len)
+            self.val_set, _ = encode_causal(self.tokenizer, val_rows, cfg.max_seq_len)
+            self.reference_set = encode_causal(self.tokenizer, load_causal(cfg.reference_data), cfg.max_seq_len)[0] if cfg.reference_data else None
+        self.batches_per_epoch = len(self.train_set) // cfg.batch_size // self.world
+        if self.batches_per_epoch < 1:
+            raise DataError(f"{cfg.data} has {len(self.train_set)} training rows, fewer than one batch of {cfg.batch_size} per process", "lower --batch-size or add data")
+        steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+        self.eval_every = cfg.eval_every or max(1, min(steps_per_epoch, math.ceil(self.total_steps / 5)))
+
+        base = load_base(info, cfg.task, parse_scheme(cfg.scheme), device.split(":")[0] if device == "cpu" else device, names, cfg.trust_remote_code)
+        if cfg.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        self.model = attach_lora(base, info, cfg.task, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.target_modules) if cfg.target_modules else None)
+        self.model.to(device)
+        self.trainable, self.total_params = count_parameters(self.model)
+        self.objective = make_objective(cfg.task, self.model)
+        self.train_module = self.objective
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_module = DistributedDataParallel(self.objective, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+        self.autocast, self.scaler = self._precision(torch)
+
+    def _precision(self, torch):
+        p = self.cfg.precision
+        if p == "auto":
+            p = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if self.device.startswith("cuda") else "fp32"
+        if p == "fp32":
+            return None, None
+        if not self.device.startswith("cuda"):
+            raise UsageError(f"--precision {p} needs CUDA", "use --precision fp32 on the CPU")
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        scaler = torch.amp.GradScaler("cuda") if p == "fp16" else None
+        return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    # -- data ----------------------------------------------------------------
+    def micro_batch(self, index: int) -> dict:
+        """Global micro-batch `index` for this rank; deterministic, so resume needs only the step."""
+        from .encode import batch_order, collate
+
+        epoch, pos = divmod(index, self.batches_per_epoch)
+        order = batch_order(len(self.train_set), self.cfg.batch_size, self.cfg.seed, epoch)
+        ids = order[pos * self.world + self.rank]
+        return collate([self.train_set[i] for i in ids], self.tokenizer.pad_token_id)
+
+    def eval_batches(self, dataset, batch_size: int | None = None):
+        from .encode import collate
+
+        bs = batch_size or max(self.cfg.batch_size, 16)
+        mine = list(range(len(dataset)))[self.rank :: self.world]
+        for i in range(0, len(mine), bs):
+            yield collate([dataset[j] for j in mine[i : i + bs]], self.tokenizer.pad_token_id)
+
+    def evaluate(self, dataset=None) -> dict:
+        from .objective import evaluate
+
+        return evaluate(self.objective, self.eval_batches(dataset or self.val_set), self.cfg.task, len(self.cfg.labels), self.autocast)
+
+    # -- outputs -------------------------------------------------------------
+    def save_adapter(self, metrics: dict, step: int) -> None:
+        from .. import __version__
+
+        with atomic_dir(self.out / "adapter") as tmp:
+            self.model.save_pretrained(str(tmp))
+            self.tokenizer.save_pretrained(str(tmp))
+            atomic_write_json(
+                tmp / "edgeft.json",
+                {"edgeft_version": __version__, "task": self.cfg.task, "labels": self.cfg.labels, "scheme": self.cfg.scheme,
+                 "target": self.cfg.target, "base_model": str(Path(self.cfg.model).resolve()), "step": step, "metrics": metrics,
+                 "max_seq_len": self.cfg.max_seq_len},
+            )
+
+    def better(self, value: float, best: float | None) -> bool:
+        return best is None or (value > best if self.cfg.higher_is_better else value < best)
+
+    # -- the loop ------------------------------------------------------------
+    def run(self) -> dict:
+        import torch
+
+        cfg = self.cfg
+        created = False
+        if self.main and not self.resume:
+            if self.out.exists():
+                shutil.rmtree(self.out)  # --overwrite, and only now that input has been validated
+            self.out.mkdir(parents=True)
+            created = True
+            atomic_write_json(self.out / "config.json", asdict(cfg))
+        counters = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "elapsed": 0.0, "initial": None, "reference_before": None}
+        try:
+            if self.resume:
+                counters = self._barrier_load(counters)
+            elif cfg.eval_before:
+                counters["initial"] = self.evaluate()
+                self._record({"step": 0, **counters["initial"]})
+            if self.reference_set_exists() and counters["reference_before"] is None:
+                counters["reference_before"] = self.evaluate(self.reference_set)["eval_loss"]
+            result = self._loop(counters, torch)
+        except BaseException:
+            # Nothing worth keeping before the first checkpoint: leave no half-made run behind.
+            if created and not (self.out / "checkpoint").exists():
+                shutil.rmtree(self.out, ignore_errors=True)
+            raise
+        finally:
+            if self.world > 1 and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        return result
+
+    def reference_set_exists(self) -> bool:
+        return getattr(self, "reference_set", None) is not None
+
+    def _barrier_load(self, counters: dict) -> dict:
+        from .checkpoint import load_checkpoint
+
+        loaded = load_checkpoint(self.out / "checkpoint", self.model, self.optimizer)
+        self.log(f"resuming {self.out} at step {loaded['step']}/{self.total_steps}")
+        return {**counters, **loaded}
+
+    def _record(self, row: dict) -> None:
+        if self.main:
+            append_jsonl(self.out / "metrics.jsonl", row)
+
+    def _loop(self, counters: dict, torch) -> dict:
+        from tqdm.auto import tqdm
+
+        from .checkpoint import save_checkpoint
+
+        cfg = self.cfg
+        start = counters["step"]
+        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", disable=not (self.progress and self.main), dynamic_ncols=True)
+        session_start = time.perf_counter()
+        t0 = session_start - counters["elapsed"]
+        tokens = 0
+        stopped_early = False
+        self.train_module.train()
+        for step in range(start, self.total_steps):
+            lr = lr_at(step, self.total_steps, cfg)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            loss_total = 0.0
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(self.device) for k, v in self.micro_batch(step * cfg.grad_accum + micro).items()}
+                tokens += int(batch["attention_mask"].sum())
+                sync = micro == cfg.grad_accum - 1 or self.world == 1
+                with (contextlib.nullcontext() if sync else self.train_module.no_sync()), (self.autocast() if self.autocast else contextlib.nullcontext()):
+                    loss, _ = self.train_module(**batch)
+                    loss = loss / cfg.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                loss_total += loss.item()
+            if not math.isfinite(loss_total):
+                raise UsageError(f"loss became {loss_total} at step {step + 1}", "lower --lr, or use --precision fp32")
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            elapsed = time.perf_counter() - t0
+            self._record({"step": done, "train_loss": loss_total, "lr": lr, "grad_norm": grad_norm, "elapsed": round(elapsed, 3),
+                          "epoch": round(done * cfg.grad_accum / self.batches_per_epoch, 4)})
+            bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if done % self.eval_every == 0 or done == self.total_steps:
+                metrics = self.evaluate()
+                self._record({"step": done, **metrics})
+                value = metrics[cfg.metric]
+                if self.better(value, counters["best"]):
+                    counters.update(best=value, best_step=done, bad_evals=0)
+                    if self.main:
+                        self.save_adapter(metrics, done)
+                else:
+                    counters["bad_evals"] += 1
+                counters.update(step=done, elapsed=elapsed, last_eval=metrics)
+                if self.main:
+                    save_checkpoint(self.out / "checkpoint", self.model, self.optimizer, counters)
+                bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                if cfg.patience and counters["bad_evals"] >= cfg.patience:
+                    stopped_early = True
+                    bar.write(f"early stop: no {cfg.metric} improvement in {cfg.patience} evaluations")
+                    break
+        bar.close()
+        now = time.perf_counter()
+        elapsed, session = now - t0, now - session_start
+        steps_run = counters["step"] - start
+        summary = {
+            "run": str(self.out), "task": cfg.task, "model": cfg.model, "target": cfg.target, "scheme": cfg.scheme,
+            "device": self.device, "world_size": self.world, "steps": counters["step"], "total_steps": self.total_steps,
+            "stopped_early": stopped_early, "train_seconds": round(elapsed, 2),
+            "seconds_per_step": round(session / steps_run, 4) if steps_run else None,
+            "tokens_per_second": round(tokens * self.world / session, 1) if steps_run else None,
+            "trainable_params": self.trainable, "total_params": self.total_params,
+            "metric": cfg.metric, "best": counters["best"], "best_step": counters["best_step"],
+            "before": counters.get("initial"), "after": counters.get("last_eval"), "truncated_rows": self.truncated,
+            "adapter": str(self.out / "adapter"),
+        }
+        if self.reference_set_exists():
+            after = self.evaluate(self.reference_set)["eval_loss"]
+            summary["forgetting"] = {"reference_loss_before": counters["reference_before"], "reference_loss_after": after,
+                                     "delta": after - counters["reference_before"]}
+        if self.main:
+            from ..report import write_report
+
+            write_report(self.out, read_jsonl(self.out / "metrics.jsonl"), summary)
+            atomic_write_json(self.out / "summary.json", summary)
+        return summary
