@@ -187,6 +187,32 @@ def train(model, data, eval_data, val_fraction, task, target, quant, out, resume
         emit(summary, as_json, human_summary(summary))
 
 
+@main.command("eval")
+@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="A run directory or a PEFT adapter folder.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation data (same row shapes as train).")
+@click.option("--quant", help="Quantize the base with this scheme (default: the scheme the adapter was trained against).")
+@click.option("--target", help="Quantize the base as this target's profile does.")
+@click.option("--max-seq-len", type=int, help="Default: the length used in training.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def eval_command(adapter, data, quant, target, max_seq_len, batch_size, device, as_json):
+    """Evaluate an adapter over a base quantized with a given scheme.
+
+    Use it to see what a device with another scheme would score: the gap between
+    the adapter's own scheme and another is what quantization-aware training buys.
+    """
+    from .schemes import parse_scheme
+    from .targets import load_target
+    from .workstation.adapters import evaluate_adapter, read_adapter_meta
+    from .workstation.load import resolve_device
+
+    quiet_libraries()
+    scheme = parse_scheme(quant) if quant else load_target(target).scheme if target else parse_scheme(read_adapter_meta(adapter).get("scheme", "nf4"))
+    metrics = evaluate_adapter(adapter, str(data), scheme, resolve_device(device), max_seq_len, batch_size)
+    emit(metrics, as_json, "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
+
+
 def human_summary(s: dict) -> str:
     lines = [f"run: {s['run']}", f"adapter: {s['adapter']}", f"steps: {s['steps']} in {s['train_seconds']} s ({s['seconds_per_step']} s/step)"]
     before, after = s.get("before") or {}, s.get("after") or {}

@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,20 +134,23 @@ def load_data(cfg: TrainConfig):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print):
-        self.cfg, self.resume, self.overwrite, self.progress, self.log = cfg, resume, overwrite, progress, log
+    def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=None):
+        self.cfg, self.resume, self.overwrite, self.progress = cfg, resume, overwrite, progress
+        self.log = log or (lambda message: print(message, file=sys.stderr))
         self.out = Path(cfg.out)
 
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
+        self.prepare_data()
+        self.build_model()
+
+    def prepare_data(self) -> None:
+        """Everything that can fail on user input happens here, before any weights load."""
         import torch
 
         from ..datasets import load_causal
-        from ..schemes import parse_scheme
         from .encode import encode_causal, encode_classify
-        from .load import inspect_model_dir, load_base, resolve_device
-        from .lora import attach_lora, count_parameters
-        from .objective import make_objective
+        from .load import inspect_model_dir, resolve_device
 
         cfg = self.cfg
         prepare_out_dir(self.out, self.resume, self.overwrite)
@@ -185,8 +189,18 @@ class Trainer:
         steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
         self.eval_every = cfg.eval_every or max(1, min(steps_per_epoch, math.ceil(self.total_steps / 5)))
+        self.info = info
 
-        base = load_base(info, cfg.task, parse_scheme(cfg.scheme), device.split(":")[0] if device == "cpu" else device, names, cfg.trust_remote_code)
+    def build_model(self) -> None:
+        import torch
+
+        from ..schemes import parse_scheme
+        from .load import load_base
+        from .lora import attach_lora, count_parameters
+        from .objective import make_objective
+
+        cfg, info, device, names = self.cfg, self.info, self.device, self.cfg.labels
+        base = load_base(info, cfg.task, parse_scheme(cfg.scheme), device, names, cfg.trust_remote_code)
         if cfg.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
@@ -199,8 +213,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             self.train_module = DistributedDataParallel(self.objective, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+        self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable_params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
         self.autocast, self.scaler = self._precision(torch)
 
     def _precision(self, torch):
@@ -302,8 +316,40 @@ class Trainer:
         return {**counters, **loaded}
 
     def _record(self, row: dict) -> None:
+        """Main process only: one metrics line."""
         if self.main:
             append_jsonl(self.out / "metrics.jsonl", row)
+
+    def train_step(self, step: int) -> tuple[float, float, float, int]:
+        """One optimizer step over `grad_accum` micro-batches: (loss, grad norm, lr, tokens)."""
+        import torch
+
+        cfg = self.cfg
+        lr = lr_at(step, self.total_steps, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss_total, tokens = 0.0, 0
+        for micro in range(cfg.grad_accum):
+            batch = {k: v.to(self.device) for k, v in self.micro_batch(step * cfg.grad_accum + micro).items()}
+            tokens += int(batch["attention_mask"].sum())
+            sync = micro == cfg.grad_accum - 1 or self.world == 1
+            with (contextlib.nullcontext() if sync else self.train_module.no_sync()), (self.autocast() if self.autocast else contextlib.nullcontext()):
+                loss, _ = self.train_module(**batch)
+                loss = loss / cfg.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_total += loss.item()
+        if not math.isfinite(loss_total):
+            raise UsageError(f"loss became {loss_total} at step {step + 1}", "lower --lr, or use --precision fp32")
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total, grad_norm, lr, tokens
 
     def _loop(self, counters: dict, torch) -> dict:
         from tqdm.auto import tqdm
@@ -319,31 +365,8 @@ class Trainer:
         stopped_early = False
         self.train_module.train()
         for step in range(start, self.total_steps):
-            lr = lr_at(step, self.total_steps, cfg)
-            for g in self.optimizer.param_groups:
-                g["lr"] = lr
-            loss_total = 0.0
-            for micro in range(cfg.grad_accum):
-                batch = {k: v.to(self.device) for k, v in self.micro_batch(step * cfg.grad_accum + micro).items()}
-                tokens += int(batch["attention_mask"].sum())
-                sync = micro == cfg.grad_accum - 1 or self.world == 1
-                with (contextlib.nullcontext() if sync else self.train_module.no_sync()), (self.autocast() if self.autocast else contextlib.nullcontext()):
-                    loss, _ = self.train_module(**batch)
-                    loss = loss / cfg.grad_accum
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-                loss_total += loss.item()
-            if not math.isfinite(loss_total):
-                raise UsageError(f"loss became {loss_total} at step {step + 1}", "lower --lr, or use --precision fp32")
-            if self.scaler:
-                self.scaler.unscale_(self.optimizer)
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0
-            if self.scaler:
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            loss_total, grad_norm, lr, n_tokens = self.train_step(step)
+            tokens += n_tokens
             done = step + 1
             elapsed = time.perf_counter() - t0
             self._record({"step": done, "train_loss": loss_total, "lr": lr, "grad_norm": grad_norm, "elapsed": round(elapsed, 3),
@@ -363,10 +386,10 @@ class Trainer:
                 counters.update(step=done, elapsed=elapsed, last_eval=metrics)
                 if self.main:
                     save_checkpoint(self.out / "checkpoint", self.model, self.optimizer, counters)
-                bar.write(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                self.log(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                 if cfg.patience and counters["bad_evals"] >= cfg.patience:
                     stopped_early = True
-                    bar.write(f"early stop: no {cfg.metric} improvement in {cfg.patience} evaluations")
+                    self.log(f"early stop: no {cfg.metric} improvement in {cfg.patience} evaluations")
                     break
         bar.close()
         now = time.perf_counter()
