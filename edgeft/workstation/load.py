@@ -102,9 +102,21 @@ def load_base(info: ModelInfo, task: str, scheme: QuantScheme, device: str, labe
     if scheme.kind == "int":
         quantize_linears(model, scheme, skip=info.head)
         model.to(device)
+    else:
+        keep_bnb_trainable(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def keep_bnb_trainable(model) -> None:
+    """bitsandbytes 0.50 repacks a Linear4bit weight into an inference-only CPU layout
+    the first time it runs in eval mode (on AVX512-BF16 CPUs); training afterwards
+    fails ("a view of a leaf Variable ... in-place"), and eval would compute with a
+    different kernel than training. Keep the one, trainable layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def quantized_linear_names(model, skip: str) -> list[str]:
