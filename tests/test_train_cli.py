@@ -158,3 +158,18 @@ def test_early_stopping(tmp_path, cls_data, tiny_bert):
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert s["stopped_early"] and s["steps"] < 40
+
+
+def test_torchrun_two_processes(tmp_path, cls_data, tiny_bert):
+    """DDP without any change by the user: torchrun sets the env, edgeft picks it up."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "edgeft", "train", "--model", str(tiny_bert),
+           "--data", str(cls_data), "--task", "classify", "--out", str(out), "--max-steps", "3", "--batch-size", "4", "--quiet", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["world_size"] == 2 and summary["steps"] == 3
+    assert (out / "adapter/adapter_model.safetensors").is_file()

