@@ -66,3 +66,28 @@ def test_nf4_matches_bitsandbytes_linear4bit():
     from edgeft.workstation.quantize import bnb_dequantized_weight
 
     assert torch.equal(bnb_dequantized_weight(layer), fake_quantize(lin.weight.data, parse_scheme("nf4")))
+
+
+def test_fused_lora_dropout_matches_dropout_then_linear():
+    """Same gradients as PEFT's dropout -> lora_A when the masks agree."""
+    from edgeft.workstation.lora import DropoutLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 4, bias=False)
+    fused = DropoutLinear.wrap(lin, 0.25).train()
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    torch.manual_seed(7)
+    y = fused(x)
+    (y.square().sum()).backward()
+    gx, gw = x.grad.clone(), lin.weight.grad.clone()
+    torch.manual_seed(7)
+    keep = torch.rand_like(x) >= 0.25
+    x.grad = None
+    lin.weight.grad = None
+    ref = lin(x * keep / 0.75)
+    ref.square().sum().backward()
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(x.grad, gx)
+    torch.testing.assert_close(lin.weight.grad, gw)
+    assert 0.2 < 1 - keep.float().mean().item() < 0.3
+    assert torch.equal(fused.eval()(x), lin(x))
