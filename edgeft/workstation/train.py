@@ -358,7 +358,9 @@ class Trainer:
 
         cfg = self.cfg
         start = counters["step"]
-        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", disable=not (self.progress and self.main), dynamic_ncols=True)
+        # On a terminal a live bar; in a log file (CI) one line every 30 s instead of thousands.
+        bar = tqdm(total=self.total_steps, initial=start, desc="train", unit="step", disable=not (self.progress and self.main),
+                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30.0)
         session_start = time.perf_counter()
         t0 = session_start - counters["elapsed"]
         tokens = 0

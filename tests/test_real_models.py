@@ -1,0 +1,81 @@
+"""Real pre-trained weights, real data (tools/prepare_assets). Marked slow; the `ci` ones run in tools/test."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from edgeft.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILM = ROOT / "assets/models/all-MiniLM-L6-v2"
+SMOLLM = ROOT / "assets/models/SmolLM2-135M-Instruct"
+SENTIMENT = ROOT / "assets/data/sentiment"
+GSM8K = ROOT / "assets/data/gsm8k"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (MINILM.is_dir() and SMOLLM.is_dir() and SENTIMENT.is_dir()), reason="run tools/prepare_assets first"),
+]
+
+
+def cli(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+@pytest.mark.ci
+def test_minilm_sentiment_learns_on_a_pi5_base(tmp_path):
+    s = cli("train", "--model", MINILM, "--task", "classify", "--data", SENTIMENT / "train.jsonl", "--eval-data", SENTIMENT / "val.jsonl",
+            "--target", "raspberry-pi-5-8gb", "--max-seq-len", 64, "--batch-size", 32, "--max-steps", 40, "--out", tmp_path / "run",
+            "--quiet", "--json")
+    assert s["scheme"] == "int4-g128"
+    assert s["before"]["accuracy"] < 0.45  # a fresh head is at chance on 3 balanced classes
+    assert s["best"] > 0.55
+    # edgeft eval reproduces the run's own validation number on the same base
+    e = cli("eval", "--adapter", tmp_path / "run", "--data", SENTIMENT / "val.jsonl", "--json")
+    assert e["accuracy"] == pytest.approx(s["best"], abs=1e-9)
+
+
+@pytest.mark.ci
+def test_smollm_chat_steps_reduce_answer_loss(tmp_path):
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join((GSM8K / "val.jsonl").read_text().splitlines(keepends=True)[:16]))
+    s = cli("train", "--model", SMOLLM, "--task", "causal-lm", "--data", GSM8K / "chat_train.jsonl", "--eval-data", val,
+            "--max-seq-len", 128, "--batch-size", 4, "--max-steps", 8, "--lr", 1e-3, "--out", tmp_path / "run", "--quiet", "--json")
+    assert s["scheme"] == "nf4" and s["trainable_params"] > 4_000_000
+    assert s["after"]["eval_loss"] < s["before"]["eval_loss"]
+
+
+@pytest.mark.ci
+@pytest.mark.parametrize("scheme", ["int4-g128", "int3-g32"])
+def test_smollm_quantized_base_is_the_device_base(scheme):
+    """Every frozen linear holds exactly dequantize(quantize(original)): nothing else."""
+    import torch
+    from safetensors.torch import load_file
+
+    from edgeft.schemes import parse_scheme
+    from edgeft.workstation.load import inspect_model_dir, load_base, quantized_linear_names
+    from edgeft.workstation.quantize import fake_quantize
+
+    info = inspect_model_dir(SMOLLM, "causal-lm")
+    model = load_base(info, "causal-lm", parse_scheme(scheme), "cpu")
+    original = load_file(SMOLLM / "model.safetensors")
+    modules = dict(model.named_modules())
+    names = quantized_linear_names(model, info.head)
+    assert len(names) == 30 * 7
+    for name in names[:14] + names[-7:]:
+        want = fake_quantize(original[f"{name}.weight"], parse_scheme(scheme))
+        assert torch.equal(modules[name].weight, want), name
+        assert not torch.equal(modules[name].weight, original[f"{name}.weight"])
+
+
+def test_minilm_full_quickstart_accuracy(tmp_path):
+    """The quickstart's own recipe reaches the accuracy recorded in BENCHMARKS.md."""
+    s = cli("train", "--model", MINILM, "--task", "classify", "--data", SENTIMENT / "train.jsonl", "--eval-data", SENTIMENT / "val.jsonl",
+            "--target", "raspberry-pi-5-8gb", "--max-seq-len", 64, "--batch-size", 32, "--epochs", 2, "--out", tmp_path / "run",
+            "--quiet", "--json")
+    e = cli("eval", "--adapter", tmp_path / "run", "--data", SENTIMENT / "test.jsonl", "--json")
+    assert e["accuracy"] > 0.68
