@@ -57,16 +57,17 @@ def test_smollm_quantized_base_is_the_device_base(scheme):
     from safetensors.torch import load_file
 
     from edgeft.schemes import parse_scheme
-    from edgeft.workstation.load import inspect_model_dir, load_base, quantized_linear_names
+    from edgeft.workstation.load import inspect_model_dir, load_base, quantized_weight_names
     from edgeft.workstation.quantize import fake_quantize
 
     info = inspect_model_dir(SMOLLM, "causal-lm")
     model = load_base(info, "causal-lm", parse_scheme(scheme), "cpu")
     original = load_file(SMOLLM / "model.safetensors")
     modules = dict(model.named_modules())
-    names = quantized_linear_names(model, info.head)
-    assert len(names) == 30 * 7
-    for name in names[:14] + names[-7:]:
+    names = quantized_weight_names(model, info.head)
+    assert len(names) == 30 * 7 + 2 and names[0] == "model.embed_tokens" and names[-1] == "lm_head"
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: one quantized table
+    for name in names[:15] + names[-8:-1]:
         want = fake_quantize(original[f"{name}.weight"], parse_scheme(scheme))
         assert torch.equal(modules[name].weight, want), name
         assert not torch.equal(modules[name].weight, original[f"{name}.weight"])

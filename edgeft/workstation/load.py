@@ -99,11 +99,10 @@ def load_base(info: ModelInfo, task: str, scheme: QuantScheme, device: str, labe
         model = auto.from_pretrained(str(info.path), **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"could not load {info.path}: {e}".splitlines()[0], "check the folder is a complete save_pretrained output") from None
-    if scheme.kind == "int":
-        quantize_linears(model, scheme, skip=info.head)
-        model.to(device)
-    else:
+    if scheme.kind == "nf4":
         keep_bnb_trainable(model)
+    quantize_frozen(model, scheme, skip=info.head)
+    model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -119,20 +118,39 @@ def keep_bnb_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def quantized_linear_names(model, skip: str) -> list[str]:
-    """Every nn.Linear except the task head: the same set bitsandbytes quantizes."""
+def quantized_weight_names(model, skip: str) -> list[str]:
+    """Modules whose frozen weight the device holds quantized: every linear layer but the
+    task head, and the token embedding table (tied to lm_head in most causal LMs, and
+    over half of a small encoder's parameters, so it must not stay fp32 on the device)."""
     import torch
 
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.split(".")[-1] != skip]
+    vocab = getattr(model.config, "vocab_size", None)
+    names = []
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == skip and module is not model.get_output_embeddings():
+            continue  # a trainable classification head stays fp32
+        if isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Embedding) and module.num_embeddings == vocab):
+            names.append(name)
+    return names
 
 
-def quantize_linears(model, scheme: QuantScheme, skip: str) -> None:
+def quantize_frozen(model, scheme: QuantScheme, skip: str) -> None:
+    """Replace each frozen weight by the exact values the device graph will compute.
+
+    bitsandbytes already holds its Linear4bit layers in NF4; everything else (the
+    embedding table, an untied lm_head, and every linear for the int schemes) is
+    rounded here, in place, and keeps fp32 storage. Tied weights are rounded once.
+    """
     import torch
 
     from .quantize import fake_quantize
 
     modules = dict(model.named_modules())
+    seen = set()
     with torch.no_grad():
-        for name in quantized_linear_names(model, skip):
+        for name in quantized_weight_names(model, skip):
             w = modules[name].weight
+            if type(modules[name]) not in (torch.nn.Linear, torch.nn.Embedding) or id(w) in seen:
+                continue  # bnb Linear4bit, or a weight tied to one already rounded
+            seen.add(id(w))
             w.copy_(fake_quantize(w, scheme))
