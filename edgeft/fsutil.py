@@ -10,6 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _umask_mode(base: int) -> int:
+    """mkstemp/mkdtemp create 0600/0700; published files get the usual umask-based mode."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -29,6 +36,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode(0o666))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -49,6 +57,7 @@ def atomic_dir(path: str | Path):
     """Yield a temp folder beside `path`; on success it replaces `path` whole, on failure it vanishes."""
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, _umask_mode(0o777))
     try:
         yield tmp
         for f in tmp.rglob("*"):

@@ -31,7 +31,8 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
     return meta
 
 
-def load_adapted(adapter_dir, scheme, device: str = "cpu", base_model: str | None = None, labels: list[str] | None = None):
+def load_adapted(adapter_dir, scheme, device: str = "cpu", base_model: str | None = None, labels: list[str] | None = None,
+                 keep_codes: dict | None = None, trainable: bool = False):
     """(peft model, tokenizer, meta) with the base quantized by `scheme`."""
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -45,9 +46,9 @@ def load_adapted(adapter_dir, scheme, device: str = "cpu", base_model: str | Non
     if task == "classify" and not labels:
         raise ModelError(f"{adapter_dir}: label names unknown", "adapters from other tools need --labels a,b,c")
     info = inspect_model_dir(base_path, task)
-    base = load_base(info, task, scheme, device, labels)
+    base = load_base(info, task, scheme, device, labels, keep_codes=keep_codes)
     try:
-        model = PeftModel.from_pretrained(base, meta["adapter_dir"])
+        model = PeftModel.from_pretrained(base, meta["adapter_dir"], is_trainable=trainable)
     except (ValueError, RuntimeError, OSError) as e:
         raise ModelError(f"cannot load adapter {meta['adapter_dir']}: {e}".splitlines()[0], "is the adapter corrupt, or made for another base model?") from None
     model.eval()

@@ -72,8 +72,12 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def load_base(info: ModelInfo, task: str, scheme: QuantScheme, device: str, labels: list[str] | None = None, trust_remote_code: bool = False):
-    """The frozen, quantized base: everything but the task head is frozen here; LoRA comes after."""
+def load_base(info: ModelInfo, task: str, scheme: QuantScheme, device: str, labels: list[str] | None = None, trust_remote_code: bool = False,
+              keep_codes: dict | None = None):
+    """The frozen, quantized base: everything but the task head is frozen here; LoRA comes after.
+
+    `keep_codes`, when given, receives each rounded tensor's codes (export needs them;
+    training does not pay for them)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
     from transformers.utils import logging as hf_logging
@@ -101,7 +105,7 @@ def load_base(info: ModelInfo, task: str, scheme: QuantScheme, device: str, labe
         raise ModelError(f"could not load {info.path}: {e}".splitlines()[0], "check the folder is a complete save_pretrained output") from None
     if scheme.kind == "nf4":
         keep_bnb_trainable(model)
-    quantize_frozen(model, scheme, skip=info.head)
+    quantize_frozen(model, scheme, skip=info.head, keep_codes=keep_codes)
     model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -134,7 +138,7 @@ def quantized_weight_names(model, skip: str) -> list[str]:
     return names
 
 
-def quantize_frozen(model, scheme: QuantScheme, skip: str) -> None:
+def quantize_frozen(model, scheme: QuantScheme, skip: str, keep_codes: dict | None = None) -> None:
     """Replace each frozen weight by the exact values the device graph will compute.
 
     bitsandbytes already holds its Linear4bit layers in NF4; everything else (the
@@ -143,7 +147,7 @@ def quantize_frozen(model, scheme: QuantScheme, skip: str) -> None:
     """
     import torch
 
-    from .quantize import fake_quantize
+    from .quantize import dequantize, nf4_dequantize, nf4_quantize, quantize
 
     modules = dict(model.named_modules())
     seen = set()
@@ -153,4 +157,7 @@ def quantize_frozen(model, scheme: QuantScheme, skip: str) -> None:
             if type(modules[name]) not in (torch.nn.Linear, torch.nn.Embedding) or id(w) in seen:
                 continue  # bnb Linear4bit, or a weight tied to one already rounded
             seen.add(id(w))
-            w.copy_(fake_quantize(w, scheme))
+            codes = nf4_quantize(w) if scheme.kind == "nf4" else quantize(w, scheme)
+            if keep_codes is not None:
+                keep_codes[name] = codes
+            w.copy_(nf4_dequantize(codes) if scheme.kind == "nf4" else dequantize(codes))

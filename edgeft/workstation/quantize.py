@@ -68,12 +68,21 @@ def fake_quantize(w: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     return dequantize(quantize(w, scheme))
 
 
-def nf4_roundtrip(w: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes NF4 with double quantization, as `Linear4bit` stores it."""
+def nf4_quantize(w: torch.Tensor):
+    """bitsandbytes NF4 with double quantization, as `Linear4bit` stores it: (packed, state)."""
     import bitsandbytes.functional as bnbf
 
-    packed, state = bnbf.quantize_4bit(w.detach().float().contiguous(), quant_type="nf4", compress_statistics=True)
-    return bnbf.dequantize_4bit(packed, state).float()
+    return bnbf.quantize_4bit(w.detach().float().contiguous(), quant_type="nf4", compress_statistics=True)
+
+
+def nf4_dequantize(packed_state) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(*packed_state).float()
+
+
+def nf4_roundtrip(w: torch.Tensor) -> torch.Tensor:
+    return nf4_dequantize(nf4_quantize(w))
 
 
 def bnb_dequantized_weight(module: torch.nn.Module) -> torch.Tensor:

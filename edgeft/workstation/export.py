@@ -1,0 +1,253 @@
+"""`edgeft export`: a device bundle that trains exactly as the workstation model did.
+
+Steps: rebuild the workstation model (quantized base + adapter) in fp32 torch,
+export a loss graph and a logits graph with the legacy exporter (parameter names
+kept), swap every frozen base weight for packed codes + a rebuilding subgraph,
+generate ONNX Runtime training artifacts (AdamW patched to torch semantics),
+then validate the bundle against torch.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import EdgeftError, OutputError
+from .onnx_base import PackedWeight, base_initializer_names, pack_int, pack_nf4, replace_initializers
+
+OPSET = 17  # ORT 1.19 reads <= 21; 17 is what the legacy exporter handles best
+IR_VERSION = 9
+PREFIX = "model."  # the export wrappers hold the PEFT model as `.model`
+
+
+class LossGraph(torch.nn.Module):
+    """(input_ids, attention_mask, labels) -> mean loss: what the device trains on."""
+
+    def __init__(self, model, task: str):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, input_ids, attention_mask, labels):
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        if self.task == "classify":
+            return torch.nn.functional.cross_entropy(logits, labels)
+        vocab = logits.shape[-1]
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+class LogitsGraph(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+
+
+def peft_key(onnx_name: str) -> str:
+    """ONNX initializer name -> key in adapter_model.safetensors (PEFT drops the adapter name)."""
+    name = onnx_name.removeprefix(PREFIX)
+    return name.replace(".modules_to_save.default.", ".").replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+
+
+def device_model(adapter_dir, scheme, keep: dict):
+    """The workstation model as the device will run it: fp32 torch, bnb layers replaced by
+    their dequantized values, dropout off (the device graph is deterministic)."""
+    from .adapters import load_adapted
+
+    model, tokenizer, meta = load_adapted(adapter_dir, scheme, "cpu", keep_codes=keep, trainable=True)
+    hf = model.get_base_model()
+    hf.set_attn_implementation("eager")  # plain ops the legacy exporter and ORT's gradient builder know
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ == "Linear4bit":
+            from .quantize import bnb_dequantized_weight
+
+            keep[name.removeprefix("base_model.model.").removesuffix(".base_layer")] = (module.weight.data.clone(), module.weight.quant_state)
+            plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                plain.weight.copy_(bnb_dequantized_weight(module))
+                if module.bias is not None:
+                    plain.bias.copy_(module.bias.float())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, plain.requires_grad_(False))
+        elif isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.eval(), tokenizer, meta
+
+
+def pack_base(graph_names: set[str], keep: dict, scheme) -> list[PackedWeight]:
+    """Packed codes for every quantized tensor that appears in the exported graph."""
+    packed = []
+    for module_name, codes in keep.items():
+        candidates = [f"{PREFIX}base_model.model.{module_name}.{suffix}" for suffix in ("base_layer.weight", "weight")]
+        name = next((c for c in candidates if c in graph_names), None)
+        if name is None:
+            continue  # a tied weight exported under its other name
+        if isinstance(codes, tuple):  # nf4: (packed bytes, bnb QuantState)
+            packed.append(_pack_bnb(name, *codes))
+        else:
+            packed.append(pack_int(name, codes.codes, codes.scale, codes.zero, codes.group_size, scheme.bits, scheme.symmetric))
+    return packed
+
+
+def _pack_bnb(name: str, data: torch.Tensor, state) -> PackedWeight:
+    import bitsandbytes.functional as bnbf
+
+    raw = data.reshape(-1).numpy()
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    hi_first = np.stack([raw >> 4, raw & 15], axis=1).reshape(-1)  # bitsandbytes puts element 2i in the high nibble
+    n = int(np.prod(state.shape))
+    return pack_nf4(name, tuple(state.shape), hi_first[:n], absmax.float().numpy(), state.code.float().numpy(), state.blocksize)
+
+
+def export_graph(module, args, path: Path, inputs: list[str], outputs: list[str], dynamic: dict, training: bool) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
+                          input_names=inputs, output_names=outputs, dynamic_axes=dynamic)
+
+
+def add_layernorm_stats(model) -> None:
+    """ORT's LayerNormalization gradient needs the saved mean and inv-std outputs."""
+    for i, node in enumerate(n for n in model.graph.node if n.op_type == "LayerNormalization"):
+        while len(node.output) < 3:
+            node.output.append(f"{node.output[0]}::stat{len(node.output)}_{i}")
+
+
+def sample_batch(tokenizer, task: str, labels: list[str], batch: int, seq: int, seed: int = 0) -> dict:
+    """Deterministic token batch for export and validation (real tokenizer, real vocab range)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, min(len(tokenizer), 30000), (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, seq // 2 :] = 0  # one padded row keeps masking on the checked path
+    if task == "classify":
+        y = torch.randint(0, len(labels), (batch,), generator=g)
+    else:
+        y = ids.clone()
+        y[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": y}
+
+
+def generate(loss_path: Path, out: Path, trainable: list[str], frozen: list[str], weight_decay: float) -> None:
+    """ORT training artifacts; AdamW patched to torch.optim.AdamW semantics (adam_mode 0, eps 1e-8)."""
+    import onnx
+    import onnxruntime
+    from onnxruntime.training import artifacts
+
+    onnxruntime.set_default_logger_severity(3)
+    artifacts.generate_artifacts(str(loss_path), requires_grad=trainable, frozen_params=frozen, loss=None,
+                                 optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out))
+    opt_path = out / "optimizer_model.onnx"
+    opt = onnx.load(str(opt_path))
+    for node in opt.graph.node:
+        if node.op_type == "AdamWOptimizer":
+            for attr in node.attribute:
+                if attr.name == "adam_mode":
+                    attr.i = 0
+                elif attr.name == "epsilon":
+                    attr.f = 1e-8
+                elif attr.name == "weight_decay":
+                    attr.f = weight_decay
+    opt.ir_version = min(opt.ir_version, IR_VERSION + 1)
+    onnx.save(opt, str(opt_path))
+
+
+def export_bundle(adapter_dir, target, out: Path, force: bool = False, batch: int | None = None, seq: int | None = None, log=print) -> dict:
+    from .. import __version__
+    from ..bundle import write_manifest
+    from ..fsutil import atomic_dir
+    from .adapters import read_adapter_meta
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise OutputError(f"bundle folder {out} already exists", "pick another --out, or pass --overwrite")
+    if not out.parent.exists():
+        raise OutputError(f"cannot write {out}: {out.parent} does not exist", "create the parent folder first")
+    meta = read_adapter_meta(adapter_dir)
+    scheme = target.scheme
+    if meta.get("scheme") and meta["scheme"] != scheme.name:
+        log(f"warning: the adapter was trained against {meta['scheme']}, the device base is {scheme.name}; "
+            f"metrics will differ (retrain with --target {target.name} for a quantization-aware adapter)")
+    batch = batch or target.batch_size
+    seq = seq or min(target.max_seq_len, meta.get("max_seq_len") or target.max_seq_len)
+    t0 = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        keep: dict = {}
+        model, tokenizer, meta = device_model(adapter_dir, scheme, keep)
+        task, labels = meta["task"], meta["labels"]
+        trainable = [n for n, p in LossGraph(model, task).named_parameters() if p.requires_grad]
+        sample = sample_batch(tokenizer, task, labels, 2, min(seq, 32))
+        work = tmp / ".work"
+        work.mkdir()
+        label_axes = {0: "batch"} if task == "classify" else {0: "batch", 1: "seq"}
+        axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+        export_graph(LossGraph(model, task), (sample["input_ids"], sample["attention_mask"], sample["labels"]), work / "loss.onnx",
+                     ["input_ids", "attention_mask", "labels"], ["loss"], {**axes, "labels": label_axes}, training=True)
+        export_graph(LogitsGraph(model), (sample["input_ids"], sample["attention_mask"]), tmp / "inference_model.onnx",
+                     ["input_ids", "attention_mask"], ["logits"], {**axes, "logits": {0: "batch"}}, training=False)
+        packed, base_names = _quantize_graphs(work / "loss.onnx", tmp / "inference_model.onnx", keep, scheme)
+        import onnx
+
+        graph = onnx.load(str(work / "loss.onnx"))
+        # Packed base tensors are frozen params, so they live once in the checkpoint (shared by the
+        # training and eval graphs) and stay graph inputs: ORT's training transformers would
+        # otherwise constant-fold them back into fp32 weights.
+        frozen = [i.name for i in graph.graph.initializer if i.name not in set(trainable)]
+        generate(work / "loss.onnx", tmp, trainable, frozen, weight_decay=0.0)
+        base_bytes = sum(p.nbytes for p in packed)
+        shutil.rmtree(work)
+        model.save_pretrained(str(tmp / "adapter"))
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        export_seconds = time.perf_counter() - t0
+        from .validate import validate_bundle
+
+        parity = validate_bundle(tmp, model, task, tokenizer, labels, trainable, batch=min(batch, 4), seq=min(seq, 64))
+        base_params = sum(int(np.prod(p.shape)) for p in packed)
+        summary = {
+            "bundle": str(out), "target": target.name, "scheme": scheme.name, "task": task,
+            "export_seconds": round(export_seconds, 1), "base_params": base_params, "base_bytes": base_bytes,
+            "base_bytes_per_param": round(base_bytes / max(base_params, 1), 4), "trainable_params": sum(int(np.prod(p.shape)) for n, p in model.named_parameters() if p.requires_grad),
+            "parity": parity,
+        }
+        write_manifest(tmp, {
+            "edgeft_version": __version__, "task": task, "labels": labels, "target": target.to_dict(), "scheme": scheme.name,
+            "model_type": model.get_base_model().config.model_type, "base_model": meta["base_model"],
+            "trainable": {n: peft_key(n) for n in trainable},
+            "inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"], "labels": ["batch"] if task == "classify" else ["batch", "seq"]},
+            "train_shape": {"batch": batch, "seq": seq}, "max_seq_len": seq,
+            "optimizer": {"name": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+            "schedule": {"name": "cosine", "warmup_ratio": 0.06},
+            "parity": parity, "base_bytes_per_param": summary["base_bytes_per_param"],
+        })
+        summary["bundle_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
+        summary["bundle_bytes_per_base_param"] = round(summary["bundle_bytes"] / max(base_params, 1), 4)
+    return summary
+
+
+def _quantize_graphs(loss_path: Path, inference_path: Path, keep: dict, scheme) -> tuple[list[PackedWeight], list[str]]:
+    """Swap fp32 base initializers for packed codes in both graphs; prove exactness first."""
+    import onnx
+    from onnx import numpy_helper
+
+    packed = []
+    for path in (loss_path, inference_path):
+        model = onnx.load(str(path))
+        weights = {i.name: i for i in model.graph.initializer}
+        packed = pack_base(set(weights), keep, scheme)
+        for p in packed:
+            if not np.array_equal(p.dequantize(), numpy_helper.to_array(weights[p.name])):
+                raise EdgeftError(f"internal: packed {p.name} does not decode to the workstation weight", "please report this")
+        replace_initializers(model, packed)
+        add_layernorm_stats(model)
+        model.ir_version = IR_VERSION
+        onnx.save(model, str(path))
+    return packed, base_initializer_names(onnx.load(str(loss_path)))

@@ -1,0 +1,166 @@
+"""The frozen base inside ONNX graphs: packed integer codes, unpacked by standard ops.
+
+Each quantized weight initializer W (fp32) is replaced by
+  codes  uint8, 8/s codes per byte (s = 2 or 4 storage bits, or one per byte)
+  scale  fp32 per group (int) or absmax per 64-block (nf4)
+  zero   uint8 per group (asymmetric int) or one scalar (symmetric)
+and a subgraph of Div/Mod/Reshape/Cast/Sub/Mul (int) or Gather/Mul (nf4) that
+rebuilds a tensor still named W. Every value is computed as the workstation
+computes it: (float(q) - float(zp)) * scale, or codebook[q] * absmax, so the
+device base equals the training base bit for bit. Standard ops only: no
+DequantizeLinear opset constraints, no INT4 tensors, gradients never flow here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class PackedWeight:
+    name: str  # the initializer it replaces
+    shape: tuple[int, int]  # (out, in)
+    codes: np.ndarray  # uint8 packed, flat
+    storage_bits: int  # 2, 4 or 8
+    n_codes: int
+    kind: str  # "int" or "nf4"
+    scale: np.ndarray  # int: (out, n_groups) fp32; nf4: (n_blocks,) fp32
+    group: int  # int: group size along `in`; nf4: block size over the flat tensor
+    zero: np.ndarray | None = None  # int asymmetric: (out, n_groups) uint8
+    zero_scalar: int = 0  # int symmetric: codes are stored offset by this
+    codebook: np.ndarray | None = None  # nf4: (16,) fp32
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scale.nbytes + (self.zero.nbytes if self.zero is not None else 0) + (64 if self.codebook is not None else 0)
+
+    def dequantize(self) -> np.ndarray:
+        """numpy mirror of the ONNX subgraph (used to prove exactness before export)."""
+        q = unpack(self.codes, self.storage_bits, self.n_codes)
+        out_f, in_f = self.shape
+        if self.kind == "nf4":
+            return (self.codebook[q].reshape(-1, self.group) * self.scale[:, None]).reshape(out_f, in_f)
+        n_groups = self.scale.shape[1]
+        qf = q.reshape(out_f, n_groups, self.group).astype(np.float32)
+        zero = self.zero.astype(np.float32)[..., None] if self.zero is not None else np.float32(self.zero_scalar)
+        return ((qf - zero) * self.scale[..., None]).reshape(out_f, n_groups * self.group)[:, :in_f]
+
+
+def storage_bits(bits: int) -> int:
+    return 2 if bits <= 2 else 4 if bits <= 4 else 8
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """uint8 codes < 2**bits -> bytes, element k of each byte at bits [k*bits, (k+1)*bits)."""
+    per = 8 // bits
+    flat = codes.reshape(-1).astype(np.uint8)
+    padded = np.zeros(-(-flat.size // per) * per, dtype=np.uint8)
+    padded[: flat.size] = flat
+    lanes = padded.reshape(-1, per).astype(np.uint16) << (np.arange(per, dtype=np.uint16) * bits)
+    return lanes.sum(axis=1).astype(np.uint8)
+
+
+def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    per = 8 // bits
+    shifts = np.arange(per, dtype=np.uint8) * bits
+    return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
+
+
+def pack_int(name: str, codes, scale, zero, group: int, bits: int, symmetric: bool) -> PackedWeight:
+    """From workstation QuantizedWeight tensors (torch) to the device layout; the last group is padded."""
+    codes = codes.numpy()
+    out_f, in_f = codes.shape
+    n_groups = scale.shape[1]
+    offset = 2 ** (bits - 1) if symmetric else 0
+    full = np.full((out_f, n_groups * group), offset, dtype=np.int32)  # pad decodes to exactly 0
+    if zero is not None:
+        full[:] = np.repeat(zero.numpy().astype(np.int32), group, axis=1)
+    full[:, :in_f] = codes.astype(np.int32) + offset
+    sb = storage_bits(bits)
+    return PackedWeight(name, (out_f, in_f), pack(full.astype(np.uint8), sb), sb, full.size, "int", scale.numpy().astype(np.float32),
+                        group, zero.numpy() if zero is not None else None, offset)
+
+
+def pack_nf4(name: str, shape, indices: np.ndarray, absmax: np.ndarray, codebook: np.ndarray, block: int) -> PackedWeight:
+    return PackedWeight(name, tuple(shape), pack(indices.astype(np.uint8), 4), 4, indices.size, "nf4", absmax.astype(np.float32), block,
+                        codebook=codebook.astype(np.float32))
+
+
+def replace_initializers(model, packed: list[PackedWeight]) -> None:
+    """Swap each fp32 initializer for its packed tensors plus the rebuilding subgraph (in place)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    by_name = {p.name: p for p in packed}
+    keep = [init for init in model.graph.initializer if init.name not in by_name]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    nodes = []
+    for p in packed:
+        pre = p.name + "::q"
+        inits = {f"{pre}.codes": p.codes, f"{pre}.scale": p.scale}
+        # unpack: int32 bytes -> per-lane (bytes // 2^(k*s)) % 2^s -> interleave -> flat codes
+        nodes.append(helper.make_node("Cast", [f"{pre}.codes"], [f"{pre}.bytes"], to=TensorProto.INT32))
+        per = 8 // p.storage_bits
+        if per == 1:
+            flat = f"{pre}.bytes"
+        else:
+            lanes = []
+            for k in range(per):
+                inits[f"{pre}.div{k}"] = np.array(2 ** (k * p.storage_bits), dtype=np.int32)
+                inits[f"{pre}.mod"] = np.array(2**p.storage_bits, dtype=np.int32)
+                nodes.append(helper.make_node("Div", [f"{pre}.bytes", f"{pre}.div{k}"], [f"{pre}.shr{k}"]))
+                nodes.append(helper.make_node("Mod", [f"{pre}.shr{k}", f"{pre}.mod"], [f"{pre}.lane{k}"]))
+                inits[f"{pre}.axis"] = np.array([-1], dtype=np.int64)
+                nodes.append(helper.make_node("Unsqueeze", [f"{pre}.lane{k}", f"{pre}.axis"], [f"{pre}.lane{k}u"]))
+                lanes.append(f"{pre}.lane{k}u")
+            nodes.append(helper.make_node("Concat", lanes, [f"{pre}.lanes"], axis=-1))
+            inits[f"{pre}.flat_shape"] = np.array([-1], dtype=np.int64)
+            nodes.append(helper.make_node("Reshape", [f"{pre}.lanes", f"{pre}.flat_shape"], [f"{pre}.all"]))
+            inits[f"{pre}.start"], inits[f"{pre}.n"] = np.array([0], dtype=np.int64), np.array([p.n_codes], dtype=np.int64)
+            nodes.append(helper.make_node("Slice", [f"{pre}.all", f"{pre}.start", f"{pre}.n"], [f"{pre}.flat"]))
+            flat = f"{pre}.flat"
+        out_f, in_f = p.shape
+        if p.kind == "nf4":
+            inits[f"{pre}.codebook"] = p.codebook
+            nodes.append(helper.make_node("Gather", [f"{pre}.codebook", flat], [f"{pre}.values"], axis=0))
+            inits[f"{pre}.blocks"] = np.array([-1, p.group], dtype=np.int64)
+            nodes.append(helper.make_node("Reshape", [f"{pre}.values", f"{pre}.blocks"], [f"{pre}.vb"]))
+            inits[f"{pre}.scale"] = p.scale.reshape(-1, 1)
+            nodes.append(helper.make_node("Mul", [f"{pre}.vb", f"{pre}.scale"], [f"{pre}.scaled"]))
+            inits[f"{pre}.shape"] = np.array([out_f, in_f], dtype=np.int64)
+            nodes.append(helper.make_node("Reshape", [f"{pre}.scaled", f"{pre}.shape"], [p.name]))
+        else:
+            n_groups = p.scale.shape[1]
+            inits[f"{pre}.grouped"] = np.array([out_f, n_groups, p.group], dtype=np.int64)
+            nodes.append(helper.make_node("Reshape", [flat, f"{pre}.grouped"], [f"{pre}.qg"]))
+            nodes.append(helper.make_node("Cast", [f"{pre}.qg"], [f"{pre}.qf"], to=TensorProto.FLOAT))
+            if p.zero is not None:
+                inits[f"{pre}.zero"] = p.zero.reshape(out_f, n_groups, 1)
+                nodes.append(helper.make_node("Cast", [f"{pre}.zero"], [f"{pre}.zf"], to=TensorProto.FLOAT))
+                zero = f"{pre}.zf"
+            else:
+                inits[f"{pre}.zero_scalar"] = np.array(p.zero_scalar, dtype=np.float32)
+                zero = f"{pre}.zero_scalar"
+            nodes.append(helper.make_node("Sub", [f"{pre}.qf", zero], [f"{pre}.centred"]))
+            inits[f"{pre}.scale"] = p.scale.reshape(out_f, n_groups, 1)
+            nodes.append(helper.make_node("Mul", [f"{pre}.centred", f"{pre}.scale"], [f"{pre}.scaled"]))
+            inits[f"{pre}.shape"] = np.array([out_f, n_groups * p.group], dtype=np.int64)
+            target = p.name if n_groups * p.group == in_f else f"{pre}.padded"
+            nodes.append(helper.make_node("Reshape", [f"{pre}.scaled", f"{pre}.shape"], [target]))
+            if target != p.name:
+                inits[f"{pre}.cols"] = np.array([in_f], dtype=np.int64)
+                inits[f"{pre}.zero1"] = np.array([0], dtype=np.int64)
+                inits[f"{pre}.axis1"] = np.array([1], dtype=np.int64)
+                nodes.append(helper.make_node("Slice", [target, f"{pre}.zero1", f"{pre}.cols", f"{pre}.axis1"], [p.name]))
+        model.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in inits.items())
+    # the rebuilt weights must exist before any node reads them
+    body = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes + body)
+
+
+def base_initializer_names(model) -> list[str]:
+    """The packed tensors (codes, scales, zero points...) that go to the shared base.bin."""
+    return [init.name for init in model.graph.initializer if "::q." in init.name]
