@@ -213,6 +213,76 @@ def eval_command(adapter, data, quant, target, max_seq_len, batch_size, device, 
     emit(metrics, as_json, "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
 
 
+def _export_source(run, model, adapter):
+    """A run directory, or a base model folder plus a PEFT adapter folder from any tool."""
+    from .errors import UsageError
+
+    if bool(run) == bool(adapter):
+        raise UsageError("pass either --run RUN or --adapter DIR (with --model BASE)", "see `edgeft export --help`")
+    return run or adapter, str(model) if model else None
+
+
+@main.command()
+@click.option("--run", type=click.Path(path_type=Path), help="A run directory from edgeft train.")
+@click.option("--adapter", type=click.Path(path_type=Path), help="A PEFT adapter folder made by any tool (with --model).")
+@click.option("--model", type=click.Path(path_type=Path), help="Base model folder (default: the one the adapter names).")
+@click.option("--labels", help="Comma-separated label names, for classify adapters made outside edgeft.")
+@click.option("--target", required=True, help="Target profile name or .toml path.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
+@click.option("--batch", type=int, help="Device training batch (default: the target's).")
+@click.option("--seq", type=int, help="Device sequence length (default: the target's, capped by training's).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--force", is_flag=True, help="Export even when the memory plan exceeds the target's budget.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
+def export(run, adapter, model, labels, target, out, batch, seq, overwrite, force, as_json):
+    """Write a device bundle: ONNX Runtime training artifacts, inference model, adapters, manifest.
+
+    \b
+    edgeft export --run runs/sentiment --target raspberry-pi-5-8gb --out bundles/sentiment
+    """
+    from .targets import load_target
+    from .workstation.export import export_bundle
+
+    source, base = _export_source(run, model, adapter)
+    profile = load_target(target)
+    quiet_libraries()
+    s = export_bundle(source, profile, out, overwrite=overwrite, force=force, batch=batch, seq=seq, base_model=base,
+                      labels=labels.split(",") if labels else None, log=lambda m: click.echo(m, err=True))
+    p = s["parity"]
+    emit(s, as_json, "\n".join([
+        f"bundle: {s['bundle']} ({s['bundle_bytes'] / 2**20:.1f} MiB) for {s['target']}, base {s['scheme']}",
+        f"base: {s['base_params']:,} params in {s['base_bytes'] / 2**20:.1f} MiB ({s['base_bytes_per_param']} bytes/param)",
+        f"parity vs torch: logits rel {p['logits_rel']:.1e}, loss rel {p['loss_rel']:.1e}, grad rel {p['grad_rel']:.1e}, "
+        f"AdamW step max abs {p['step_max_abs']:.1e} (tolerance {p['tolerance']:g})",
+        f"device memory plan: {s['memory_plan']['total_mib']:.0f} MiB of {s['memory_plan']['budget_mib']} MiB budget",
+        f"exported in {s['export_seconds']} s",
+    ]))
+
+
+@main.command()
+@click.option("--run", type=click.Path(path_type=Path), help="A run directory from edgeft train.")
+@click.option("--adapter", type=click.Path(path_type=Path), help="A PEFT adapter folder (with --model).")
+@click.option("--model", type=click.Path(path_type=Path), help="Base model folder.")
+@click.option("--target", required=True, help="Target profile name or .toml path.")
+@click.option("--batch", type=int)
+@click.option("--seq", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def plan(run, adapter, model, target, batch, seq, as_json):
+    """Estimate device memory for on-device training, without exporting."""
+    from .plan import device_shape, plan_memory
+    from .targets import load_target
+    from .workstation.adapters import read_adapter_meta
+
+    source, base = _export_source(run, model, adapter)
+    meta = read_adapter_meta(source)
+    profile = load_target(target)
+    p = plan_memory(Path(base or meta["base_model"]), Path(meta["adapter_dir"]), profile, meta["task"],
+                    *device_shape(profile, meta.get("max_seq_len"), batch, seq))
+    emit(p.to_dict(), as_json, p.render())
+    if not p.fits:
+        sys.exit(9)
+
+
 def human_summary(s: dict) -> str:
     lines = [f"run: {s['run']}", f"adapter: {s['adapter']}", f"steps: {s['steps']} in {s['train_seconds']} s ({s['seconds_per_step']} s/step)"]
     before, after = s.get("before") or {}, s.get("after") or {}

@@ -31,6 +31,19 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
     return meta
 
 
+def check_adapter_file(adapter_dir) -> None:
+    """Read the safetensors header and every tensor once: a truncated or corrupt file fails here, by name."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"adapter file {path} is corrupt ({e})", "re-run edgeft train, or copy the adapter again") from None
+
+
 def load_adapted(adapter_dir, scheme, device: str = "cpu", base_model: str | None = None, labels: list[str] | None = None,
                  keep_codes: dict | None = None, trainable: bool = False):
     """(peft model, tokenizer, meta) with the base quantized by `scheme`."""

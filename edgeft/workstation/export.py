@@ -54,12 +54,12 @@ def peft_key(onnx_name: str) -> str:
     return name.replace(".modules_to_save.default.", ".").replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
 
 
-def device_model(adapter_dir, scheme, keep: dict):
+def device_model(adapter_dir, scheme, keep: dict, base_model: str | None = None, labels: list[str] | None = None):
     """The workstation model as the device will run it: fp32 torch, bnb layers replaced by
     their dequantized values, dropout off (the device graph is deterministic)."""
     from .adapters import load_adapted
 
-    model, tokenizer, meta = load_adapted(adapter_dir, scheme, "cpu", keep_codes=keep, trainable=True)
+    model, tokenizer, meta = load_adapted(adapter_dir, scheme, "cpu", base_model, labels, keep_codes=keep, trainable=True)
     hf = model.get_base_model()
     hf.set_attn_implementation("eager")  # plain ops the legacy exporter and ORT's gradient builder know
     for name, module in list(model.named_modules()):
@@ -161,28 +161,38 @@ def generate(loss_path: Path, out: Path, trainable: list[str], frozen: list[str]
     onnx.save(opt, str(opt_path))
 
 
-def export_bundle(adapter_dir, target, out: Path, force: bool = False, batch: int | None = None, seq: int | None = None, log=print) -> dict:
+def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force: bool = False, batch: int | None = None,
+                  seq: int | None = None, base_model: str | None = None, labels: list[str] | None = None, log=print) -> dict:
+    """Everything is checked (adapter, target fit, writable output) before the slow work,
+    and the bundle appears at `out` only once it has passed validation."""
+    import os
+
     from .. import __version__
     from ..bundle import write_manifest
     from ..fsutil import atomic_dir
-    from .adapters import read_adapter_meta
+    from ..plan import check_plan, device_shape, plan_memory
+    from .adapters import check_adapter_file, read_adapter_meta
 
     out = Path(out)
-    if out.exists() and not force:
+    if out.exists() and not overwrite:
         raise OutputError(f"bundle folder {out} already exists", "pick another --out, or pass --overwrite")
-    if not out.parent.exists():
-        raise OutputError(f"cannot write {out}: {out.parent} does not exist", "create the parent folder first")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {out}: {parent} is missing or not writable", "choose an --out in a writable folder")
     meta = read_adapter_meta(adapter_dir)
+    check_adapter_file(meta["adapter_dir"])
+    base_model = base_model or meta.get("base_model")
     scheme = target.scheme
     if meta.get("scheme") and meta["scheme"] != scheme.name:
         log(f"warning: the adapter was trained against {meta['scheme']}, the device base is {scheme.name}; "
             f"metrics will differ (retrain with --target {target.name} for a quantization-aware adapter)")
-    batch = batch or target.batch_size
-    seq = seq or min(target.max_seq_len, meta.get("max_seq_len") or target.max_seq_len)
+    batch, seq = device_shape(target, meta.get("max_seq_len"), batch, seq)
+    plan = plan_memory(Path(base_model), Path(meta["adapter_dir"]), target, meta["task"], batch, seq)
+    check_plan(plan, force, log)
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         keep: dict = {}
-        model, tokenizer, meta = device_model(adapter_dir, scheme, keep)
+        model, tokenizer, meta = device_model(adapter_dir, scheme, keep, base_model, labels)
         task, labels = meta["task"], meta["labels"]
         trainable = [n for n, p in LossGraph(model, task).named_parameters() if p.requires_grad]
         sample = sample_batch(tokenizer, task, labels, 2, min(seq, 32))
@@ -202,7 +212,13 @@ def export_bundle(adapter_dir, target, out: Path, force: bool = False, batch: in
         # training and eval graphs) and stay graph inputs: ORT's training transformers would
         # otherwise constant-fold them back into fp32 weights.
         frozen = [i.name for i in graph.graph.initializer if i.name not in set(trainable)]
-        generate(work / "loss.onnx", tmp, trainable, frozen, weight_decay=0.0)
+        from .preflight import explain_generation_error, preflight
+
+        preflight(graph, trainable)
+        try:
+            generate(work / "loss.onnx", tmp, trainable, frozen, weight_decay=0.0)
+        except RuntimeError as e:
+            raise explain_generation_error(e, graph, trainable) or e
         base_bytes = sum(p.nbytes for p in packed)
         shutil.rmtree(work)
         model.save_pretrained(str(tmp / "adapter"))
@@ -226,8 +242,9 @@ def export_bundle(adapter_dir, target, out: Path, force: bool = False, batch: in
             "train_shape": {"batch": batch, "seq": seq}, "max_seq_len": seq,
             "optimizer": {"name": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
             "schedule": {"name": "cosine", "warmup_ratio": 0.06},
-            "parity": parity, "base_bytes_per_param": summary["base_bytes_per_param"],
+            "parity": parity, "base_bytes_per_param": summary["base_bytes_per_param"], "memory_plan": plan.to_dict(),
         })
+        summary["memory_plan"] = plan.to_dict()
         summary["bundle_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         summary["bundle_bytes_per_base_param"] = round(summary["bundle_bytes"] / max(base_params, 1), 4)
     return summary
