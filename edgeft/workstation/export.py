@@ -9,6 +9,7 @@ then validate the bundle against torch.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -62,8 +63,9 @@ def device_model(adapter_dir, scheme, keep: dict, base_model: str | None = None,
     model, tokenizer, meta = load_adapted(adapter_dir, scheme, "cpu", base_model, labels, keep_codes=keep, trainable=True)
     hf = model.get_base_model()
     hf.set_attn_implementation("eager")  # plain ops the legacy exporter and ORT's gradient builder know
+    bnb_linear = _bnb_linear4bit()
     for name, module in list(model.named_modules()):
-        if type(module).__name__ == "Linear4bit":
+        if bnb_linear is not None and isinstance(module, bnb_linear):  # not PEFT's LoRA wrapper of the same name
             from .quantize import bnb_dequantized_weight
 
             keep[name.removeprefix("base_model.model.").removesuffix(".base_layer")] = (module.weight.data.clone(), module.weight.quant_state)
@@ -77,6 +79,15 @@ def device_model(adapter_dir, scheme, keep: dict, base_model: str | None = None,
         elif isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     return model.eval(), tokenizer, meta
+
+
+def _bnb_linear4bit():
+    try:
+        import bitsandbytes
+
+        return bitsandbytes.nn.Linear4bit
+    except ImportError:
+        return None
 
 
 def pack_base(graph_names: set[str], keep: dict, scheme) -> list[PackedWeight]:
@@ -137,15 +148,39 @@ def sample_batch(tokenizer, task: str, labels: list[str], batch: int, seq: int, 
     return {"input_ids": ids, "attention_mask": mask, "labels": y}
 
 
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """ORT's gradient-graph builder logs every transformer pass at INFO from C++, whatever
+    the Python-side severity. Capture fd 2 while it runs; replay the tail only on failure."""
+    import os
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            lines = [line for line in sink.read().decode(errors="replace").splitlines() if "[I:onnxruntime" not in line]
+            sys.stderr.write("\n".join(lines[-40:]) + ("\n" if lines else ""))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def generate(loss_path: Path, out: Path, trainable: list[str], frozen: list[str], weight_decay: float) -> None:
     """ORT training artifacts; AdamW patched to torch.optim.AdamW semantics (adam_mode 0, eps 1e-8)."""
     import onnx
-    import onnxruntime
     from onnxruntime.training import artifacts
 
-    onnxruntime.set_default_logger_severity(3)
-    artifacts.generate_artifacts(str(loss_path), requires_grad=trainable, frozen_params=frozen, loss=None,
-                                 optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out))
+    with quiet_native_stderr():
+        artifacts.generate_artifacts(str(loss_path), requires_grad=trainable, frozen_params=frozen, loss=None,
+                                     optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out))
     opt_path = out / "optimizer_model.onnx"
     opt = onnx.load(str(opt_path))
     for node in opt.graph.node:

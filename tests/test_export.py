@@ -1,0 +1,150 @@
+"""`edgeft export` on tiny models: real ONNX Runtime training artifacts, real validation."""
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import write_jsonl
+from edgeft.cli import main
+
+TINY_TARGET = """
+name = "tiny-{budget}"
+arch = "aarch64"
+[memory]
+ram_mb = 4096
+budget_mb = {budget}
+[compute]
+threads = 2
+execution_providers = ["CPUExecutionProvider"]
+[quantization]
+scheme = "{scheme}"
+[training]
+max_seq_len = 32
+batch_size = 2
+"""
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def target(tmp_path, scheme="int4-g32", budget=4096):
+    p = tmp_path / f"tiny-{scheme}-{budget}.toml"
+    p.write_text(TINY_TARGET.format(scheme=scheme, budget=budget))
+    return p
+
+
+@pytest.fixture(scope="module")
+def cls_run(tmp_path_factory, tiny_bert):
+    tmp = tmp_path_factory.mktemp("cls")
+    rows = [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("great result", "pos"), ("terrible day", "neg"), ("sad movie", "neg")] * 5]
+    data = write_jsonl(tmp / "d.jsonl", rows)
+    r = run("train", "--model", tiny_bert, "--data", data, "--task", "classify", "--out", tmp / "run", "--max-steps", 3,
+            "--batch-size", 4, "--quant", "int4-g32", "--quiet")
+    assert r.exit_code == 0, r.output
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("lm")
+    rows = [{"prompt": q, "completion": a} for q, a in [("what is two plus two?", " four"), ("where did the cat sit?", " on the mat")] * 6]
+    data = write_jsonl(tmp / "d.jsonl", rows)
+    r = run("train", "--model", tiny_llama, "--data", data, "--task", "causal-lm", "--out", tmp / "run", "--max-steps", 3,
+            "--batch-size", 4, "--quant", "int3-g32", "--quiet")
+    assert r.exit_code == 0, r.output
+    return tmp / "run"
+
+
+def test_classify_bundle_is_complete_verified_and_matches_torch(tmp_path, cls_run):
+    from edgeft.bundle import BundleError, verify_bundle
+
+    out = tmp_path / "bundle"
+    r = run("export", "--run", cls_run, "--target", target(tmp_path), "--out", out, "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    for f in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "inference_model.onnx",
+              "manifest.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "tokenizer/tokenizer.json"):
+        assert (out / f).is_file(), f
+    p = s["parity"]
+    assert p["logits_rel"] < 1e-5 and p["grad_rel"] < 1e-5 and p["loss_rel"] < 1e-6 and p["step_max_abs"] < 1e-6
+    manifest = verify_bundle(out)
+    assert manifest["labels"] == ["neg", "pos"] and manifest["scheme"] == "int4-g32" and manifest["task"] == "classify"
+    assert all(v.startswith("base_model.model.") and ".default." not in v for v in manifest["trainable"].values())
+    import onnx
+
+    for f in ("training_model.onnx", "eval_model.onnx", "inference_model.onnx", "optimizer_model.onnx"):
+        m = onnx.load(str(out / f), load_external_data=False)
+        assert m.ir_version <= 10 and all(o.version <= 21 for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    # tampering is caught, by file name
+    data = bytearray((out / "checkpoint").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "checkpoint").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="checkpoint"):
+        verify_bundle(out)
+
+
+@pytest.mark.parametrize("scheme", ["int3-g32", "nf4"])
+def test_causal_bundle_matches_torch(tmp_path, lm_run, scheme):
+    r = run("export", "--run", lm_run, "--target", target(tmp_path, scheme), "--out", tmp_path / "b", "--json")
+    assert r.exit_code == 0, r.output
+    p = json.loads(r.stdout)["parity"]
+    assert p["logits_rel"] < 1e-5 and p["grad_rel"] < 1e-5 and p["step_max_abs"] < 1e-6
+
+
+def test_any_peft_adapter_with_a_base_folder(tmp_path, cls_run, tiny_bert):
+    adapter = tmp_path / "peft"
+    shutil.copytree(cls_run / "adapter", adapter)
+    (adapter / "edgeft.json").unlink()  # as if another tool made it
+    r = run("export", "--adapter", adapter, "--model", tiny_bert, "--labels", "neg,pos", "--target", target(tmp_path), "--out", tmp_path / "b")
+    assert r.exit_code == 0, r.output
+
+
+def test_bad_inputs_leave_nothing(tmp_path, cls_run, tiny_bert):
+    out = tmp_path / "b"
+    (tmp_path / "empty").mkdir()
+    r = run("export", "--run", tmp_path / "empty", "--target", target(tmp_path), "--out", out)
+    assert r.exit_code == 4 and "no PEFT adapter" in r.output
+    r = run("export", "--run", cls_run, "--target", "toaster", "--out", out)
+    assert r.exit_code == 5
+    r = run("export", "--run", cls_run, "--target", target(tmp_path), "--out", tmp_path / "missing" / "b")
+    assert r.exit_code == 6 and "not writable" in r.output
+    r = run("export", "--run", cls_run, "--target", target(tmp_path, budget=64), "--out", out)
+    assert r.exit_code == 9 and "budget" in r.output and "--force" in r.output
+    broken = tmp_path / "broken"
+    shutil.copytree(cls_run, broken)
+    f = broken / "adapter/adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    r = run("export", "--run", broken, "--target", target(tmp_path), "--out", out)
+    assert r.exit_code == 4 and "corrupt" in r.output
+    assert not out.exists() and not list(tmp_path.glob(".b.*"))
+    out.mkdir()
+    r = run("export", "--run", cls_run, "--target", target(tmp_path), "--out", out)
+    assert r.exit_code == 6 and "already exists" in r.output
+
+
+def test_plan_refuses_then_force_warns(tmp_path, cls_run):
+    r = run("plan", "--run", cls_run, "--target", target(tmp_path, budget=64), "--json")
+    assert r.exit_code == 9 and json.loads(r.stdout)["fits"] is False
+    r = run("export", "--run", cls_run, "--target", target(tmp_path, budget=64), "--out", tmp_path / "b", "--force")
+    assert r.exit_code == 0 and "warning" in r.output
+
+
+def test_preflight_names_the_op_and_layer():
+    from onnx import TensorProto, helper
+
+    from edgeft.workstation.preflight import ExportError, preflight
+
+    nodes = [helper.make_node("MatMul", ["x", "lora"], ["h"], name="/model/layers.3/q_proj/MatMul"),
+             helper.make_node("CastLike", ["h", "x"], ["c"], name="/model/layers.3/CastLike"),
+             helper.make_node("ReduceSum", ["c"], ["loss"], name="sum")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+                              [helper.make_tensor_value_info("loss", TensorProto.FLOAT, [])],
+                              [helper.make_tensor("lora", TensorProto.FLOAT, [2, 2], [0.0] * 4)])
+    with pytest.raises(ExportError, match=r"CastLike at /model/layers.3/CastLike \(layer 3\)"):
+        preflight(helper.make_model(graph), ["lora"])
+    preflight(helper.make_model(graph), ["x_unrelated"])  # no trainable upstream: nothing to report
