@@ -118,11 +118,13 @@ def _pack_bnb(name: str, data: torch.Tensor, state) -> PackedWeight:
 
 
 def export_graph(module, args, path: Path, inputs: list[str], outputs: list[str], dynamic: dict, training: bool) -> None:
+    """The graph only: parameters come out as named inputs, and `attach_weights` supplies
+    them, so the fp32 base is never serialized just to be replaced by packed codes."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, do_constant_folding=False,
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, do_constant_folding=False, export_params=False,
                           training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
                           input_names=inputs, output_names=outputs, dynamic_axes=dynamic)
 
@@ -239,7 +241,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
                      ["input_ids", "attention_mask", "labels"], ["loss"], {**axes, "labels": label_axes}, training=True)
         export_graph(LogitsGraph(model), (sample["input_ids"], sample["attention_mask"]), tmp / "inference_model.onnx",
                      ["input_ids", "attention_mask"], ["logits"], {**axes, "logits": {0: "batch"}}, training=False)
-        packed, base_names = _quantize_graphs(work / "loss.onnx", tmp / "inference_model.onnx", keep, scheme)
+        packed, base_names = _quantize_graphs([work / "loss.onnx", tmp / "inference_model.onnx"], LossGraph(model, task), keep, scheme)
         import onnx
 
         graph = onnx.load(str(work / "loss.onnx"))
@@ -259,7 +261,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         model.save_pretrained(str(tmp / "adapter"))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         export_seconds = time.perf_counter() - t0
-        from .validate import validate_bundle
+        from .validate import INFERENCE_DISABLED_OPTIMIZERS, validate_bundle
 
         parity = validate_bundle(tmp, model, task, tokenizer, labels, trainable, batch=min(batch, 4), seq=min(seq, 64))
         base_params = sum(int(np.prod(p.shape)) for p in packed)
@@ -277,6 +279,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
             "train_shape": {"batch": batch, "seq": seq}, "max_seq_len": seq,
             "optimizer": {"name": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
             "schedule": {"name": "cosine", "warmup_ratio": 0.06},
+            "inference": {"file": "inference_model.onnx", "disabled_optimizers": INFERENCE_DISABLED_OPTIMIZERS},
             "parity": parity, "base_bytes_per_param": summary["base_bytes_per_param"], "memory_plan": plan.to_dict(),
         })
         summary["memory_plan"] = plan.to_dict()
@@ -285,21 +288,28 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
     return summary
 
 
-def _quantize_graphs(loss_path: Path, inference_path: Path, keep: dict, scheme) -> tuple[list[PackedWeight], list[str]]:
-    """Swap fp32 base initializers for packed codes in both graphs; prove exactness first."""
+def _quantize_graphs(paths: list[Path], wrapper: torch.nn.Module, keep: dict, scheme) -> tuple[list[PackedWeight], list[str]]:
+    """Give each graph its weights: packed codes for the quantized base (proven to decode to
+    the torch weight bit for bit), plain tensors for everything else."""
     import onnx
     from onnx import numpy_helper
 
-    packed = []
-    for path in (loss_path, inference_path):
+    state = {k: v.detach() for k, v in wrapper.state_dict(keep_vars=True).items()}
+    packed: list[PackedWeight] = []
+    for path in paths:
         model = onnx.load(str(path))
-        weights = {i.name: i for i in model.graph.initializer}
-        packed = pack_base(set(weights), keep, scheme)
+        user_inputs = [i for i in model.graph.input if i.name not in state]
+        param_names = [i.name for i in model.graph.input if i.name in state]
+        del model.graph.input[:]
+        model.graph.input.extend(user_inputs)
+        packed = pack_base(set(param_names), keep, scheme)
         for p in packed:
-            if not np.array_equal(p.dequantize(), numpy_helper.to_array(weights[p.name])):
+            if not np.array_equal(p.dequantize(), state[p.name].numpy()):
                 raise EdgeftError(f"internal: packed {p.name} does not decode to the workstation weight", "please report this")
+        plain = set(param_names) - {p.name for p in packed}
+        model.graph.initializer.extend(numpy_helper.from_array(state[n].numpy(), n) for n in sorted(plain))
         replace_initializers(model, packed)
         add_layernorm_stats(model)
         model.ir_version = IR_VERSION
         onnx.save(model, str(path))
-    return packed, base_initializer_names(onnx.load(str(loss_path)))
+    return packed, base_initializer_names(onnx.load(str(paths[0])))
