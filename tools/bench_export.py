@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Benchmark: `edgeft export` wall time, peak RSS, bundle size per scheme, and parity.
+
+Each export runs as its own `edgeft export` process under /usr/bin/time -v, so the
+peak RSS is the export's alone. Needs trained runs (the quickstart makes the MiniLM
+one; --smollm-run names a SmolLM2 run).
+
+    .venv/bin/python tools/bench_export.py --minilm-run runs/quickstart-sentiment --smollm-run runs/smollm-pi5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = """name = "bench-{scheme}"
+arch = "aarch64"
+[memory]
+ram_mb = 8192
+budget_mb = 8192
+[compute]
+threads = 4
+execution_providers = ["CPUExecutionProvider"]
+[quantization]
+scheme = "{scheme}"
+[training]
+max_seq_len = 128
+batch_size = 4
+"""
+
+
+def export(run: str, scheme: str, work: Path) -> dict:
+    target = work / f"{scheme}.toml"
+    target.write_text(TARGET.format(scheme=scheme))
+    cmd = ["/usr/bin/time", "-v", str(ROOT / ".venv/bin/edgeft"), "export", "--run", run, "--target", str(target),
+           "--out", str(work / f"bundle-{scheme}"), "--overwrite", "--json", "--force"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"export {run} {scheme} failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads(proc.stdout)
+    summary["wall_seconds"] = _time_field(proc.stderr, r"Elapsed \(wall clock\) time .*: (.+)")
+    summary["peak_rss_mib"] = int(_time_field(proc.stderr, r"Maximum resident set size \(kbytes\): (\d+)")) / 1024
+    return summary
+
+
+def _time_field(text: str, pattern: str):
+    value = re.search(pattern, text).group(1)
+    if ":" in value:
+        parts = [float(x) for x in value.split(":")]
+        return sum(p * 60**i for i, p in enumerate(reversed(parts)))
+    return value
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minilm-run", default=str(ROOT / "runs/quickstart-sentiment"))
+    ap.add_argument("--smollm-run", help="a SmolLM2 run directory (edgeft train --task causal-lm)")
+    ap.add_argument("--schemes", nargs="+", default=["int8", "int4-g128", "int4-g32", "nf4", "int3-g32", "int2-g32"])
+    ap.add_argument("--out", default=str(ROOT / "bench-results/export.json"))
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        jobs = [("all-MiniLM-L6-v2", args.minilm_run, s) for s in args.schemes]
+        if args.smollm_run:
+            jobs.append(("SmolLM2-135M", args.smollm_run, "int4-g128"))
+        for model, run, scheme in jobs:
+            s = export(run, scheme, Path(work))
+            rows.append({"model": model, **{k: s[k] for k in ("scheme", "wall_seconds", "peak_rss_mib", "export_seconds", "base_params",
+                                                                "base_bytes_per_param", "bundle_bytes", "parity")}})
+            p = s["parity"]
+            print(f"{model:<18}{scheme:<11} wall {s['wall_seconds']:6.1f} s  RSS {s['peak_rss_mib']:6.0f} MiB  base {s['base_bytes_per_param']:.3f} B/param  "
+                  f"bundle {s['bundle_bytes'] / 2**20:6.1f} MiB  logits rel {p['logits_rel']:.1e}  grad rel {p['grad_rel']:.1e}  step {p['step_max_abs']:.1e}",
+                  flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
