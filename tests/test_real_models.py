@@ -37,6 +37,11 @@ def test_minilm_sentiment_learns_on_a_pi5_base(tmp_path):
     # edgeft eval reproduces the run's own validation number on the same base
     e = cli("eval", "--adapter", tmp_path / "run", "--data", SENTIMENT / "val.jsonl", "--json")
     assert e["accuracy"] == pytest.approx(s["best"], abs=1e-9)
+    # and the Pi 5 bundle trains and infers as the workstation model does
+    x = cli("export", "--run", tmp_path / "run", "--target", "raspberry-pi-5-8gb", "--out", tmp_path / "bundle", "--json")
+    assert x["base_bytes_per_param"] <= 0.6
+    p = x["parity"]
+    assert p["logits_rel"] < 1e-5 and p["grad_rel"] < 1e-5 and p["step_max_abs"] < 1e-6
 
 
 @pytest.mark.ci
@@ -80,3 +85,12 @@ def test_minilm_full_quickstart_accuracy(tmp_path):
             "--quiet", "--json")
     e = cli("eval", "--adapter", tmp_path / "run", "--data", SENTIMENT / "test.jsonl", "--json")
     assert e["accuracy"] > 0.68
+
+
+def test_smollm_export_for_pi5(tmp_path):
+    cli("train", "--model", SMOLLM, "--task", "causal-lm", "--data", GSM8K / "chat_train.jsonl", "--eval-data", GSM8K / "val.jsonl",
+        "--target", "raspberry-pi-5-8gb", "--max-seq-len", 64, "--batch-size", 2, "--max-steps", 2, "--no-eval-before",
+        "--out", tmp_path / "run", "--quiet", "--json")
+    x = cli("export", "--run", tmp_path / "run", "--target", "raspberry-pi-5-8gb", "--out", tmp_path / "bundle", "--json")
+    assert x["base_bytes_per_param"] <= 0.6
+    assert x["parity"]["grad_rel"] <= 1e-5 and x["parity"]["logits_rel"] < 1e-5
