@@ -311,5 +311,15 @@ def _quantize_graphs(paths: list[Path], wrapper: torch.nn.Module, keep: dict, sc
         replace_initializers(model, packed)
         add_layernorm_stats(model)
         model.ir_version = IR_VERSION
+        save_onnx(model, path)
+    return packed, base_initializer_names(onnx.load(str(paths[0]), load_external_data=False))
+
+
+def save_onnx(model, path: Path) -> None:
+    """Protobuf caps a file at 2 GB: larger graphs keep their tensors in `<name>.data` beside them."""
+    import onnx
+
+    if model.ByteSize() > 1_900_000_000:
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
+    else:
         onnx.save(model, str(path))
-    return packed, base_initializer_names(onnx.load(str(paths[0])))
