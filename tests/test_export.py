@@ -75,6 +75,11 @@ def test_classify_bundle_is_complete_verified_and_matches_torch(tmp_path, cls_ru
     manifest = verify_bundle(out)
     assert manifest["labels"] == ["neg", "pos"] and manifest["scheme"] == "int4-g32" and manifest["task"] == "classify"
     assert all(v.startswith("base_model.model.") and ".default." not in v for v in manifest["trainable"].values())
+    assert "tokenizer/tokenizer.json" in manifest["tokenizer"] and manifest["files"]["tokenizer/tokenizer.json"]["sha256"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter/adapter_model.safetensors"), "np") as f:
+        assert set(manifest["trainable"].values()) == set(f.keys())  # every trainable tensor maps to a PEFT key
     import onnx
 
     for f in ("training_model.onnx", "eval_model.onnx", "inference_model.onnx", "optimizer_model.onnx"):

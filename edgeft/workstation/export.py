@@ -277,6 +277,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
             "trainable": {n: peft_key(n) for n in trainable},
             "inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"], "labels": ["batch"] if task == "classify" else ["batch", "seq"]},
             "train_shape": {"batch": batch, "seq": seq}, "max_seq_len": seq,
+            "tokenizer": sorted(f"tokenizer/{f.name}" for f in (tmp / "tokenizer").iterdir()),
             "optimizer": {"name": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
             "schedule": {"name": "cosine", "warmup_ratio": 0.06},
             "inference": {"file": "inference_model.onnx", "disabled_optimizers": INFERENCE_DISABLED_OPTIMIZERS},
