@@ -178,7 +178,7 @@ class Trainer:
         if cfg.task == "classify":
             self.train_set = encode_classify(self.tokenizer, *zip(*train_rows), names, cfg.max_seq_len)
             self.val_set = encode_classify(self.tokenizer, *zip(*val_rows), names, cfg.max_seq_len)
-            self.truncated = 0
+            self.truncated, self.reference_set = 0, None
         else:
             self.train_set, self.truncated = encode_causal(self.tokenizer, train_rows, cfg.max_seq_len)
             self.val_set, _ = encode_causal(self.tokenizer, val_rows, cfg.max_seq_len)
@@ -288,13 +288,13 @@ class Trainer:
         counters = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "elapsed": 0.0, "initial": None, "reference_before": None}
         try:
             if self.resume:
-                counters = self._barrier_load(counters)
+                counters = self._resume_counters(counters)
             elif cfg.eval_before:
                 counters["initial"] = self.evaluate()
                 self._record({"step": 0, **counters["initial"]})
-            if self.reference_set_exists() and counters["reference_before"] is None:
+            if self.reference_set is not None and counters["reference_before"] is None:
                 counters["reference_before"] = self.evaluate(self.reference_set)["eval_loss"]
-            result = self._loop(counters, torch)
+            result = self._loop(counters)
         except BaseException:
             # Nothing worth keeping before the first checkpoint: leave no half-made run behind.
             if created and not (self.out / "checkpoint").exists():
@@ -305,10 +305,7 @@ class Trainer:
                 torch.distributed.destroy_process_group()
         return result
 
-    def reference_set_exists(self) -> bool:
-        return getattr(self, "reference_set", None) is not None
-
-    def _barrier_load(self, counters: dict) -> dict:
+    def _resume_counters(self, counters: dict) -> dict:
         from .checkpoint import load_checkpoint
 
         loaded = load_checkpoint(self.out / "checkpoint", self.model, self.optimizer)
@@ -351,7 +348,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss_total, grad_norm, lr, tokens
 
-    def _loop(self, counters: dict, torch) -> dict:
+    def _loop(self, counters: dict) -> dict:
         from tqdm.auto import tqdm
 
         from .checkpoint import save_checkpoint
@@ -408,7 +405,7 @@ class Trainer:
             "before": counters.get("initial"), "after": counters.get("last_eval"), "truncated_rows": self.truncated,
             "adapter": str(self.out / "adapter"),
         }
-        if self.reference_set_exists():
+        if self.reference_set is not None:
             after = self.evaluate(self.reference_set)["eval_loss"]
             summary["forgetting"] = {"reference_loss_before": counters["reference_before"], "reference_loss_after": after,
                                      "delta": after - counters["reference_before"]}
