@@ -10,34 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import EdgeftError
-
-
-class CommandError(click.ClickException):
-    """An EdgeftError as Click shows it: one message, a hint, the error's exit code."""
-
-    def __init__(self, error: EdgeftError):
-        super().__init__(str(error))
-        self.exit_code = error.exit_code
-
-
-class EdgeftGroup(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except EdgeftError as e:
-            raise CommandError(e) from None
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
-            sys.exit(130)
-
-    def group(self, *args, **kwargs):
-        kwargs.setdefault("cls", EdgeftGroup)
-        return super().group(*args, **kwargs)
-
-
-def emit(data: dict, as_json: bool, human: str) -> None:
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else human)
+from .clibase import EdgeftGroup, emit
 
 
 @click.group(cls=EdgeftGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -310,3 +283,8 @@ def quiet_libraries() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+from .device.cli import device  # noqa: E402  (the device group is torch-free; it lives with the device code)
+
+main.add_command(device)

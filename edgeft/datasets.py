@@ -154,8 +154,10 @@ def _label(value, where: str, field: str) -> str:
     return label
 
 
-def load_classify(path: str | Path, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list[str]]:
-    """Checks every row up front, so a bad row fails in seconds rather than mid-training."""
+def load_classify(path: str | Path, text_field: str = "text", label_field: str = "label",
+                  known: list[str] | None = None) -> tuple[list[str], list[str]]:
+    """Checks every row up front, so a bad row fails in seconds rather than mid-training.
+    With `known`, a label outside it fails on its line (a device cannot grow new classes)."""
     records, where = _read(path)
     header_hint = " (the first line of a CSV must be its header)" if Path(path).suffix.lower() == ".csv" else ""
     texts, labels = [], []
@@ -172,6 +174,9 @@ def load_classify(path: str | Path, text_field: str = "text", label_field: str =
             raise DataError(f"{loc}: {text_field!r} is empty", "remove the row or give it text")
         texts.append(text)
         labels.append(_label(row[label_field], loc, label_field))
+        if known is not None and labels[-1] not in known:
+            raise DataError(f"{loc}: label {labels[-1]!r} is not one the model was trained with",
+                            f"known labels: {', '.join(known)}; new classes need a new workstation run")
     return texts, labels
 
 

@@ -90,3 +90,75 @@ def sentiment_rows() -> list[dict]:
 def chat_rows() -> list[dict]:
     qa = [("what is two plus two?", "four"), ("where did the cat sit?", "on the mat"), ("how is the weather?", "fine today")]
     return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa * 6]
+
+
+TINY_TARGET = """
+name = "tiny-{budget}"
+arch = "aarch64"
+[memory]
+ram_mb = 4096
+budget_mb = {budget}
+[compute]
+threads = 2
+execution_providers = ["CPUExecutionProvider"]
+[quantization]
+scheme = "{scheme}"
+[training]
+max_seq_len = 32
+batch_size = 2
+"""
+
+
+def run(*args):
+    """Invoke the CLI in-process; a traceback in the output is always a bug."""
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def target(tmp_path, scheme="int4-g32", budget=4096):
+    p = tmp_path / f"tiny-{scheme}-{budget}.toml"
+    p.write_text(TINY_TARGET.format(scheme=scheme, budget=budget))
+    return p
+
+
+@pytest.fixture(scope="session")
+def cls_run(tmp_path_factory, tiny_bert):
+    tmp = tmp_path_factory.mktemp("cls")
+    rows = [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("great result", "pos"), ("terrible day", "neg"), ("sad movie", "neg")] * 5]
+    data = write_jsonl(tmp / "d.jsonl", rows)
+    r = run("train", "--model", tiny_bert, "--data", data, "--task", "classify", "--out", tmp / "run", "--max-steps", 3,
+            "--batch-size", 4, "--quant", "int4-g32", "--quiet")
+    assert r.exit_code == 0, r.output
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def lm_run(tmp_path_factory, tiny_llama):
+    tmp = tmp_path_factory.mktemp("lm")
+    rows = [{"prompt": q, "completion": a} for q, a in [("what is two plus two?", " four"), ("where did the cat sit?", " on the mat")] * 6]
+    data = write_jsonl(tmp / "d.jsonl", rows)
+    r = run("train", "--model", tiny_llama, "--data", data, "--task", "causal-lm", "--out", tmp / "run", "--max-steps", 3,
+            "--batch-size", 4, "--quant", "int3-g32", "--quiet")
+    assert r.exit_code == 0, r.output
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def cls_bundle(tmp_path_factory, cls_run):
+    tmp = tmp_path_factory.mktemp("clsb")
+    r = run("export", "--run", cls_run, "--target", target(tmp), "--out", tmp / "bundle")
+    assert r.exit_code == 0, r.output
+    return tmp / "bundle"
+
+
+@pytest.fixture(scope="session")
+def lm_bundle(tmp_path_factory, lm_run):
+    tmp = tmp_path_factory.mktemp("lmb")
+    r = run("export", "--run", lm_run, "--target", target(tmp, "int3-g32"), "--out", tmp / "bundle")
+    assert r.exit_code == 0, r.output
+    return tmp / "bundle"

@@ -4,61 +4,8 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import write_jsonl
-from edgeft.cli import main
-
-TINY_TARGET = """
-name = "tiny-{budget}"
-arch = "aarch64"
-[memory]
-ram_mb = 4096
-budget_mb = {budget}
-[compute]
-threads = 2
-execution_providers = ["CPUExecutionProvider"]
-[quantization]
-scheme = "{scheme}"
-[training]
-max_seq_len = 32
-batch_size = 2
-"""
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
-
-
-def target(tmp_path, scheme="int4-g32", budget=4096):
-    p = tmp_path / f"tiny-{scheme}-{budget}.toml"
-    p.write_text(TINY_TARGET.format(scheme=scheme, budget=budget))
-    return p
-
-
-@pytest.fixture(scope="module")
-def cls_run(tmp_path_factory, tiny_bert):
-    tmp = tmp_path_factory.mktemp("cls")
-    rows = [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("great result", "pos"), ("terrible day", "neg"), ("sad movie", "neg")] * 5]
-    data = write_jsonl(tmp / "d.jsonl", rows)
-    r = run("train", "--model", tiny_bert, "--data", data, "--task", "classify", "--out", tmp / "run", "--max-steps", 3,
-            "--batch-size", 4, "--quant", "int4-g32", "--quiet")
-    assert r.exit_code == 0, r.output
-    return tmp / "run"
-
-
-@pytest.fixture(scope="module")
-def lm_run(tmp_path_factory, tiny_llama):
-    tmp = tmp_path_factory.mktemp("lm")
-    rows = [{"prompt": q, "completion": a} for q, a in [("what is two plus two?", " four"), ("where did the cat sit?", " on the mat")] * 6]
-    data = write_jsonl(tmp / "d.jsonl", rows)
-    r = run("train", "--model", tiny_llama, "--data", data, "--task", "causal-lm", "--out", tmp / "run", "--max-steps", 3,
-            "--batch-size", 4, "--quant", "int3-g32", "--quiet")
-    assert r.exit_code == 0, r.output
-    return tmp / "run"
-
+from conftest import run, target
 
 def test_classify_bundle_is_complete_verified_and_matches_torch(tmp_path, cls_run):
     from edgeft.bundle import BundleError, verify_bundle

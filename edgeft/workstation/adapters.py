@@ -78,7 +78,7 @@ def evaluate_adapter(adapter_dir, data: str, scheme, device: str = "cpu", max_se
     """Validation metrics of an adapter on `data`, over a base quantized by `scheme`."""
     from .. import datasets
     from ..errors import DataError
-    from .encode import collate, encode_causal, encode_classify
+    from ..encode import collate, encode_causal, encode_classify
     from .objective import evaluate, make_objective
 
     model, tokenizer, meta = load_adapted(adapter_dir, scheme, device)

@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .encode import IGNORE
+from ..encode import IGNORE
+from ..metrics import classification_metrics
 
 
 class CausalLMObjective(torch.nn.Module):
@@ -59,7 +60,7 @@ def evaluate(objective, batches, task: str, num_labels: int = 0, autocast=None) 
     count = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros((num_labels, num_labels), dtype=torch.float64, device=device)
     for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = {k: torch.as_tensor(v).to(device) for k, v in batch.items()}
         with autocast() if autocast else contextlib.nullcontext():
             loss, extra = objective(**batch)
         if task == "classify":
@@ -77,13 +78,3 @@ def evaluate(objective, batches, task: str, num_labels: int = 0, autocast=None) 
     if task != "classify":
         return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
     return {"eval_loss": loss, **classification_metrics(confusion.cpu().numpy())}
-
-
-def classification_metrics(confusion) -> dict:
-    """confusion[true, pred] -> accuracy and macro-F1 (classes absent from both count as F1 0)."""
-    tp = confusion.diagonal()
-    total = confusion.sum()
-    precision_den = confusion.sum(0)
-    recall_den = confusion.sum(1)
-    f1 = [2 * t / (p + r) if p + r > 0 else 0.0 for t, p, r in zip(tp, precision_den, recall_den)]
-    return {"accuracy": float(tp.sum() / total) if total else 0.0, "macro_f1": float(sum(f1) / len(f1)) if f1 else 0.0}

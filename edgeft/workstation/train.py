@@ -149,7 +149,7 @@ class Trainer:
         import torch
 
         from ..datasets import load_causal
-        from .encode import encode_causal, encode_classify
+        from ..encode import encode_causal, encode_classify
         from .load import inspect_model_dir, resolve_device
 
         cfg = self.cfg
@@ -236,7 +236,7 @@ class Trainer:
     # -- data ----------------------------------------------------------------
     def micro_batch(self, index: int) -> dict:
         """Global micro-batch `index` for this rank; deterministic, so resume needs only the step."""
-        from .encode import batch_order, collate
+        from ..encode import batch_order, collate
 
         epoch, pos = divmod(index, self.batches_per_epoch)
         order = batch_order(len(self.train_set), self.cfg.batch_size, self.cfg.seed, epoch)
@@ -244,7 +244,7 @@ class Trainer:
         return collate([self.train_set[i] for i in ids], self.tokenizer.pad_token_id)
 
     def eval_batches(self, dataset, batch_size: int | None = None):
-        from .encode import collate
+        from ..encode import collate
 
         bs = batch_size or max(self.cfg.batch_size, 16)
         mine = list(range(len(dataset)))[self.rank :: self.world]
@@ -327,7 +327,7 @@ class Trainer:
             g["lr"] = lr
         loss_total, tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
-            batch = {k: v.to(self.device) for k, v in self.micro_batch(step * cfg.grad_accum + micro).items()}
+            batch = {k: torch.as_tensor(v).to(self.device) for k, v in self.micro_batch(step * cfg.grad_accum + micro).items()}
             tokens += int(batch["attention_mask"].sum())
             sync = micro == cfg.grad_accum - 1 or self.world == 1
             with (contextlib.nullcontext() if sync else self.train_module.no_sync()), (self.autocast() if self.autocast else contextlib.nullcontext()):

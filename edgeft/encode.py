@@ -1,4 +1,7 @@
-"""Turn parsed rows into token ids, and token ids into padded batches.
+"""Turn parsed rows into token ids, and token ids into padded batches. Torch-free.
+
+The workstation (a transformers tokenizer) and the device (edgeft.device.tokenizer)
+share this code, so a row becomes the same tokens and labels on both sides.
 
 Causal LM: loss only on answer tokens where there is an answer. Answer spans are
 found in characters on the rendered chat template and mapped to tokens through
@@ -10,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..errors import DataError
+from .errors import DataError
 
 IGNORE = -100
 
@@ -82,17 +85,18 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = 
 
 
 def collate(items: list[Encoded], pad_id: int, pad_to: int | None = None) -> dict:
-    import torch
+    """int64 numpy arrays; the workstation wraps them with torch.from_numpy (no copy)."""
+    import numpy as np
 
     width = pad_to or max(len(e.input_ids) for e in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
+    ids = np.full((len(items), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(items), width), dtype=np.int64)
     per_token = isinstance(items[0].labels, list)
-    labels = torch.full((len(items), width), IGNORE, dtype=torch.long) if per_token else torch.tensor([e.labels for e in items])
+    labels = np.full((len(items), width), IGNORE, dtype=np.int64) if per_token else np.array([e.labels for e in items], dtype=np.int64)
     for i, e in enumerate(items):
         n = min(len(e.input_ids), width)
-        ids[i, :n] = torch.tensor(e.input_ids[:n])
+        ids[i, :n] = e.input_ids[:n]
         mask[i, :n] = 1
         if per_token:
-            labels[i, :n] = torch.tensor(e.labels[:n])
+            labels[i, :n] = e.labels[:n]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

@@ -1,0 +1,37 @@
+"""Click plumbing shared by the workstation and device command groups. Torch-free."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import EdgeftError
+
+
+class CommandError(click.ClickException):
+    """An EdgeftError as Click shows it: one message, a hint, the error's exit code."""
+
+    def __init__(self, error: EdgeftError):
+        super().__init__(str(error))
+        self.exit_code = error.exit_code
+
+
+class EdgeftGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeftError as e:
+            raise CommandError(e) from None
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+
+    def group(self, *args, **kwargs):
+        kwargs.setdefault("cls", EdgeftGroup)
+        return super().group(*args, **kwargs)
+
+
+def emit(data: dict, as_json: bool, human: str) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else human)

@@ -1,0 +1,38 @@
+"""Adapters back to the workstation: a generation's weights as a PEFT adapter folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import OutputError
+from ..fsutil import atomic_dir
+from .state import DeviceState
+
+
+def export_adapter(state: DeviceState, out: Path, gen: int | None = None, overwrite: bool = False) -> dict:
+    """PEFT's own file layout and key names, plus edgeft.json so `edgeft eval/export/import` know the task."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} already exists", "pick another --out, or pass --overwrite")
+    if not out.parent.is_dir():
+        raise OutputError(f"cannot write {out}: {out.parent} does not exist", "create the folder first")
+    gen = state.current if gen is None else gen
+    params = state.params(gen)
+    m = state.manifest
+    tensors = {key: params[name] for name, key in m["trainable"].items()}
+    src = state.bundle / "adapter"
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        shutil.copy2(src / "adapter_config.json", tmp / "adapter_config.json")
+        for f in m.get("tokenizer", []):
+            shutil.copy2(state.bundle / f, tmp / Path(f).name)
+        record = state.generation(gen)
+        meta = {"task": m["task"], "labels": m["labels"], "scheme": m["scheme"], "base_model": m["base_model"],
+                "max_seq_len": m["max_seq_len"], "target": m["target"]["name"], "edgeft_version": m.get("edgeft_version"),
+                "source": {"device_generation": gen, "status": record["status"], "metrics": record.get("metrics", {})}}
+        (tmp / "edgeft.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return {"adapter": str(out), "generation": gen, "tensors": len(tensors)}

@@ -1,0 +1,219 @@
+"""`edgeft device ...`: the commands a Raspberry Pi or Jetson runs. Torch-free."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..clibase import EdgeftGroup, emit
+
+
+def bundle_options(f):
+    f = click.option("--state", "state_dir", type=click.Path(path_type=Path), help="Device state folder (default: BUNDLE/state).")(f)
+    f = click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle folder from `edgeft export`.")(f)
+    return f
+
+
+def open_state(bundle: Path, state_dir: Path | None, verify: bool = True):
+    from ..bundle import read_manifest, verify_bundle
+    from .state import DeviceState, default_state_dir
+
+    manifest = verify_bundle(bundle) if verify else read_manifest(bundle)
+    return DeviceState(state_dir or default_state_dir(bundle), bundle, manifest)
+
+
+def predictor(state, generation: int | None):
+    from .infer import Predictor
+    from .tokenizer import DeviceTokenizer
+
+    tokenizer = DeviceTokenizer(state.bundle / "tokenizer")
+    return Predictor(state.bundle, state.manifest, state.params(generation), tokenizer), tokenizer
+
+
+@click.group(cls=EdgeftGroup)
+def device():
+    """On-device training and inference (ONNX Runtime, numpy, tokenizers; no torch)."""
+
+
+@device.command()
+@bundle_options
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="New data: .jsonl or .csv, same row shapes as train.")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="Held-out rows that decide promotion (default: 10% of --data).")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-steps", type=int, help="Optimizer steps; overrides --epochs.")
+@click.option("--lr", type=float, help="Peak learning rate (default 5e-4 classify, 1e-4 causal-lm).")
+@click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between crash-safe checkpoints.")
+@click.option("--tolerance", type=float, default=0.01, show_default=True,
+              help="Allowed regression: accuracy points (classify) or relative loss (causal-lm).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--refuse-long", is_flag=True, help="Fail on rows longer than the bundle's sequence length instead of truncating.")
+@click.option("--restart", is_flag=True, help="Discard an interrupted generation instead of resuming it.")
+@click.option("--force", is_flag=True, help="Train even when the memory plan exceeds the target's budget.")
+@click.option("--quiet", is_flag=True, help="No progress line.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
+def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, grad_accum, checkpoint_every, tolerance, seed,
+          refuse_long, restart, force, quiet, as_json):
+    """Train a new generation on new data; promote it only if it does not regress.
+
+    \b
+    edgeft device train --bundle bundle --data new.jsonl --eval-data held.jsonl
+    Killed midway, the same command resumes from the last checkpoint.
+    """
+    from .state import default_state_dir
+    from .trainer import DeviceTrainConfig, DeviceTrainer
+
+    cfg = DeviceTrainConfig(data=str(data), eval_data=str(eval_data) if eval_data else None, max_steps=max_steps, epochs=epochs, lr=lr,
+                            grad_accum=grad_accum, checkpoint_every=checkpoint_every, tolerance=tolerance, seed=seed,
+                            refuse_long=refuse_long, restart=restart, force=force)
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    s = DeviceTrainer(bundle, state_dir or default_state_dir(bundle), cfg, log=log, progress=not quiet).run()
+    lines = [f"generation {s['generation']}: {'PROMOTED' if s['promoted'] else 'not promoted'} ({s['reason']}); current is {s['current']}",
+             f"steps: {s['steps']} in {s['seconds']} s" + (f" (resumed at step {s['resumed_at_step']})" if s["resumed_at_step"] is not None else "")
+             + (f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else "")]
+    for split in s["metrics"]["candidate"]:
+        old, new = s["metrics"]["baseline"][split], s["metrics"]["candidate"][split]
+        lines.append(f"{split}: " + ", ".join(f"{k} {old[k]:.4f} -> {new[k]:.4f}" for k in ("accuracy", "eval_loss") if k in new))
+    lines.append(f"peak RSS {s['peak_rss_mib']:.0f} MiB (plan {s['plan_mib']:.0f} MiB)" if s["plan_mib"] else f"peak RSS {s['peak_rss_mib']:.0f} MiB")
+    emit(s, as_json, "\n".join(lines))
+
+
+@device.command()
+@bundle_options
+@click.option("--json", "as_json", is_flag=True)
+def status(bundle, state_dir, as_json):
+    """Generations, their metrics and the data each one saw."""
+    state = open_state(bundle, state_dir, verify=False)
+    data = state.data
+    pending = state.job_dir / "job.json"
+    out = {"current": data["current"], "generations": data["generations"],
+           "interrupted": json.loads(pending.read_text()) if pending.is_file() else None}
+    rows = [f"{'gen':>4} {'status':<9} {'parent':>6} {'steps':>6} {'heldout':>9} {'reference':>9}  data"]
+    key = "accuracy" if state.manifest["task"] == "classify" else "eval_loss"
+    for g in data["generations"]:
+        m = g.get("metrics", {}).get("candidate", {})
+        fmt = lambda split: f"{m[split][key]:.4f}" if split in m else "-"  # noqa: E731
+        mark = "*" if g["id"] == data["current"] else " "
+        seen = f"{g['data']['file']} ({g['data']['rows']} rows)" if g.get("data") else g.get("source", "")
+        rows.append(f"{mark}{g['id']:>3} {g['status']:<9} {g['parent'] if g['parent'] is not None else '-':>6} {g.get('steps', '-'):>6} "
+                    f"{fmt('heldout'):>9} {fmt('reference'):>9}  {seen}")
+    if out["interrupted"]:
+        j = out["interrupted"]
+        rows.append(f"interrupted: generation {j['generation']} on {j['data']['file']} (rerun the same `edgeft device train` to resume)")
+    rows.append(f"metric: {key}; * = current")
+    emit(out, as_json, "\n".join(rows))
+
+
+@device.command()
+@click.argument("generation", type=int)
+@bundle_options
+@click.option("--json", "as_json", is_flag=True)
+def rollback(generation, bundle, state_dir, as_json):
+    """Make GENERATION the current adapter again."""
+    state = open_state(bundle, state_dir, verify=False)
+    with state.lock():
+        previous = state.current
+        record = state.rollback(generation)
+    emit({"current": generation, "previous": previous, "status": record["status"]}, as_json,
+         f"current generation: {generation} (was {previous})")
+
+
+@device.command("eval")
+@bundle_options
+@click.option("--data", required=True, type=click.Path(path_type=Path))
+@click.option("--generation", type=int, help="Default: the current one.")
+@click.option("--json", "as_json", is_flag=True)
+def eval_(bundle, state_dir, data, generation, as_json):
+    """Metrics of the current adapter on DATA, with stock ONNX Runtime inference."""
+    from .data import encode_rows, load_rows
+
+    state = open_state(bundle, state_dir)
+    model, tokenizer = predictor(state, generation)
+    m = state.manifest
+    rows = load_rows(data, m["task"], m["labels"])
+    encoded = encode_rows(rows, m["task"], tokenizer, m["labels"], m["max_seq_len"], where=str(data), warn=lambda s: click.echo(s, err=True))
+    gen = state.current if generation is None else generation
+    out = {"generation": gen, **model.evaluate(encoded)}
+    emit(out, as_json, "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()))
+
+
+@device.command()
+@bundle_options
+@click.option("--text", "texts", multiple=True, help="Text to classify (repeatable).")
+@click.option("--data", type=click.Path(path_type=Path), help="A .jsonl/.csv with a 'text' field, one prediction per row.")
+@click.option("--generation", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def predict(bundle, state_dir, texts, data, generation, as_json):
+    """Labels with probabilities (classify bundles)."""
+    from ..datasets import read_records
+    from ..errors import DataError, UsageError
+
+    state = open_state(bundle, state_dir)
+    if state.manifest["task"] != "classify":
+        raise UsageError("predict is for classify bundles", "use `edgeft device generate` for causal-lm bundles")
+    texts = list(texts)
+    if data:
+        if not Path(data).is_file():
+            raise DataError(f"data file {data} does not exist", "check the path")
+        for i, r in enumerate(read_records(data), 1):
+            if not isinstance(r.get("text"), str) or not r["text"].strip():
+                raise DataError(f"{data} row {i}: no non-empty 'text' field", "give every row a 'text' string")
+            texts.append(r["text"])
+    if not texts:
+        raise UsageError("nothing to classify", "pass --text '...' or --data file.jsonl")
+    model, _ = predictor(state, generation)
+    preds = model.predict(texts)
+    emit(preds, as_json, "\n".join(f"{p['label']:<12} {p['probability']:.3f}  {p['text'][:70]}" for p in preds))
+
+
+@device.command()
+@bundle_options
+@click.option("--prompt", required=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="0: no top-k cut.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--raw", is_flag=True, help="Do not wrap the prompt in the chat template.")
+@click.option("--generation", type=int)
+@click.option("--json", "as_json", is_flag=True)
+def generate(bundle, state_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, generation, as_json):
+    """Generate text (causal-lm bundles), greedily or with top-k / top-p sampling."""
+    from ..errors import UsageError
+
+    state = open_state(bundle, state_dir)
+    if state.manifest["task"] != "causal-lm":
+        raise UsageError("generate is for causal-lm bundles", "use `edgeft device predict` for classify bundles")
+    if not 0 < top_p <= 1 or top_k < 0 or temperature < 0 or max_new_tokens < 1:
+        raise UsageError("need 0 < --top-p <= 1, --top-k >= 0, --temperature >= 0, --max-new-tokens >= 1", "e.g. --temperature 0.7 --top-p 0.9")
+    model, _ = predictor(state, generation)
+    out = model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat=not raw)
+    emit(out, as_json, out["completion"])
+
+
+@device.command("export-adapter")
+@bundle_options
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write (PEFT layout).")
+@click.option("--generation", type=int, help="Default: the current one.")
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def export_adapter_cmd(bundle, state_dir, out, generation, overwrite, as_json):
+    """Write a generation's adapter as a PEFT folder for the workstation (`edgeft import`)."""
+    from .adapter_out import export_adapter
+
+    state = open_state(bundle, state_dir)
+    s = export_adapter(state, out, generation, overwrite)
+    emit(s, as_json, f"adapter of generation {s['generation']} written to {s['adapter']} ({s['tensors']} tensors, PEFT format)")
+
+
+@device.command()
+@click.option("--bundle", required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def verify(bundle, as_json):
+    """Check every bundle file against its sha256 in the manifest."""
+    from ..bundle import verify_bundle
+
+    m = verify_bundle(bundle)
+    emit({"bundle": str(bundle), "files": len(m["files"]), "ok": True}, as_json, f"{bundle}: all {len(m['files'])} files match the manifest")

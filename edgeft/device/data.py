@@ -1,0 +1,57 @@
+"""New data on the device: parsed, checked against the bundle, tokenized as the workstation does."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from .. import datasets
+from ..encode import Encoded, encode_causal, encode_classify
+from ..errors import DataError
+
+UNLIMITED = 1 << 30
+
+
+def load_rows(path: str | Path, task: str, labels: list[str]) -> list[dict]:
+    """Normalised rows: {'text','label'} for classify, the causal shapes otherwise."""
+    if not Path(path).is_file():
+        raise DataError(f"data file {path} does not exist", "check the path")
+    if task == "classify":
+        texts, ys = datasets.load_classify(path, known=labels)
+        return [{"text": t, "label": y} for t, y in zip(texts, ys)]
+    return datasets.load_causal(path)
+
+
+def encode_rows(rows: list[dict], task: str, tokenizer, labels: list[str], seq: int, refuse_long: bool = False,
+                where: str = "data", warn=print) -> list[Encoded]:
+    """Rows longer than `seq` tokens are cut (with one warning), or refused when asked."""
+    if task == "classify":
+        encoded = encode_classify(tokenizer, [r["text"] for r in rows], [r["label"] for r in rows], labels, UNLIMITED)
+    else:
+        encoded, _ = encode_causal(tokenizer, rows, UNLIMITED)
+    long = [i for i, e in enumerate(encoded) if len(e.input_ids) > seq]
+    if long and refuse_long:
+        i = long[0]
+        raise DataError(f"{where}: {len(long)} row(s) are longer than the bundle's {seq} tokens (first: row {i + 1}, {len(encoded[i].input_ids)} tokens)",
+                        "shorten them, or leave out --refuse-long to truncate")
+    if long:
+        warn(f"warning: {where}: {len(long)} of {len(rows)} rows are longer than {seq} tokens and were truncated")
+        if task == "classify":  # re-encode so the closing special token survives the cut, as on the workstation
+            cut = encode_classify(tokenizer, [rows[i]["text"] for i in long], [rows[i]["label"] for i in long], labels, seq)
+            for i, e in zip(long, cut):
+                encoded[i] = e
+        else:
+            for i in long:
+                encoded[i] = Encoded(encoded[i].input_ids[:seq], encoded[i].labels[:seq])
+    return encoded
+
+
+def holdout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """A seeded split of new data when no held-out file is given; tiny shards keep all rows for training."""
+    if len(rows) < 10:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n = max(1, round(len(rows) * fraction))
+    held = set(order[:n])
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]

@@ -1,0 +1,98 @@
+"""Use the model on the device: evaluate, classify, generate. Stock ONNX Runtime is enough."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..encode import IGNORE, Encoded, collate
+from ..metrics import classification_metrics
+from .runtime import inference_session
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+class Predictor:
+    """The inference graph with one generation's adapter weights swapped in."""
+
+    def __init__(self, bundle: Path, manifest: dict, params: dict, tokenizer, want_cuda: bool | None = None):
+        self.session = inference_session(bundle, manifest, params, want_cuda)
+        self.task, self.labels, self.tokenizer = manifest["task"], manifest["labels"], tokenizer
+        self.seq = manifest["max_seq_len"]
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+
+    def evaluate(self, encoded: list, batch_size: int = 16) -> dict:
+        """The workstation's metrics: loss + accuracy/macro-F1, or loss + perplexity over answer tokens."""
+        loss_sum, count = 0.0, 0
+        confusion = np.zeros((len(self.labels), len(self.labels)))
+        for i in range(0, len(encoded), batch_size):
+            b = collate(encoded[i : i + batch_size], self.tokenizer.pad_token_id)
+            logp = log_softmax(self.logits(b["input_ids"], b["attention_mask"]).astype(np.float64))
+            if self.task == "classify":
+                y = b["labels"]
+                loss_sum -= logp[np.arange(len(y)), y].sum()
+                count += len(y)
+                np.add.at(confusion, (y, logp.argmax(-1)), 1)
+            else:
+                target = b["labels"][:, 1:]
+                keep = target != IGNORE
+                picked = np.take_along_axis(logp[:, :-1], np.where(keep, target, 0)[..., None], -1)[..., 0]
+                loss_sum -= picked[keep].sum()
+                count += int(keep.sum())
+        loss = loss_sum / max(count, 1)
+        if self.task == "classify":
+            return {"rows": len(encoded), "eval_loss": loss, **classification_metrics(confusion)}
+        return {"rows": len(encoded), "tokens": count, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+    def predict(self, texts: list[str], batch_size: int = 16) -> list[dict]:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = self.tokenizer(texts[i : i + batch_size], truncation=True, max_length=self.seq)["input_ids"]
+            b = collate([Encoded(ids, 0) for ids in enc], self.tokenizer.pad_token_id)
+            probs = np.exp(log_softmax(self.logits(b["input_ids"], b["attention_mask"]).astype(np.float64)))
+            for text, p in zip(texts[i : i + batch_size], probs):
+                k = int(p.argmax())
+                out.append({"text": text, "label": self.labels[k], "probability": round(float(p[k]), 6),
+                            "probabilities": {name: round(float(q), 6) for name, q in zip(self.labels, p)}})
+        return out
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0, chat: bool = True) -> dict:
+        """Greedy at temperature 0, else sampled with top-k / top-p. No KV cache: each token re-runs the
+        prefix, which is fine for the short answers a device model gives."""
+        tok = self.tokenizer
+        if chat and tok.chat_template:
+            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(prompt)["input_ids"]
+        rng = np.random.default_rng(seed)
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            window = (ids + new)[-self.seq :]
+            x = np.array([window], dtype=np.int64)
+            logits = self.logits(x, np.ones_like(x))[0, -1].astype(np.float64)
+            nxt = int(logits.argmax()) if temperature <= 0 else sample(logits / temperature, top_k, top_p, rng)
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+        return {"prompt": prompt, "completion": tok.decode(new), "tokens": len(new)}
+
+
+def sample(logits: np.ndarray, top_k: int, top_p: float, rng) -> int:
+    order = np.argsort(-logits)
+    if top_k > 0:
+        order = order[:top_k]
+    p = np.exp(logits[order] - logits[order[0]])
+    p /= p.sum()
+    if top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), top_p)) + 1
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return int(order[rng.choice(len(order), p=p)])

@@ -1,0 +1,127 @@
+"""ONNX Runtime on the device: version checks, the training API without torch, sessions."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+from ..errors import EdgeftError
+
+
+class RuntimeMismatch(EdgeftError):
+    """The installed ONNX Runtime cannot run this bundle."""
+
+    exit_code = 12
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split("+")[0].split(".")[:3] if p.isdigit())
+
+
+def _register_training_package() -> None:
+    """Make `onnxruntime.training` importable without running its __init__ (which imports torch).
+
+    `import onnxruntime` itself probes `onnxruntime.training.ortmodule` (torch again) on the
+    training build; marking ortmodule absent makes that probe fail fast, as it does on a
+    device without torch. Only the torch-free `api` and `artifacts` submodules are used.
+    """
+    if "onnxruntime.training" in sys.modules:
+        return
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return
+    path = Path(list(spec.submodule_search_locations)[0]) / "training"
+    if not (path / "api").is_dir():
+        return  # stock onnxruntime: no training package at all
+    package = types.ModuleType("onnxruntime.training")
+    package.__path__ = [str(path)]
+    package.__spec__ = importlib.util.spec_from_file_location("onnxruntime.training", path / "__init__.py", submodule_search_locations=[str(path)])
+    sys.modules["onnxruntime.training"] = package
+    sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+
+
+def onnxruntime():
+    if "onnxruntime" not in sys.modules:
+        _register_training_package()
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise RuntimeMismatch("ONNX Runtime is not installed", 'pip install "edgeft[device]"') from None
+    ort.set_default_logger_severity(3)  # the exporter leaves unused shape constants; ORT warns about each
+    return ort
+
+
+def check_inference(manifest: dict):
+    ort = onnxruntime()
+    if _version_tuple(ort.__version__) < (1, 19):
+        raise RuntimeMismatch(f"onnxruntime {ort.__version__} is too old for this bundle (needs >= 1.19)",
+                              'pip install -U "onnxruntime>=1.19" (or "edgeft[device]")')
+    return ort
+
+
+def training_api(manifest: dict):
+    """onnxruntime.training.api without torch (see _register_training_package)."""
+    ort = onnxruntime()
+    want = manifest.get("onnxruntime", {}).get("training", "1.19.2")
+    from onnxruntime.capi import _pybind_state as C
+
+    if not hasattr(C, "CheckpointState"):
+        raise RuntimeMismatch(f"the installed onnxruntime {ort.__version__} is the stock build, without training kernels",
+                              f'device training needs onnxruntime-training {want}: pip uninstall onnxruntime && pip install "onnxruntime-training-cpu=={want}"')
+    if _version_tuple(ort.__version__) != _version_tuple(want):
+        raise RuntimeMismatch(f"this bundle's training artifacts were made for onnxruntime-training {want}, found {ort.__version__}",
+                              f'pip install "onnxruntime-training-cpu=={want}", or re-export the bundle with the installed version')
+    _register_training_package()
+    from onnxruntime.training import api
+
+    return api
+
+
+def providers(ort, manifest: dict, want_cuda: bool | None = None) -> list[str]:
+    """The target's execution providers that this ONNX Runtime has, CPU always last."""
+    available = set(ort.get_available_providers())
+    wanted = list(manifest.get("target", {}).get("execution_providers") or [])
+    chosen = [p for p in wanted if p in available and p != "CPUExecutionProvider"]
+    if want_cuda is False:
+        chosen = [p for p in chosen if p != "CUDAExecutionProvider"]
+    return chosen + ["CPUExecutionProvider"]
+
+
+def threads(manifest: dict) -> int:
+    return int(os.environ.get("EDGEFT_THREADS") or manifest.get("target", {}).get("threads") or os.cpu_count() or 1)
+
+
+def inference_session(bundle: Path, manifest: dict, params: dict, want_cuda: bool | None = None):
+    """The bundle's inference graph with `params` (a generation's trainable weights) in place of
+    the exported ones; stock ONNX Runtime is enough."""
+    ort = check_inference(manifest)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads(manifest)
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in params.values()]
+    for name, value in zip(params, values):
+        options.add_initializer(name, value)
+    info = manifest.get("inference", {})
+    session = ort.InferenceSession(str(Path(bundle) / info.get("file", "inference_model.onnx")), options,
+                                   providers=providers(ort, manifest, want_cuda),
+                                   disabled_optimizers=info.get("disabled_optimizers", []))
+    session._edgeft_keepalive = values  # ORT borrows initializer buffers; they must outlive the session
+    return session
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+def rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20)
+    except OSError:
+        return peak_rss_mib()

@@ -1,0 +1,183 @@
+"""The device's training state: generations of adapters, the in-progress job, the replay sample.
+
+Layout (under BUNDLE/state by default):
+  state.json              generations and which one is current (atomic rewrite)
+  generations/gNNNN.safetensors   each generation's trainable weights, by ONNX name
+  replay.jsonl            retained rows from earlier generations' data (forgetting check)
+  job/                    the generation being trained: job.json, last.ckpt, best.safetensors
+  lock                    one writer at a time
+
+Every file is written to a temp file, fsynced and renamed, so a kill at any moment
+leaves either the old or the new version, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+from ..errors import EdgeftError, OutputError
+from ..fsutil import atomic_write_bytes, atomic_write_json
+
+REPLAY_ROWS = 256
+
+
+class StateError(EdgeftError):
+    exit_code = 11
+
+
+def save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
+    from safetensors.numpy import save
+
+    atomic_write_bytes(path, save(arrays, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+
+
+def load_arrays(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise StateError(f"{path} is unreadable ({e})", "roll back to another generation with `edgeft device rollback`") from None
+
+
+def disk_full(e: BaseException) -> bool:
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def writing(what: str):
+    """Turn a failed write into one clear message; the previous state is untouched by construction."""
+    try:
+        yield
+    except OSError as e:
+        if disk_full(e):
+            raise OutputError(f"the disk is full while writing {what}; nothing was changed", "free some space and run the command again") from None
+        raise OutputError(f"cannot write {what}: {e.strerror or e}", "check the state folder is writable") from None
+
+
+class DeviceState:
+    def __init__(self, folder: Path, bundle: Path, manifest: dict):
+        self.folder, self.bundle, self.manifest = Path(folder), Path(bundle), manifest
+        self.job_dir = self.folder / "job"
+        self._data = None
+
+    # -- reading ---------------------------------------------------------------
+    @property
+    def data(self) -> dict:
+        if self._data is None:
+            path = self.folder / "state.json"
+            if path.is_file():
+                try:
+                    self._data = json.loads(path.read_text(encoding="utf-8"))
+                except json.JSONDecodeError as e:
+                    raise StateError(f"{path} is corrupt ({e})", "this cannot come from a crash; restore the state folder from a backup") from None
+            else:
+                self._data = {"current": 0, "generations": [{"id": 0, "parent": None, "status": "initial", "created": _now(),
+                                                              "source": "bundle", "data": None, "metrics": {}}]}
+        return self._data
+
+    @property
+    def current(self) -> int:
+        return self.data["current"]
+
+    def generation(self, gen: int) -> dict:
+        for g in self.data["generations"]:
+            if g["id"] == gen:
+                return g
+        known = ", ".join(str(g["id"]) for g in self.data["generations"])
+        raise StateError(f"no generation {gen}", f"generations: {known} (see `edgeft device status`)")
+
+    def params(self, gen: int | None = None) -> dict:
+        """A generation's trainable weights by ONNX name; generation 0 is the bundle's adapter."""
+        gen = self.current if gen is None else gen
+        self.generation(gen)
+        if gen == 0:
+            return self.bundle_params()
+        return load_arrays(self.folder / "generations" / f"g{gen:04d}.safetensors")
+
+    def bundle_params(self) -> dict:
+        from safetensors.numpy import load_file
+
+        peft = load_file(str(self.bundle / "adapter" / "adapter_model.safetensors"))
+        return {onnx: peft[key] for onnx, key in self.manifest["trainable"].items()}
+
+    def replay_rows(self) -> list[dict]:
+        from ..fsutil import read_jsonl
+
+        return read_jsonl(self.folder / "replay.jsonl")
+
+    # -- writing ---------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        import fcntl
+
+        with writing(f"the state folder {self.folder}"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            f = open(self.folder / "lock", "a")
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateError(f"another edgeft process is using {self.folder}", "wait for it to finish") from None
+            yield
+        finally:
+            f.close()
+
+    def _save(self) -> None:
+        with writing(self.folder / "state.json"):
+            atomic_write_json(self.folder / "state.json", self.data)
+
+    def add_generation(self, record: dict, params: dict | None, promote: bool) -> None:
+        """Weights first, then the record that points at them: a kill in between leaves an orphan file, not a dangling record."""
+        if params is not None:
+            with writing(f"generation {record['id']}"):
+                (self.folder / "generations").mkdir(exist_ok=True)
+                save_arrays(self.folder / "generations" / f"g{record['id']:04d}.safetensors", params, {"generation": record["id"]})
+        self.data["generations"] = [g for g in self.data["generations"] if g["id"] != record["id"]] + [record]
+        if promote:
+            self.data["current"] = record["id"]
+        self._save()
+
+    def rollback(self, gen: int) -> dict:
+        record = self.generation(gen)
+        if gen != 0 and not (self.folder / "generations" / f"g{gen:04d}.safetensors").is_file():
+            raise StateError(f"generation {gen}'s weights are missing", "pick another generation")
+        self.data.setdefault("history", []).append({"at": _now(), "from": self.current, "to": gen})
+        self.data["current"] = gen
+        self._save()
+        return record
+
+    def retain(self, rows: list[dict], seed: int) -> None:
+        """Keep a bounded, seeded sample of everything trained on, for later forgetting checks."""
+        from ..fsutil import atomic_write_text
+
+        old = self.replay_rows()
+        seen = {json.dumps(r, sort_keys=True) for r in old}
+        kept = old + [r for r in rows if json.dumps(r, sort_keys=True) not in seen]  # idempotent: a resumed job may retain twice
+        if len(kept) > REPLAY_ROWS:
+            kept = random.Random(seed).sample(kept, REPLAY_ROWS)
+        with writing(self.folder / "replay.jsonl"):
+            atomic_write_text(self.folder / "replay.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+
+    def next_id(self) -> int:
+        return max(g["id"] for g in self.data["generations"]) + 1
+
+    def clear_job(self) -> None:
+        shutil.rmtree(self.job_dir, ignore_errors=True)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def default_state_dir(bundle: Path) -> Path:
+    return Path(os.environ.get("EDGEFT_STATE") or Path(bundle) / "state")

@@ -1,0 +1,301 @@
+"""`edgeft device train`: one new generation of the adapter, trained with ONNX Runtime.
+
+The job survives kills: its definition (job.json) is written before the first step, an
+ORT checkpoint with the optimizer state and the step count is renamed into place every
+N steps, and the batches are a pure function of (generation, step). A rerun with the
+same data resumes at the last checkpoint. A new generation becomes current only if
+it does not regress on the held-out data and on the retained reference rows.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import sha256, verify_bundle
+from ..encode import batch_order, collate
+from ..errors import EdgeftError, UsageError
+from ..fsutil import _fsync_dir, atomic_write_json
+from .data import encode_rows, holdout, load_rows
+from .infer import Predictor
+from .progress import ProgressLine
+from .runtime import peak_rss_mib, rss_mib, training_api
+from .state import DeviceState, StateError, save_arrays, writing
+from .tokenizer import DeviceTokenizer
+
+BEST_EVAL_ROWS = 64  # rows of held-out loss at each checkpoint, to pick the best weights cheaply
+
+
+class TrainingDiverged(EdgeftError):
+    exit_code = 13
+
+
+@dataclass
+class DeviceTrainConfig:
+    data: str
+    eval_data: str | None = None
+    max_steps: int | None = None
+    epochs: float = 1.0
+    lr: float | None = None
+    grad_accum: int = 1
+    checkpoint_every: int = 20
+    tolerance: float = 0.01
+    holdout_fraction: float = 0.1
+    seed: int = 0
+    refuse_long: bool = False
+    force: bool = False
+    restart: bool = False
+
+    def job_key(self) -> dict:
+        """What must match for a rerun to resume the interrupted job rather than start another."""
+        return {k: v for k, v in asdict(self).items() if k not in ("force", "restart", "refuse_long")}
+
+
+def cosine_lr(step: int, total: int, peak: float, warmup_ratio: float) -> float:
+    warmup = max(1, round(total * warmup_ratio))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def file_info(path: str | Path, rows: int) -> dict:
+    return {"file": str(path), "sha256": sha256(Path(path)), "rows": rows}
+
+
+class DeviceTrainer:
+    def __init__(self, bundle: Path, state_dir: Path, cfg: DeviceTrainConfig, log=print, progress: bool = True):
+        self.bundle, self.cfg, self.log, self.show_progress = Path(bundle), cfg, log, progress
+        self.manifest = verify_bundle(self.bundle)
+        self.api = training_api(self.manifest)
+        self.check_plan()
+        self.task, self.labels = self.manifest["task"], self.manifest["labels"]
+        self.batch, self.seq = self.manifest["train_shape"]["batch"], self.manifest["train_shape"]["seq"]
+        self.tokenizer = DeviceTokenizer(self.bundle / "tokenizer")
+        self.state = DeviceState(state_dir, self.bundle, self.manifest)
+        if cfg.grad_accum < 1 or cfg.checkpoint_every < 1 or (cfg.max_steps is not None and cfg.max_steps < 1) or cfg.epochs <= 0:
+            raise UsageError("--grad-accum, --checkpoint-every, --max-steps and --epochs must be positive", "e.g. --max-steps 50")
+
+    def check_plan(self) -> None:
+        from ..plan import PlanError
+
+        plan = self.manifest.get("memory_plan") or {}
+        if plan and not plan.get("fits", True) and not self.cfg.force:
+            raise PlanError(f"the bundle's memory plan ({plan['total_mib']:.0f} MiB) exceeds the target's budget ({plan['budget_mib']} MiB)",
+                            "re-export with a smaller --batch/--seq, or pass --force to try anyway")
+        self.plan_mib = plan.get("total_mib")
+
+    # -- data ----------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Everything is read and checked before the state is touched, so bad data changes nothing."""
+        cfg = self.cfg
+        enc = lambda rs, where: encode_rows(rs, self.task, self.tokenizer, self.labels, self.seq, cfg.refuse_long, where, self.log)  # noqa: E731
+        rows = load_rows(cfg.data, self.task, self.labels)
+        pairs = list(zip(rows, enc(rows, str(cfg.data))))  # encoded before any split, so messages name file rows
+        if cfg.eval_data:
+            held_rows = load_rows(cfg.eval_data, self.task, self.labels)
+            train_pairs, self.held_set = pairs, enc(held_rows, str(cfg.eval_data))
+        else:
+            train_pairs, held_pairs = holdout(pairs, cfg.holdout_fraction, cfg.seed)
+            held_rows, self.held_set = [r for r, _ in held_pairs], [e for _, e in held_pairs]
+        self.train_rows, self.train_set = [r for r, _ in train_pairs], [e for _, e in train_pairs]
+        reference = []
+        if (self.bundle / "reference.jsonl").is_file():
+            reference = load_rows(self.bundle / "reference.jsonl", self.task, self.labels)
+        self.reference_set = enc(reference + self.state.replay_rows(), "reference rows")
+        self.data_info = file_info(cfg.data, len(rows))
+        self.eval_info = file_info(cfg.eval_data, len(held_rows)) if cfg.eval_data else {"split_from_data": len(held_rows)}
+        per_epoch = math.ceil(len(self.train_set) / self.batch)
+        self.per_epoch = per_epoch
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+    def micro_batch(self, index: int, seed: int) -> dict:
+        epoch, pos = divmod(index, self.per_epoch)
+        ids = batch_order(len(self.train_set), self.batch, seed, epoch)[pos]
+        return collate([self.train_set[i] for i in ids], self.tokenizer.pad_token_id)
+
+    # -- the job -------------------------------------------------------------
+    def open_job(self) -> tuple[dict, bool]:
+        """(job, resumed). An interrupted job resumes only with the same data and options."""
+        path = self.state.job_dir / "job.json"
+        if path.is_file():
+            job = json.loads(path.read_text(encoding="utf-8"))
+            same = job["key"] == self.cfg.job_key() and job["data"]["sha256"] == self.data_info["sha256"] and job["eval"] == self.eval_info
+            if any(g["id"] == job["generation"] for g in self.state.data["generations"]):
+                self.state.clear_job()  # killed after the generation was recorded: nothing left to do
+            elif same:
+                return job, True
+            elif self.cfg.restart:
+                self.log(f"discarding interrupted generation {job['generation']} (trained on {job['data']['file']})")
+                self.state.clear_job()
+            else:
+                raise StateError(f"generation {job['generation']} was interrupted while training on {job['data']['file']} with other options",
+                                 "rerun that exact command to resume it, or pass --restart to discard it")
+        gen = self.state.next_id()
+        job = {"generation": gen, "parent": self.state.current, "key": self.cfg.job_key(), "data": self.data_info, "eval": self.eval_info,
+               "total_steps": self.total_steps, "seed": gen * 1000 + self.cfg.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        with writing("the job file"):
+            self.state.job_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, job)
+        return job, False
+
+    def save_checkpoint(self, ort_state, progress: dict) -> None:
+        """ORT writes the file; we make it durable and swap it in, so `last.ckpt` is always whole."""
+        ort_state.properties["edgeft"] = json.dumps(progress)
+        path = self.state.job_dir / "last.ckpt"
+        tmp = path.with_name(".last.ckpt.tmp")
+        try:
+            with writing("a checkpoint"):
+                try:
+                    self.api.CheckpointState.save_checkpoint(ort_state, str(tmp), include_optimizer_state=True)
+                except RuntimeError as e:  # ORT reports native write failures this way
+                    import errno
+
+                    raise OSError(errno.ENOSPC if "space" in str(e).lower() or _disk_nearly_full(tmp) else errno.EIO, str(e)) from None
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+                _fsync_dir(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def trainable(self, ort_state) -> dict:
+        return {n: np.array(ort_state.parameters[n].data) for n in self.manifest["trainable"]}
+
+    def train(self, job: dict, resumed: bool) -> dict:
+        api, job_dir, cfg = self.api, self.state.job_dir, self.cfg
+        b = self.bundle
+        fresh = not (resumed and (job_dir / "last.ckpt").is_file())
+        ort_state = api.CheckpointState.load_checkpoint(str(b / "checkpoint" if fresh else job_dir / "last.ckpt"))
+        module = api.Module(str(b / "training_model.onnx"), ort_state, str(b / "eval_model.onnx"), device="cpu")
+        optimizer = api.Optimizer(str(b / "optimizer_model.onnx"), module)
+        if fresh:  # start from the parent generation (parameters can be set only once a Module owns them)
+            for name, value in self.state.params(job["parent"]).items():
+                ort_state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
+            progress = {"step": 0, "best_loss": None, "best_step": None, "losses": []}
+        else:
+            progress = json.loads(ort_state.properties["edgeft"])
+        lr = cfg.lr or (5e-4 if self.task == "classify" else 1e-4)
+        warmup = self.manifest.get("schedule", {}).get("warmup_ratio", 0.06)
+        start = progress["step"]
+        if resumed:
+            self.log(f"resuming generation {job['generation']} at step {start} of {job['total_steps']}")
+        bar = ProgressLine(job["total_steps"], start, enabled=self.show_progress)
+        t0 = time.perf_counter()
+        module.train()
+        for step in range(start, job["total_steps"]):
+            optimizer.set_learning_rate(cosine_lr(step, job["total_steps"], lr, warmup))
+            loss = 0.0
+            for micro in range(cfg.grad_accum):
+                batch = self.micro_batch(step * cfg.grad_accum + micro, job["seed"])
+                loss += float(module(batch["input_ids"], batch["attention_mask"], batch["labels"])) / cfg.grad_accum
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"the loss became {loss} at step {step + 1} of generation {job['generation']}; "
+                                       f"training stopped and the device stays on generation {self.state.current}",
+                                       "lower --lr, or check the new data for broken rows")
+            optimizer.step()
+            module.lazy_reset_grad()
+            progress["losses"].append(round(loss, 6))
+            progress["step"] = step + 1
+            bar.update(step + 1, loss=loss, lr=optimizer.get_learning_rate(), rss_mib=round(rss_mib()))
+            if progress["step"] % cfg.checkpoint_every == 0 or progress["step"] == job["total_steps"]:
+                self.track_best(module, ort_state, progress)
+                module.train()
+                self.save_checkpoint(ort_state, progress)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        best = job_dir / "best.safetensors"
+        from .state import load_arrays
+
+        params = load_arrays(best) if best.is_file() else self.trainable(ort_state)
+        del optimizer, module, ort_state
+        gc.collect()
+        ran = progress["step"] - start
+        return {"params": params, "steps": progress["step"], "resumed_at": start if resumed else None, "seconds": round(seconds, 2),
+                "steps_per_s": round(ran / seconds, 4) if ran and seconds else None, "losses": progress["losses"],
+                "best_step": progress["best_step"]}
+
+    def track_best(self, module, ort_state, progress: dict) -> None:
+        """Held-out loss on a few rows at each checkpoint; the best weights are kept beside the last."""
+        rows = self.held_set[:BEST_EVAL_ROWS]
+        if not rows:
+            return
+        module.eval()
+        total = 0.0
+        for i in range(0, len(rows), self.batch):
+            b = collate(rows[i : i + self.batch], self.tokenizer.pad_token_id)
+            total += float(module(b["input_ids"], b["attention_mask"], b["labels"])) * len(b["input_ids"])
+        loss = total / len(rows)
+        if math.isfinite(loss) and (progress["best_loss"] is None or loss < progress["best_loss"]):
+            progress["best_loss"], progress["best_step"] = loss, progress["step"]
+            with writing("the best weights"):
+                save_arrays(self.state.job_dir / "best.safetensors", self.trainable(ort_state), {"step": progress["step"]})
+
+    # -- decide --------------------------------------------------------------
+    def compare(self, base_params: dict, new_params: dict) -> dict:
+        """Both adapters on the same held-out and reference rows, through the inference graph."""
+        out = {}
+        for name, params in (("baseline", base_params), ("candidate", new_params)):
+            predictor = Predictor(self.bundle, self.manifest, params, self.tokenizer)
+            out[name] = {split: predictor.evaluate(rows) for split, rows in (("heldout", self.held_set), ("reference", self.reference_set)) if rows}
+            del predictor
+            gc.collect()
+        return out
+
+    def decide(self, metrics: dict) -> tuple[bool, str]:
+        key = "accuracy" if self.task == "classify" else "eval_loss"
+        tol = self.cfg.tolerance
+        if not metrics["candidate"]:
+            return False, "no held-out or reference rows to check it on (pass --eval-data); kept, not promoted"
+        worse = []
+        for split, new in metrics["candidate"].items():
+            old = metrics["baseline"][split][key]
+            regressed = new[key] < old - tol if key == "accuracy" else new[key] > old * (1 + tol)
+            if regressed:
+                worse.append(f"{split} {key} {old:.4f} -> {new[key]:.4f}")
+        if worse:
+            return False, "regressed beyond the tolerance ({}): {}".format(tol, "; ".join(worse))
+        return True, "no regression on " + " and ".join(metrics["candidate"])
+
+    def run(self) -> dict:
+        self.prepare_data()
+        with self.state.lock():
+            job, resumed = self.open_job()
+            try:
+                result = self.train(job, resumed)
+            except TrainingDiverged as e:
+                self.state.add_generation({"id": job["generation"], "parent": job["parent"], "status": "failed", "reason": e.message,
+                                           "created": job["created"], "data": job["data"], "metrics": {}}, None, promote=False)
+                self.state.clear_job()
+                raise
+            metrics = self.compare(self.state.params(job["parent"]), result["params"])
+            promote, reason = self.decide(metrics)
+            record = {"id": job["generation"], "parent": job["parent"], "status": "promoted" if promote else "rejected", "reason": reason,
+                      "created": job["created"], "data": job["data"], "eval": job["eval"], "steps": result["steps"],
+                      "best_step": result["best_step"], "metrics": metrics, "seconds": result["seconds"],
+                      "peak_rss_mib": round(peak_rss_mib(), 1), "plan_mib": self.plan_mib}
+            if promote:
+                self.state.retain(self.train_rows, job["seed"])
+            self.state.add_generation(record, result["params"], promote)
+            self.state.clear_job()
+        return {"generation": job["generation"], "promoted": promote, "reason": reason, "current": self.state.current,
+                "resumed_at_step": result["resumed_at"], "steps": result["steps"], "seconds": result["seconds"],
+                "steps_per_s": result["steps_per_s"], "first_loss": (result["losses"] or [None])[0],
+                "last_loss": (result["losses"] or [None])[-1], "metrics": metrics, "peak_rss_mib": record["peak_rss_mib"],
+                "plan_mib": self.plan_mib, "state": str(self.state.folder)}
+
+
+def _disk_nearly_full(path: Path) -> bool:
+    import shutil
+
+    try:
+        return shutil.disk_usage(path.parent).free < (1 << 20)
+    except OSError:
+        return False

@@ -1,0 +1,272 @@
+"""`edgeft device` on tiny exported bundles: real ONNX Runtime training, real files, real kills."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import run, write_jsonl
+
+POS = ["i loved it", "great result", "so happy today", "what a great movie"]
+NEG = ["terrible day", "sad movie", "i hate this", "awful and sad"]
+
+
+def cls_rows(n=6, flip=False):
+    rows = [{"text": t, "label": "pos"} for t in POS * n] + [{"text": t, "label": "neg"} for t in NEG * n]
+    if flip:
+        rows = [{**r, "label": "neg" if r["label"] == "pos" else "pos"} for r in rows]
+    return rows
+
+
+def device(*args):
+    r = run("device", *args)
+    return r, (json.loads(r.stdout) if "--json" in args and r.exit_code == 0 else None)
+
+
+def state_json(state):
+    p = state / "state.json"
+    return p.read_text() if p.exists() else None
+
+
+def test_train_promotes_a_generation_and_status_lists_it(tmp_path, cls_bundle):
+    data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
+    held = write_jsonl(tmp_path / "held.jsonl", cls_rows(1))
+    state = tmp_path / "state"
+    r, s = device("train", "--bundle", cls_bundle, "--state", state, "--data", data, "--eval-data", held, "--max-steps", 6,
+                  "--checkpoint-every", 2, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert s["generation"] == 1 and s["steps"] == 6 and s["resumed_at_step"] is None
+    assert set(s["metrics"]["candidate"]) == {"heldout", "reference"} or set(s["metrics"]["candidate"]) == {"heldout"}
+    assert s["peak_rss_mib"] > 0 and s["plan_mib"] > 0
+    assert s["promoted"] == (s["metrics"]["candidate"]["heldout"]["accuracy"] >= s["metrics"]["baseline"]["heldout"]["accuracy"] - 0.01)
+    assert not (state / "job").exists()  # the finished job leaves nothing behind
+    r, st = device("status", "--bundle", cls_bundle, "--state", state, "--json")
+    assert r.exit_code == 0, r.output
+    gens = st["generations"]
+    assert [g["id"] for g in gens] == [0, 1] and gens[1]["data"]["rows"] == len(cls_rows()) and gens[1]["data"]["sha256"]
+    assert st["current"] == (1 if s["promoted"] else 0)
+    # rollback to the bundle's adapter and forward again
+    r, rb = device("rollback", "0", "--bundle", cls_bundle, "--state", state, "--json")
+    assert r.exit_code == 0 and rb["current"] == 0
+    r, _ = device("rollback", "7", "--bundle", cls_bundle, "--state", state)
+    assert r.exit_code == 11 and "no generation 7" in r.output
+
+
+def test_a_regressing_update_is_not_promoted(tmp_path, lm_bundle, chat_rows):
+    """An update on junk answers makes held-out loss worse: it is refused and the good generation stays current."""
+    state = tmp_path / "state"
+    good = write_jsonl(tmp_path / "good.jsonl", chat_rows)
+    held = write_jsonl(tmp_path / "held.jsonl", chat_rows[:3])
+    junk = write_jsonl(tmp_path / "junk.jsonl", [{"messages": [r["messages"][0], {"role": "assistant", "content": "numbers 9 8 7 6 5 4 3 2 1 0"}]}
+                                                  for r in chat_rows])
+    r, s = device("train", "--bundle", lm_bundle, "--state", state, "--data", good, "--eval-data", held, "--max-steps", 20, "--lr", "3e-3", "--json", "--quiet")
+    assert r.exit_code == 0 and s["promoted"] and s["last_loss"] < s["first_loss"], r.output
+    r, s = device("train", "--bundle", lm_bundle, "--state", state, "--data", junk, "--eval-data", held, "--max-steps", 20, "--lr", "1e-2", "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert not s["promoted"] and "regressed" in s["reason"] and s["current"] == 1
+    new, old = s["metrics"]["candidate"]["heldout"]["eval_loss"], s["metrics"]["baseline"]["heldout"]["eval_loss"]
+    assert new > old * 1.01
+    r, st = device("status", "--bundle", lm_bundle, "--state", state, "--json")
+    assert [g["status"] for g in st["generations"]] == ["initial", "promoted", "rejected"] and st["current"] == 1
+    r, text = device("status", "--bundle", lm_bundle, "--state", state)
+    assert "rejected" in r.output and "junk.jsonl" in r.output
+
+
+def test_nan_loss_stops_and_keeps_the_good_state(tmp_path, cls_bundle):
+    state = tmp_path / "state"
+    data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
+    r, _ = device("train", "--bundle", cls_bundle, "--state", state, "--data", data, "--max-steps", 30, "--lr", "1e30", "--quiet")
+    assert r.exit_code == 13, r.output
+    assert "loss became" in r.output and "stays on generation 0" in r.output
+    st = json.loads(state_json(state))
+    assert st["current"] == 0 and st["generations"][-1]["status"] == "failed" and not (state / "job").exists()
+
+
+def _device_cmd(bundle, state, data, *extra):
+    return [sys.executable, "-m", "edgeft", "device", "train", "--bundle", str(bundle), "--state", str(state), "--data", str(data),
+            "--max-steps", "16", "--checkpoint-every", "2", "--quiet", "--json", *extra]
+
+
+def test_sigkill_mid_training_resumes_to_the_same_weights(tmp_path, cls_bundle):
+    """Killed after a checkpoint, the rerun resumes there and ends bit-identical to an uninterrupted run."""
+    from safetensors.numpy import load_file
+
+    data = write_jsonl(tmp_path / "new.jsonl", cls_rows(8))
+    clean = tmp_path / "clean"
+    out = subprocess.run(_device_cmd(cls_bundle, clean, data), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_device_cmd(cls_bundle, killed, data), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpt = killed / "job" / "last.ckpt"
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run(_device_cmd(cls_bundle, killed, data), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert s["resumed_at_step"] is not None and s["resumed_at_step"] >= 2 and s["resumed_at_step"] % 2 == 0
+    a = load_file(str(clean / "generations" / "g0001.safetensors"))
+    b = load_file(str(killed / "generations" / "g0001.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_interrupted_job_with_other_data_is_refused_until_restart(tmp_path, cls_bundle):
+    state = tmp_path / "state"
+    data = write_jsonl(tmp_path / "a.jsonl", cls_rows())
+    other = write_jsonl(tmp_path / "b.jsonl", cls_rows(2))
+    proc = subprocess.Popen(_device_cmd(cls_bundle, state, data), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (state / "job" / "last.ckpt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    r, _ = device("train", "--bundle", cls_bundle, "--state", state, "--data", other, "--max-steps", 4, "--quiet")
+    assert r.exit_code == 11 and "interrupted" in r.output and "--restart" in r.output
+    r, s = device("train", "--bundle", cls_bundle, "--state", state, "--data", other, "--max-steps", 4, "--quiet", "--restart", "--json")
+    assert r.exit_code == 0 and s["generation"] == 1 and s["resumed_at_step"] is None, r.output
+
+
+@pytest.mark.parametrize("content, code, words", [
+    (b'{"text": "fine", "label": "pos"}\n{"text": "broken\n', 3, "line 2"),
+    (b'{"text": "fine", "label": "pos"}\n{"text": "new class", "label": "meh"}\n', 3, "line 2: label 'meh'"),
+    (b'{"text": "caf\xe9", "label": "pos"}\n', 3, "not UTF-8"),
+    (b"", 3, ""),
+])
+def test_bad_data_is_named_and_changes_nothing(tmp_path, cls_bundle, content, code, words):
+    state = tmp_path / "state"
+    ok = write_jsonl(tmp_path / "ok.jsonl", cls_rows())
+    r, _ = device("train", "--bundle", cls_bundle, "--state", state, "--data", ok, "--max-steps", 2, "--quiet")
+    assert r.exit_code == 0, r.output
+    before = state_json(state)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    r, _ = device("train", "--bundle", cls_bundle, "--state", state, "--data", bad, "--max-steps", 2, "--quiet")
+    assert r.exit_code == code, r.output
+    assert words in r.output and "Traceback" not in r.output
+    assert state_json(state) == before and not (state / "job").exists()
+
+
+def test_long_rows_truncate_with_a_warning_or_are_refused(tmp_path, cls_bundle):
+    long = " ".join(["great"] * 200)
+    data = write_jsonl(tmp_path / "long.jsonl", cls_rows() + [{"text": long, "label": "pos"}])
+    r, _ = device("train", "--bundle", cls_bundle, "--state", tmp_path / "s1", "--data", data, "--max-steps", 2, "--quiet", "--refuse-long")
+    assert r.exit_code == 3 and "longer than" in r.output and "row 49" in r.output
+    r, _ = device("train", "--bundle", cls_bundle, "--state", tmp_path / "s2", "--data", data, "--max-steps", 2, "--quiet")
+    assert r.exit_code == 0 and "truncated" in r.output
+
+
+def test_tampered_bundle_and_wrong_runtime_are_refused(tmp_path, cls_bundle):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(cls_bundle, bundle, ignore=shutil.ignore_patterns("state"))
+    data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
+    with open(bundle / "eval_model.onnx", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01")
+    r, _ = device("train", "--bundle", bundle, "--data", data, "--max-steps", 2, "--quiet")
+    assert r.exit_code == 8 and "eval_model.onnx" in r.output
+    shutil.rmtree(bundle)
+    shutil.copytree(cls_bundle, bundle, ignore=shutil.ignore_patterns("state"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["onnxruntime"]["training"] = "1.18.0"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    r, _ = device("train", "--bundle", bundle, "--data", data, "--max-steps", 2, "--quiet")
+    assert r.exit_code == 12 and "1.18.0" in r.output and "onnxruntime-training" in r.output
+    assert not (bundle / "state" / "state.json").exists()
+
+
+def test_full_disk_while_checkpointing_loses_nothing(tmp_path, cls_bundle):
+    """A real write failure: the kernel refuses to grow a file past RLIMIT_FSIZE (EFBIG)."""
+    state = tmp_path / "state"
+    data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
+    r, _ = device("train", "--bundle", cls_bundle, "--state", state, "--data", data, "--max-steps", 2, "--quiet")
+    assert r.exit_code == 0
+    before = state_json(state)
+    limit = (cls_bundle / "checkpoint").stat().st_size // 2  # job.json fits, a checkpoint does not
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+            "from edgeft.cli import main; sys.argv = ['edgeft'] + sys.argv[1:]; main()")
+    out = subprocess.run([sys.executable, "-c", code, *_device_cmd(cls_bundle, state, data)[3:]], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 6, out.stderr
+    assert "checkpoint" in out.stderr and "Traceback" not in out.stderr
+    assert state_json(state) == before
+    assert not list((state / "job").glob(".*tmp"))  # no half-written file left
+    out = subprocess.run(_device_cmd(cls_bundle, state, data), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+
+
+def test_eval_predict_and_export_adapter_match_the_workstation(tmp_path, cls_bundle):
+    state = tmp_path / "state"
+    data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
+    r, s = device("train", "--bundle", cls_bundle, "--state", state, "--data", data, "--max-steps", 4, "--lr", "5e-3", "--tolerance", "1", "--json", "--quiet")
+    assert r.exit_code == 0 and s["promoted"], r.output
+    r, ev = device("eval", "--bundle", cls_bundle, "--state", state, "--data", data, "--json")
+    assert r.exit_code == 0 and ev["generation"] == 1 and 0 <= ev["accuracy"] <= 1 and ev["rows"] == len(cls_rows())
+    r, preds = device("predict", "--bundle", cls_bundle, "--state", state, "--text", "i loved it", "--text", "sad movie", "--json")
+    assert r.exit_code == 0 and [p["label"] in ("neg", "pos") for p in preds] == [True, True]
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in preds)
+
+    out = tmp_path / "adapter"
+    r, _ = device("export-adapter", "--bundle", cls_bundle, "--state", state, "--out", out)
+    assert r.exit_code == 0, r.output
+    from edgeft.device.cli import open_state, predictor
+    from edgeft.encode import collate
+    from edgeft.schemes import parse_scheme
+    from edgeft.workstation.adapters import load_adapted
+
+    model, tok, meta = load_adapted(out, parse_scheme("int4-g32"))
+    assert meta["task"] == "classify" and meta["labels"] == ["neg", "pos"]
+    ids = tok(["i loved it", "terrible day", "what a great movie"], padding=True, return_tensors="np")
+    import torch
+
+    with torch.no_grad():
+        ws = model(input_ids=torch.from_numpy(ids["input_ids"]), attention_mask=torch.from_numpy(ids["attention_mask"])).logits.numpy()
+    dev, _ = predictor(open_state(cls_bundle, state), None)
+    on_device = dev.logits(ids["input_ids"].astype(np.int64), ids["attention_mask"].astype(np.int64))
+    assert np.abs(ws - on_device).max() < 1e-4 * max(1.0, np.abs(ws).max())
+    # and the first generation differs from the bundle's adapter: the device really trained
+    gen0, _ = predictor(open_state(cls_bundle, state), 0)
+    assert np.abs(gen0.logits(ids["input_ids"].astype(np.int64), ids["attention_mask"].astype(np.int64)) - on_device).max() > 1e-4
+
+
+def test_causal_lm_trains_and_generates_on_device(tmp_path, lm_bundle, chat_rows):
+    state = tmp_path / "state"
+    data = write_jsonl(tmp_path / "chat.jsonl", chat_rows)
+    r, s = device("train", "--bundle", lm_bundle, "--state", state, "--data", data, "--max-steps", 4, "--grad-accum", 2, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert s["steps"] == 4 and "eval_loss" in s["metrics"]["candidate"]["heldout"]
+    r, g = device("generate", "--bundle", lm_bundle, "--state", state, "--prompt", "what is two plus two?", "--max-new-tokens", 5, "--json")
+    assert r.exit_code == 0 and g["tokens"] <= 5, r.output
+    r, g2 = device("generate", "--bundle", lm_bundle, "--state", state, "--prompt", "what is two plus two?", "--max-new-tokens", 5,
+                   "--temperature", "0.8", "--top-k", "5", "--top-p", "0.9", "--seed", "3", "--json")
+    assert r.exit_code == 0, r.output
+    r, _ = device("predict", "--bundle", lm_bundle, "--state", state, "--text", "x")
+    assert r.exit_code == 2 and "generate" in r.output
+
+
+def test_device_tokenizer_matches_the_workstation(tiny_llama, tiny_bert, chat_rows):
+    from transformers import AutoTokenizer
+
+    from edgeft.device.tokenizer import DeviceTokenizer
+    from edgeft.encode import encode_causal, encode_classify
+
+    for folder in (tiny_llama, tiny_bert):
+        hf, dev = AutoTokenizer.from_pretrained(folder), DeviceTokenizer(folder)
+        if hf.pad_token_id is None:
+            hf.pad_token = hf.eos_token
+        texts = ["i loved it", "the cat sat on the mat " * 20]
+        assert [e.input_ids for e in encode_classify(hf, texts, ["a", "b"], ["a", "b"], 16)] == \
+               [e.input_ids for e in encode_classify(dev, texts, ["a", "b"], ["a", "b"], 16)]
+    hf, dev = AutoTokenizer.from_pretrained(tiny_llama), DeviceTokenizer(tiny_llama)
+    rows = chat_rows[:3] + [{"prompt": "what is two plus two?", "completion": " four"}, {"text": "the cat sat"}]
+    a, _ = encode_causal(hf, rows, 64)
+    b, _ = encode_causal(dev, rows, 64)
+    assert [(e.input_ids, e.labels) for e in a] == [(e.input_ids, e.labels) for e in b]
