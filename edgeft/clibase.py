@@ -10,6 +10,11 @@ import click
 from .errors import EdgeftError
 
 
+# optional libraries -> the extra that installs them
+EXTRAS = {**dict.fromkeys(("torch", "transformers", "peft", "bitsandbytes", "accelerate", "optimum", "matplotlib", "pyarrow"), "train"),
+          "onnx": "export", **dict.fromkeys(("onnxruntime", "tokenizers", "jinja2", "safetensors"), "device")}
+
+
 class CommandError(click.ClickException):
     """An EdgeftError as Click shows it: one message, a hint, the error's exit code."""
 
@@ -24,6 +29,14 @@ class EdgeftGroup(click.Group):
             return super().invoke(ctx)
         except EdgeftError as e:
             raise CommandError(e) from None
+        except ModuleNotFoundError as e:
+            extra = EXTRAS.get((e.name or "").split(".")[0])
+            if extra is None:
+                raise
+            from .errors import ResourceError
+
+            raise CommandError(ResourceError(f"this command needs {e.name}, which is not installed here",
+                                             f'pip install "edgeft[{extra}]" (see `edgeft doctor`)')) from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             sys.exit(130)

@@ -62,7 +62,7 @@ class DeviceTokenizer:
     def apply_chat_template(self, messages: list[dict], tokenize: bool = False, add_generation_prompt: bool = False) -> str:
         """Rendered the way transformers renders it: sandboxed jinja2, trim/lstrip blocks, loop controls."""
         if self._template is None:
-            import jinja2
+            import jinja2.ext
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             def raise_exception(message):

@@ -1,0 +1,70 @@
+"""The device side never imports torch, transformers, peft or bitsandbytes."""
+
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from conftest import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "optimum")
+BLOCK = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in HEAVY)
+
+
+def test_device_commands_run_with_torch_unimportable(tmp_path, cls_bundle):
+    """Same interpreter, but any import of a workstation library fails at once."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("sad movie", "neg")] * 6])
+    code = BLOCK + f"""
+from edgeft.cli import main
+for args in (["device", "train", "--bundle", {str(cls_bundle)!r}, "--state", {str(tmp_path / 's')!r}, "--data", {str(data)!r}, "--max-steps", "2", "--quiet"],
+             ["device", "eval", "--bundle", {str(cls_bundle)!r}, "--state", {str(tmp_path / 's')!r}, "--data", {str(data)!r}],
+             ["device", "predict", "--bundle", {str(cls_bundle)!r}, "--state", {str(tmp_path / 's')!r}, "--text", "i loved it"],
+             ["device", "export-adapter", "--bundle", {str(cls_bundle)!r}, "--state", {str(tmp_path / 's')!r}, "--out", {str(tmp_path / 'a')!r}],
+             ["device", "status", "--bundle", {str(cls_bundle)!r}, "--state", {str(tmp_path / 's')!r}]):
+    try:
+        main(args, standalone_mode=False)
+    except SystemExit as e:
+        assert not e.code, (args, e.code)
+loaded = [m for m in {HEAVY!r} if sys.modules.get(m) is not None]
+assert not loaded, loaded
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_device_extra_installs_and_runs_without_torch(tmp_path, cls_bundle, lm_bundle):
+    """A fresh venv with only `pip install edgeft[device]`, as on a Raspberry Pi or Jetson."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{ROOT}[device]"], capture_output=True, text=True, timeout=900)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    listed = subprocess.run([str(py), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True)
+    names = {p["name"].lower() for p in json.loads(listed.stdout)}
+    assert not names & set(HEAVY), names & set(HEAVY)
+    assert {"onnxruntime-training-cpu", "tokenizers", "numpy", "safetensors"} <= names or {"onnxruntime", "tokenizers"} <= names
+    edgeft = env_dir / "bin" / "edgeft"
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("sad movie", "neg")] * 6])
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "what is two plus two?", "completion": " four"}] * 8)
+    env = {**os.environ, "PYTHONPATH": ""}
+    for args in (["device", "train", "--bundle", cls_bundle, "--state", tmp_path / "s", "--data", data, "--max-steps", "2", "--quiet", "--json"],
+                 ["device", "predict", "--bundle", cls_bundle, "--state", tmp_path / "s", "--text", "i loved it", "--json"],
+                 ["device", "export-adapter", "--bundle", cls_bundle, "--state", tmp_path / "s", "--out", tmp_path / "a"],
+                 ["device", "train", "--bundle", lm_bundle, "--state", tmp_path / "l", "--data", chat, "--max-steps", "2", "--quiet"],
+                 ["device", "generate", "--bundle", lm_bundle, "--state", tmp_path / "l", "--prompt", "what is two plus two?", "--max-new-tokens", "3"],
+                 ["device", "status", "--bundle", lm_bundle, "--state", tmp_path / "l"],
+                 ["--version"]):
+        out = subprocess.run([str(edgeft), *map(str, args)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert out.returncode == 0, (args, out.stdout[-1000:], out.stderr[-3000:])
+    # the workstation-only commands explain what to install instead of crashing
+    out = subprocess.run([str(edgeft), "train", "--model", tmp_path, "--task", "classify", "--data", data, "--out", tmp_path / "r"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr and "edgeft[train" in out.stderr, out.stderr[-2000:]
