@@ -102,12 +102,13 @@ def targets_show(name, as_json):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True, help="Autocast on CUDA; fp32 on CPU.")
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for activation memory.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder (off by default).")
+@click.option("--init-adapter", type=click.Path(path_type=Path), help="Start from this adapter's weights (e.g. one exported from a device).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(model, data, eval_data, val_fraction, task, target, quant, out, resume_dir, overwrite, epochs, max_steps, batch_size,
           grad_accum, max_seq_len, lr, weight_decay, warmup_ratio, schedule, max_grad_norm, lora_r, lora_alpha, lora_dropout,
           target_modules, text_field, label_field, eval_every, no_eval_before, patience, metric, reference_data, seed, device,
-          precision, gradient_checkpointing, trust_remote_code, as_json, quiet):
+          precision, gradient_checkpointing, trust_remote_code, init_adapter, as_json, quiet):
     """Fine-tune a local model with quantization-aware QLoRA.
 
     \b
@@ -148,6 +149,7 @@ def train(model, data, eval_data, val_fraction, task, target, quant, out, resume
             eval_before=not no_eval_before, patience=patience, metric=metric,
             reference_data=str(reference_data) if reference_data else None, seed=seed, device=device, precision=precision,
             gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
+            init_adapter=str(init_adapter) if init_adapter else None,
         )
     quiet_libraries()
     trainer = Trainer(cfg, resume=bool(resume_dir), overwrite=overwrite, progress=not quiet, log=lambda m: click.echo(m, err=True))
@@ -206,8 +208,10 @@ def _export_source(run, model, adapter):
 @click.option("--seq", type=int, help="Device sequence length (default: the target's, capped by training's).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--force", is_flag=True, help="Export even when the memory plan exceeds the target's budget.")
+@click.option("--reference-data", type=click.Path(path_type=Path),
+              help="Rows the device keeps to check updates for forgetting (default: the run's validation data; 256 at most).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
-def export(run, adapter, model, labels, target, out, batch, seq, overwrite, force, as_json):
+def export(run, adapter, model, labels, target, out, batch, seq, overwrite, force, reference_data, as_json):
     """Write a device bundle: ONNX Runtime training artifacts, inference model, adapters, manifest.
 
     \b
@@ -219,8 +223,14 @@ def export(run, adapter, model, labels, target, out, batch, seq, overwrite, forc
     source, base = _export_source(run, model, adapter)
     profile = load_target(target)
     quiet_libraries()
+    if reference_data is None and run and (Path(run) / "config.json").is_file():
+        reference_data = json.loads((Path(run) / "config.json").read_text()).get("eval_data")
+        if reference_data and not Path(reference_data).is_file():
+            click.echo(f"note: the run's validation data {reference_data} is not here; the bundle carries no reference rows", err=True)
+            reference_data = None
     s = export_bundle(source, profile, out, overwrite=overwrite, force=force, batch=batch, seq=seq, base_model=base,
-                      labels=labels.split(",") if labels else None, log=lambda m: click.echo(m, err=True))
+                      labels=labels.split(",") if labels else None, reference=Path(reference_data) if reference_data else None,
+                      log=lambda m: click.echo(m, err=True))
     p = s["parity"]
     emit(s, as_json, "\n".join([
         f"bundle: {s['bundle']} ({s['bundle_bytes'] / 2**20:.1f} MiB) for {s['target']}, base {s['scheme']}",
@@ -230,6 +240,54 @@ def export(run, adapter, model, labels, target, out, batch, seq, overwrite, forc
         f"device memory plan: {s['memory_plan']['total_mib']:.0f} MiB of {s['memory_plan']['budget_mib']} MiB budget",
         f"exported in {s['export_seconds']} s",
     ]))
+
+
+@main.command("import")
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Merged model folder (--merge), or the new run directory.")
+@click.option("--merge", is_flag=True, help="Fold the adapter into its base and save a plain Hugging Face model folder.")
+@click.option("--data", type=click.Path(path_type=Path), help="Continue training on this data (without --merge).")
+@click.option("--eval-data", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), help="Base model folder (default: the one the adapter names).")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-steps", type=int)
+@click.option("--lr", type=float)
+@click.option("--batch-size", type=int)
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def import_command(adapter, out, merge, data, eval_data, model, epochs, max_steps, lr, batch_size, overwrite, as_json):
+    """Bring adapters back from a device: merge them into the base, or continue training from them.
+
+    \b
+    edgeft device export-adapter --bundle bundle --out gen3        # on the device
+    edgeft import gen3 --merge --out models/sentiment-merged       # a plain HF model
+    edgeft import gen3 --data more.jsonl --out runs/continued      # train on from gen3
+    """
+    from .errors import UsageError
+    from .workstation.adapters import read_adapter_meta
+
+    quiet_libraries()
+    if merge:
+        if data:
+            raise UsageError("--merge and --data do not go together", "merge, or continue training, one at a time")
+        from .workstation.merge import merge_adapter
+
+        s = merge_adapter(adapter, out, overwrite, str(model) if model else None)
+        emit(s, as_json, f"merged {adapter} into its {s['scheme']} base: {s['model']} (logits match the adapter to {s['logits_rel']:.1e})")
+        return
+    if not data:
+        raise UsageError("nothing to do: pass --merge, or --data to continue training", "see `edgeft import --help`")
+    from .workstation.train import Trainer, TrainConfig
+
+    meta = read_adapter_meta(adapter)
+    cfg = TrainConfig(model=str(model or meta["base_model"]), data=str(data), eval_data=str(eval_data) if eval_data else None,
+                      task=meta["task"], out=str(out), target=meta.get("target"), scheme=meta.get("scheme") or "nf4",
+                      max_seq_len=meta.get("max_seq_len") or 256, batch_size=batch_size or 8, epochs=epochs, max_steps=max_steps,
+                      lr=lr, init_adapter=str(adapter))
+    trainer = Trainer(cfg, overwrite=overwrite, progress=not as_json, log=lambda m: click.echo(m, err=True))
+    trainer.setup()
+    summary = trainer.run()
+    emit(summary, as_json, human_summary(summary))
 
 
 @main.command()

@@ -244,3 +244,22 @@ def split(rows: list, val_fraction: float, seed: int) -> tuple[list, list]:
     random.Random(seed).shuffle(shuffled)
     n_val = min(len(rows) - 1, max(1, round(len(rows) * val_fraction)))
     return shuffled[n_val:], shuffled[:n_val]
+
+
+def load_task_rows(path: str | Path, task: str, labels: list[str] | None = None) -> list[dict]:
+    """Normalised rows for a task: {'text','label'} for classify (labels checked against `labels`),
+    one of the causal shapes otherwise. What the device trains on and what a bundle retains."""
+    if not Path(path).is_file():
+        raise DataError(f"data file {path} does not exist", "check the path")
+    if task == "classify":
+        texts, ys = load_classify(path, known=labels)
+        return [{"text": t, "label": y} for t, y in zip(texts, ys)]
+    return load_causal(path)
+
+
+def sample_rows(rows: list, n: int, seed: int = 0) -> list:
+    """A seeded sample in file order, so the same file always yields the same subset."""
+    if len(rows) <= n:
+        return list(rows)
+    keep = sorted(random.Random(seed).sample(range(len(rows)), n))
+    return [rows[i] for i in keep]

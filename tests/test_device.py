@@ -270,3 +270,47 @@ def test_device_tokenizer_matches_the_workstation(tiny_llama, tiny_bert, chat_ro
     a, _ = encode_causal(hf, rows, 64)
     b, _ = encode_causal(dev, rows, 64)
     assert [(e.input_ids, e.labels) for e in a] == [(e.input_ids, e.labels) for e in b]
+
+
+def test_adapters_come_back_merged_or_to_train_on(tmp_path, cls_bundle):
+    state = tmp_path / "state"
+    data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
+    r, _ = device("train", "--bundle", cls_bundle, "--state", state, "--data", data, "--max-steps", 4, "--lr", "5e-3", "--tolerance", "1", "--quiet")
+    assert r.exit_code == 0, r.output
+    r, _ = device("export-adapter", "--bundle", cls_bundle, "--state", state, "--out", tmp_path / "gen1")
+    r, ev = device("eval", "--bundle", cls_bundle, "--state", state, "--data", data, "--json")
+    # merged into its (quantized, rebuilt) base: a plain transformers folder with the device's logits
+    r = run("import", tmp_path / "gen1", "--merge", "--out", tmp_path / "merged", "--json")
+    assert r.exit_code == 0, r.output
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from edgeft.device.cli import open_state, predictor
+
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    ids = tok(["i loved it", "sad movie"], padding=True, return_tensors="np")
+    with torch.no_grad():
+        ws = merged(input_ids=torch.from_numpy(ids["input_ids"]), attention_mask=torch.from_numpy(ids["attention_mask"])).logits.numpy()
+    dev, _ = predictor(open_state(cls_bundle, state), None)
+    assert np.abs(ws - dev.logits(ids["input_ids"].astype(np.int64), ids["attention_mask"].astype(np.int64))).max() < 1e-4
+    # continue training on the workstation from the device's weights: it starts where the device stopped
+    r = run("import", tmp_path / "gen1", "--data", data, "--eval-data", data, "--out", tmp_path / "continued", "--max-steps", 1, "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert abs(s["before"]["eval_loss"] - ev["eval_loss"]) < 1e-4 and s["before"]["accuracy"] == ev["accuracy"]
+    r = run("import", tmp_path / "gen1", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--merge" in r.output
+
+
+def test_bundle_carries_reference_rows_the_device_checks(tmp_path, cls_run):
+    from conftest import target
+
+    ref = write_jsonl(tmp_path / "ref.jsonl", cls_rows(1))
+    r = run("export", "--run", cls_run, "--target", target(tmp_path), "--out", tmp_path / "b", "--reference-data", ref)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["reference"] == {"file": "reference.jsonl", "rows": 8} and "reference.jsonl" in manifest["files"]
+    data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
+    r, s = device("train", "--bundle", tmp_path / "b", "--data", data, "--max-steps", 2, "--json", "--quiet")
+    assert r.exit_code == 0 and s["metrics"]["candidate"]["reference"]["rows"] == 8, r.output

@@ -127,12 +127,13 @@ def rollback(generation, bundle, state_dir, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def eval_(bundle, state_dir, data, generation, as_json):
     """Metrics of the current adapter on DATA, with stock ONNX Runtime inference."""
-    from .data import encode_rows, load_rows
+    from ..datasets import load_task_rows
+    from .data import encode_rows
 
     state = open_state(bundle, state_dir)
     model, tokenizer = predictor(state, generation)
     m = state.manifest
-    rows = load_rows(data, m["task"], m["labels"])
+    rows = load_task_rows(data, m["task"], m["labels"])
     encoded = encode_rows(rows, m["task"], tokenizer, m["labels"], m["max_seq_len"], where=str(data), warn=lambda s: click.echo(s, err=True))
     gen = state.current if generation is None else generation
     out = {"generation": gen, **model.evaluate(encoded)}

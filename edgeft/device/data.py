@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
-from .. import datasets
 from ..encode import Encoded, encode_causal, encode_classify
 from ..errors import DataError
 
 UNLIMITED = 1 << 30
-
-
-def load_rows(path: str | Path, task: str, labels: list[str]) -> list[dict]:
-    """Normalised rows: {'text','label'} for classify, the causal shapes otherwise."""
-    if not Path(path).is_file():
-        raise DataError(f"data file {path} does not exist", "check the path")
-    if task == "classify":
-        texts, ys = datasets.load_classify(path, known=labels)
-        return [{"text": t, "label": y} for t, y in zip(texts, ys)]
-    return datasets.load_causal(path)
 
 
 def encode_rows(rows: list[dict], task: str, tokenizer, labels: list[str], seq: int, refuse_long: bool = False,

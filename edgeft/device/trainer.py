@@ -23,7 +23,8 @@ from ..bundle import sha256, verify_bundle
 from ..encode import batch_order, collate
 from ..errors import EdgeftError, UsageError
 from ..fsutil import _fsync_dir, atomic_write_json
-from .data import encode_rows, holdout, load_rows
+from ..datasets import load_task_rows
+from .data import encode_rows, holdout
 from .infer import Predictor
 from .progress import ProgressLine
 from .runtime import peak_rss_mib, rss_mib, training_api
@@ -97,10 +98,10 @@ class DeviceTrainer:
         """Everything is read and checked before the state is touched, so bad data changes nothing."""
         cfg = self.cfg
         enc = lambda rs, where: encode_rows(rs, self.task, self.tokenizer, self.labels, self.seq, cfg.refuse_long, where, self.log)  # noqa: E731
-        rows = load_rows(cfg.data, self.task, self.labels)
+        rows = load_task_rows(cfg.data, self.task, self.labels)
         pairs = list(zip(rows, enc(rows, str(cfg.data))))  # encoded before any split, so messages name file rows
         if cfg.eval_data:
-            held_rows = load_rows(cfg.eval_data, self.task, self.labels)
+            held_rows = load_task_rows(cfg.eval_data, self.task, self.labels)
             train_pairs, self.held_set = pairs, enc(held_rows, str(cfg.eval_data))
         else:
             train_pairs, held_pairs = holdout(pairs, cfg.holdout_fraction, cfg.seed)
@@ -108,7 +109,7 @@ class DeviceTrainer:
         self.train_rows, self.train_set = [r for r, _ in train_pairs], [e for _, e in train_pairs]
         reference = []
         if (self.bundle / "reference.jsonl").is_file():
-            reference = load_rows(self.bundle / "reference.jsonl", self.task, self.labels)
+            reference = load_task_rows(self.bundle / "reference.jsonl", self.task, self.labels)
         self.reference_set = enc(reference + self.state.replay_rows(), "reference rows")
         self.data_info = file_info(cfg.data, len(rows))
         self.eval_info = file_info(cfg.eval_data, len(held_rows)) if cfg.eval_data else {"split_from_data": len(held_rows)}

@@ -44,6 +44,22 @@ def check_adapter_file(adapter_dir) -> None:
         raise ModelError(f"adapter file {path} is corrupt ({e})", "re-run edgeft train, or copy the adapter again") from None
 
 
+def load_adapter_weights(peft_model, adapter_dir) -> None:
+    """Copy an adapter's tensors into a freshly attached PEFT model; every key must land."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    meta = read_adapter_meta(adapter_dir)
+    check_adapter_file(meta["adapter_dir"])
+    state = load_file(str(Path(meta["adapter_dir"]) / "adapter_model.safetensors"))
+    try:
+        result = set_peft_model_state_dict(peft_model, state)
+    except RuntimeError as e:  # shape mismatch: another base model or rank
+        raise ModelError(f"cannot load {adapter_dir} onto this model: {str(e).splitlines()[0]}", "continue from an adapter made for the same base model") from None
+    if result.unexpected_keys:
+        raise ModelError(f"{adapter_dir} has weights this model does not: {result.unexpected_keys[0]}", "continue from an adapter made for the same base model")
+
+
 def load_adapted(adapter_dir, scheme, device: str = "cpu", base_model: str | None = None, labels: list[str] | None = None,
                  keep_codes: dict | None = None, trainable: bool = False):
     """(peft model, tokenizer, meta) with the base quantized by `scheme`."""

@@ -10,6 +10,7 @@ then validate the bundle against torch.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 from pathlib import Path
@@ -22,7 +23,8 @@ from .onnx_base import PackedWeight, base_initializer_names, pack_int, pack_nf4,
 
 OPSET = 17  # ORT 1.19 reads <= 21; 17 is what the legacy exporter handles best
 IR_VERSION = 9
-PREFIX = "model."  # the export wrappers hold the PEFT model as `.model`
+PREFIX = "model."
+REFERENCE, REFERENCE_ROWS = "reference.jsonl", 256  # the export wrappers hold the PEFT model as `.model`
 
 
 class LossGraph(torch.nn.Module):
@@ -199,7 +201,8 @@ def generate(loss_path: Path, out: Path, trainable: list[str], frozen: list[str]
 
 
 def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force: bool = False, batch: int | None = None,
-                  seq: int | None = None, base_model: str | None = None, labels: list[str] | None = None, log=print) -> dict:
+                  seq: int | None = None, base_model: str | None = None, labels: list[str] | None = None,
+                  reference: Path | None = None, log=print) -> dict:
     """Everything is checked (adapter, target fit, writable output) before the slow work,
     and the bundle appears at `out` only once it has passed validation."""
     import os
@@ -224,6 +227,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         log(f"warning: the adapter was trained against {meta['scheme']}, the device base is {scheme.name}; "
             f"metrics will differ (retrain with --target {target.name} for a quantization-aware adapter)")
     batch, seq = device_shape(target, meta.get("max_seq_len"), batch, seq)
+    retained = _reference_rows(reference, meta, labels)
     plan = plan_memory(Path(base_model), Path(meta["adapter_dir"]), target, meta["task"], batch, seq)
     check_plan(plan, force, log)
     t0 = time.perf_counter()
@@ -260,6 +264,8 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         shutil.rmtree(work)
         model.save_pretrained(str(tmp / "adapter"))
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if retained:
+            (tmp / REFERENCE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in retained), encoding="utf-8")
         export_seconds = time.perf_counter() - t0
         from .validate import INFERENCE_DISABLED_OPTIMIZERS, validate_bundle
 
@@ -282,11 +288,21 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
             "schedule": {"name": "cosine", "warmup_ratio": 0.06},
             "inference": {"file": "inference_model.onnx", "disabled_optimizers": INFERENCE_DISABLED_OPTIMIZERS},
             "parity": parity, "base_bytes_per_param": summary["base_bytes_per_param"], "memory_plan": plan.to_dict(),
+            "reference": {"file": REFERENCE, "rows": len(retained)} if retained else None,
         })
         summary["memory_plan"] = plan.to_dict()
         summary["bundle_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         summary["bundle_bytes_per_base_param"] = round(summary["bundle_bytes"] / max(base_params, 1), 4)
     return summary
+
+
+def _reference_rows(path: Path | None, meta: dict, labels: list[str] | None) -> list[dict]:
+    """Rows the device keeps as its forgetting check: a seeded sample of held-out workstation data."""
+    from ..datasets import load_task_rows, sample_rows
+
+    if path is None:
+        return []
+    return sample_rows(load_task_rows(path, meta["task"], labels or meta.get("labels")), REFERENCE_ROWS)
 
 
 def _quantize_graphs(paths: list[Path], wrapper: torch.nn.Module, keep: dict, scheme) -> tuple[list[PackedWeight], list[str]]:

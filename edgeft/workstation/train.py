@@ -61,6 +61,7 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    init_adapter: str | None = None  # continue from these LoRA (and head) weights, e.g. a device's
     labels: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -133,6 +134,29 @@ def load_data(cfg: TrainConfig):
     return rows, val, []
 
 
+def adopt_adapter(cfg: TrainConfig, names: list[str]) -> list[str]:
+    """Continuing from an adapter fixes its shape (rank, alpha, modules) and, for classify, its label order."""
+    import json
+
+    from .adapters import read_adapter_meta
+
+    meta = read_adapter_meta(cfg.init_adapter)
+    if meta["task"] != cfg.task:
+        raise UsageError(f"{cfg.init_adapter} is a {meta['task']} adapter, not {cfg.task}", f"pass --task {meta['task']}")
+    peft = json.loads((Path(meta["adapter_dir"]) / "adapter_config.json").read_text())
+    cfg.lora_r, cfg.lora_alpha = int(peft["r"]), float(peft["lora_alpha"])
+    modules = peft.get("target_modules")
+    cfg.target_modules = sorted(modules) if isinstance(modules, list) else cfg.target_modules
+    if cfg.task != "classify":
+        return names
+    known = meta.get("labels") or []
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise DataError(f"{cfg.data} has labels the adapter was not trained with: {', '.join(unknown[:5])}",
+                        f"the adapter knows: {', '.join(known)}; start a fresh run to add classes")
+    return list(known)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=None):
         self.cfg, self.resume, self.overwrite, self.progress = cfg, resume, overwrite, progress
@@ -156,7 +180,7 @@ class Trainer:
         prepare_out_dir(self.out, self.resume, self.overwrite)
         info = inspect_model_dir(cfg.model, cfg.task)
         train_rows, val_rows, names = load_data(cfg)
-        cfg.labels = names
+        cfg.labels = adopt_adapter(cfg, names) if cfg.init_adapter else names
         self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
         device = resolve_device(cfg.device)
         if self.world > 1:
@@ -205,6 +229,10 @@ class Trainer:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
         self.model = attach_lora(base, info, cfg.task, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.target_modules) if cfg.target_modules else None)
+        if cfg.init_adapter and not self.resume:
+            from .adapters import load_adapter_weights
+
+            load_adapter_weights(self.model, cfg.init_adapter)
         self.model.to(device)
         self.trainable, self.total_params = count_parameters(self.model)
         self.objective = make_objective(cfg.task, self.model)
