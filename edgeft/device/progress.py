@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -10,7 +11,7 @@ class ProgressLine:
     def __init__(self, total: int, start: int = 0, enabled: bool = True, every_s: float = 10.0):
         self.total, self.start, self.enabled = total, start, enabled
         self.tty = sys.stderr.isatty()
-        self.every = 0.2 if self.tty else every_s
+        self.every = float(os.environ.get("EDGEFT_PROGRESS_SECONDS") or (0.2 if self.tty else every_s))
         self.t0 = self.last = time.perf_counter()
 
     def update(self, step: int, **fields) -> None:

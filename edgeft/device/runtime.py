@@ -91,7 +91,20 @@ def providers(ort, manifest: dict, want_cuda: bool | None = None) -> list[str]:
 
 
 def threads(manifest: dict) -> int:
-    return int(os.environ.get("EDGEFT_THREADS") or manifest.get("target", {}).get("threads") or os.cpu_count() or 1)
+    """The target's thread count, never more than this machine has (EDGEFT_THREADS overrides)."""
+    if os.environ.get("EDGEFT_THREADS"):
+        return int(os.environ["EDGEFT_THREADS"])
+    cores = os.cpu_count() or 1
+    return min(int(manifest.get("target", {}).get("threads") or cores), cores)
+
+
+def training_session(manifest: dict):
+    """(device, SessionOptions) for the training Module: CUDA where the target lists it and ORT has it."""
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads(manifest)
+    options.enable_cpu_mem_arena = False  # see inference_session
+    return ("cuda" if "CUDAExecutionProvider" in providers(ort, manifest) else "cpu"), options
 
 
 def inference_session(bundle: Path, manifest: dict, params: dict, want_cuda: bool | None = None):
@@ -101,6 +114,9 @@ def inference_session(bundle: Path, manifest: dict, params: dict, want_cuda: boo
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)
+    # The arena keeps its high-water mark for the life of the process; the packed base is rebuilt
+    # weight by weight on every run, so without it peak RSS stays near what is live (MiniLM step: 477 -> 372 MiB).
+    options.enable_cpu_mem_arena = False
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in params.values()]
     for name, value in zip(params, values):
         options.add_initializer(name, value)

@@ -27,7 +27,7 @@ from ..datasets import load_task_rows
 from .data import encode_rows, holdout
 from .infer import Predictor
 from .progress import ProgressLine
-from .runtime import peak_rss_mib, rss_mib, training_api
+from .runtime import peak_rss_mib, rss_mib, training_api, training_session
 from .state import DeviceState, StateError, save_arrays, writing
 from .tokenizer import DeviceTokenizer
 
@@ -175,7 +175,8 @@ class DeviceTrainer:
         b = self.bundle
         fresh = not (resumed and (job_dir / "last.ckpt").is_file())
         ort_state = api.CheckpointState.load_checkpoint(str(b / "checkpoint" if fresh else job_dir / "last.ckpt"))
-        module = api.Module(str(b / "training_model.onnx"), ort_state, str(b / "eval_model.onnx"), device="cpu")
+        device, options = training_session(self.manifest)
+        module = api.Module(str(b / "training_model.onnx"), ort_state, str(b / "eval_model.onnx"), device=device, session_options=options)
         optimizer = api.Optimizer(str(b / "optimizer_model.onnx"), module)
         if fresh:  # start from the parent generation (parameters can be set only once a Module owns them)
             for name, value in self.state.params(job["parent"]).items():

@@ -33,6 +33,7 @@ def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable
 
     from .export import LogitsGraph, LossGraph, sample_batch
 
+    ort.set_default_logger_severity(3)  # the training session warns about each unused exporter constant
     s = sample_batch(tokenizer, task, labels, batch, seq, seed=1)
     feeds = {k: v.numpy() for k, v in s.items()}
     # inference graph on stock-ORT API
