@@ -90,6 +90,24 @@ def providers(ort, manifest: dict, want_cuda: bool | None = None) -> list[str]:
     return chosen + ["CPUExecutionProvider"]
 
 
+_ARENA_REGISTERED = False
+
+
+def use_lean_arena(ort, options) -> None:
+    """A CPU arena that grows by what is requested, shared by every session in the process.
+
+    ORT's default arena doubles as it grows and keeps its high-water mark; with no arena,
+    every step maps and faults fresh pages. Measured on a MiniLM training step (2 cores):
+    default arena 379 MiB / 0.112 s, none 324 MiB / 0.18 s, this 327 MiB / 0.124 s.
+    """
+    global _ARENA_REGISTERED
+    if not _ARENA_REGISTERED:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # 1 = kSameAsRequested
+        _ARENA_REGISTERED = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
 def threads(manifest: dict) -> int:
     """The target's thread count, never more than this machine has (EDGEFT_THREADS overrides)."""
     if os.environ.get("EDGEFT_THREADS"):
@@ -103,7 +121,7 @@ def training_session(manifest: dict):
     ort = onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads(manifest)
-    options.enable_cpu_mem_arena = False  # see inference_session
+    use_lean_arena(ort, options)
     return ("cuda" if "CUDAExecutionProvider" in providers(ort, manifest) else "cpu"), options
 
 
@@ -114,9 +132,7 @@ def inference_session(bundle: Path, manifest: dict, params: dict, want_cuda: boo
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)
-    # The arena keeps its high-water mark for the life of the process; the packed base is rebuilt
-    # weight by weight on every run, so without it peak RSS stays near what is live (MiniLM step: 477 -> 372 MiB).
-    options.enable_cpu_mem_arena = False
+    use_lean_arena(ort, options)
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in params.values()]
     for name, value in zip(params, values):
         options.add_initializer(name, value)
