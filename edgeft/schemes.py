@@ -34,10 +34,12 @@ class QuantScheme:
 
     @property
     def bytes_per_param(self) -> float:
-        """Storage on the device: packed codes plus one fp32 scale (and zero point) per group."""
+        """Storage on the device: codes packed in 2-, 4- or 8-bit lanes (3 bits take a 4-bit lane,
+        so bytes unpack with shifts), plus one fp32 scale (and zero point) per group."""
         group = NF4_BLOCK if self.kind == "nf4" else self.group_size
         per_group = 4 + (0 if self.symmetric else 1)
-        return self.bits / 8 + (per_group / group if group else 0.0)
+        lane = 2 if self.bits <= 2 else 4 if self.bits <= 4 else 8
+        return lane / 8 + (per_group / group if group else 0.0)
 
     def __str__(self) -> str:
         return self.name

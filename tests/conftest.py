@@ -126,39 +126,38 @@ def target(tmp_path, scheme="int4-g32", budget=4096):
     return p
 
 
-@pytest.fixture(scope="session")
-def cls_run(tmp_path_factory, tiny_bert):
-    tmp = tmp_path_factory.mktemp("cls")
-    rows = [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("great result", "pos"), ("terrible day", "neg"), ("sad movie", "neg")] * 5]
+def tiny_run(tmp: Path, model: Path, task: str, rows: list[dict], scheme: str) -> Path:
+    """A 3-step `edgeft train` run on a tiny model: what export and device tests start from."""
     data = write_jsonl(tmp / "d.jsonl", rows)
-    r = run("train", "--model", tiny_bert, "--data", data, "--task", "classify", "--out", tmp / "run", "--max-steps", 3,
-            "--batch-size", 4, "--quant", "int4-g32", "--quiet")
+    r = run("train", "--model", model, "--data", data, "--task", task, "--out", tmp / "run", "--max-steps", 3,
+            "--batch-size", 4, "--quant", scheme, "--quiet")
     assert r.exit_code == 0, r.output
     return tmp / "run"
+
+
+def tiny_bundle(tmp: Path, run_dir: Path, scheme: str) -> Path:
+    r = run("export", "--run", run_dir, "--target", target(tmp, scheme), "--out", tmp / "bundle")
+    assert r.exit_code == 0, r.output
+    return tmp / "bundle"
+
+
+@pytest.fixture(scope="session")
+def cls_run(tmp_path_factory, tiny_bert):
+    pairs = [("i loved it", "pos"), ("great result", "pos"), ("terrible day", "neg"), ("sad movie", "neg")] * 5
+    return tiny_run(tmp_path_factory.mktemp("cls"), tiny_bert, "classify", [{"text": t, "label": y} for t, y in pairs], "int4-g32")
 
 
 @pytest.fixture(scope="session")
 def lm_run(tmp_path_factory, tiny_llama):
-    tmp = tmp_path_factory.mktemp("lm")
-    rows = [{"prompt": q, "completion": a} for q, a in [("what is two plus two?", " four"), ("where did the cat sit?", " on the mat")] * 6]
-    data = write_jsonl(tmp / "d.jsonl", rows)
-    r = run("train", "--model", tiny_llama, "--data", data, "--task", "causal-lm", "--out", tmp / "run", "--max-steps", 3,
-            "--batch-size", 4, "--quant", "int3-g32", "--quiet")
-    assert r.exit_code == 0, r.output
-    return tmp / "run"
+    pairs = [("what is two plus two?", " four"), ("where did the cat sit?", " on the mat")] * 6
+    return tiny_run(tmp_path_factory.mktemp("lm"), tiny_llama, "causal-lm", [{"prompt": q, "completion": a} for q, a in pairs], "int3-g32")
 
 
 @pytest.fixture(scope="session")
 def cls_bundle(tmp_path_factory, cls_run):
-    tmp = tmp_path_factory.mktemp("clsb")
-    r = run("export", "--run", cls_run, "--target", target(tmp), "--out", tmp / "bundle")
-    assert r.exit_code == 0, r.output
-    return tmp / "bundle"
+    return tiny_bundle(tmp_path_factory.mktemp("clsb"), cls_run, "int4-g32")
 
 
 @pytest.fixture(scope="session")
 def lm_bundle(tmp_path_factory, lm_run):
-    tmp = tmp_path_factory.mktemp("lmb")
-    r = run("export", "--run", lm_run, "--target", target(tmp, "int3-g32"), "--out", tmp / "bundle")
-    assert r.exit_code == 0, r.output
-    return tmp / "bundle"
+    return tiny_bundle(tmp_path_factory.mktemp("lmb"), lm_run, "int3-g32")

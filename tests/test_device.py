@@ -1,7 +1,6 @@
 """`edgeft device` on tiny exported bundles: real ONNX Runtime training, real files, real kills."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -218,7 +217,6 @@ def test_eval_predict_and_export_adapter_match_the_workstation(tmp_path, cls_bun
     r, _ = device("export-adapter", "--bundle", cls_bundle, "--state", state, "--out", out)
     assert r.exit_code == 0, r.output
     from edgeft.device.cli import open_state, predictor
-    from edgeft.encode import collate
     from edgeft.schemes import parse_scheme
     from edgeft.workstation.adapters import load_adapted
 

@@ -42,6 +42,15 @@ def test_minilm_sentiment_learns_on_a_pi5_base(tmp_path):
     assert x["base_bytes_per_param"] <= 0.6
     p = x["parity"]
     assert p["logits_rel"] < 1e-5 and p["grad_rel"] < 1e-5 and p["step_max_abs"] < 1e-6
+    # the device gets the workstation's metric, on the same rows
+    d = cli("device", "eval", "--bundle", tmp_path / "bundle", "--data", SENTIMENT / "val.jsonl", "--json")
+    assert d["accuracy"] == pytest.approx(e["accuracy"], abs=1e-9) and d["eval_loss"] == pytest.approx(e["eval_loss"], rel=1e-5)
+    # and keeps learning on new tweets: a generation that is promoted only if it holds up
+    shard = tmp_path / "shard.jsonl"
+    shard.write_text("".join((SENTIMENT / "shard1.jsonl").read_text().splitlines(keepends=True)[:300]))
+    t = cli("device", "train", "--bundle", tmp_path / "bundle", "--data", shard, "--max-steps", 30, "--quiet", "--json")
+    assert t["generation"] == 1 and t["last_loss"] < 2.0 and {"heldout", "reference"} <= set(t["metrics"]["candidate"])
+    assert t["peak_rss_mib"] > 0  # process-wide here (torch is loaded); tools/bench_device.py measures it alone
 
 
 @pytest.mark.ci

@@ -182,7 +182,7 @@ def faults(args) -> dict:
     while kills < args.kills:
         common_q = [c for c in common if c != "--quiet"]
         proc = subprocess.Popen([edgeft, *common_q, "--state", str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        delay = rng.uniform(0.5, clean_seconds * 0.6)
+        delay = rng.uniform(0.5, args.max_delay)
         try:
             out, err = proc.communicate(timeout=delay)
             finished = (out, err)
@@ -212,7 +212,10 @@ def faults(args) -> dict:
     result = {"kills": kills, "corrupt": sum(not r["ok"] for r in records), "max_lost": max((r["lost"] for r in records), default=0),
               "interval": args.every, "within_interval": sum(r["lost"] <= args.every for r in records), "final_identical": bool(identical),
               "records": records}
-    print(f"{kills} SIGKILLs at random moments (0.5-{clean_seconds * 0.6:.0f} s into each run), checkpoint every {args.every} steps:")
+    if kills < args.kills:
+        print(f"note: the job finished after {kills} kills; raise --max-steps for more")
+    print(f"{kills} SIGKILLs at random moments (0.5-{args.max_delay:.0f} s into each run; an uninterrupted run takes {clean_seconds:.0f} s), "
+          f"checkpoint every {args.every} steps:")
     print(f"  resumed {kills - result['corrupt']}/{kills}, corrupt states {result['corrupt']}, "
           f"steps lost <= interval in {result['within_interval']}/{kills} (max lost {result['max_lost']})")
     print(f"  final generation bit-identical to an uninterrupted run: {identical}")
@@ -258,7 +261,8 @@ def main() -> None:
         p.add_argument("--warmup", type=int, default=2)
         p.add_argument("--threads", type=int, default=os.cpu_count())
         p.add_argument("--kills", type=int, default=20)
-        p.add_argument("--max-steps", type=int, default=120)
+        p.add_argument("--max-steps", type=int, default=1000)
+        p.add_argument("--max-delay", type=float, default=10.0)
         p.add_argument("--every", type=int, default=10)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out")

@@ -28,7 +28,7 @@ from .data import encode_rows, holdout
 from .infer import Predictor
 from .progress import ProgressLine
 from .runtime import peak_rss_mib, rss_mib, training_api, training_session
-from .state import DeviceState, StateError, save_arrays, writing
+from .state import DeviceState, StateError, load_arrays, save_arrays, writing
 from .tokenizer import DeviceTokenizer
 
 BEST_EVAL_ROWS = 64  # rows of held-out loss at each checkpoint, to pick the best weights cheaply
@@ -214,8 +214,6 @@ class DeviceTrainer:
         bar.close()
         seconds = time.perf_counter() - t0
         best = job_dir / "best.safetensors"
-        from .state import load_arrays
-
         params = load_arrays(best) if best.is_file() else self.trainable(ort_state)
         del optimizer, module, ort_state
         gc.collect()
