@@ -35,9 +35,10 @@ class QuantScheme:
     @property
     def bytes_per_param(self) -> float:
         """Storage on the device: codes packed in 2-, 4- or 8-bit lanes (3 bits take a 4-bit lane,
-        so bytes unpack with shifts), plus one fp32 scale (and zero point) per group."""
+        so bytes unpack with shifts), plus one fp32 scale per group (nf4: per block) and, for
+        the int schemes, one uint8 zero point per group (DequantizeLinear takes them per row)."""
         group = NF4_BLOCK if self.kind == "nf4" else self.group_size
-        per_group = 4 + (0 if self.symmetric else 1)
+        per_group = 4 if self.kind == "nf4" else 5
         lane = 2 if self.bits <= 2 else 4 if self.bits <= 4 else 8
         return lane / 8 + (per_group / group if group else 0.0)
 

@@ -6,7 +6,7 @@ import pytest
 from edgeft.workstation.onnx_base import pack_int, pack_nf4, replace_initializers
 
 
-def rebuild_with_ort(p):
+def rebuild_with_ort(p, dequantize_linear=True):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -14,7 +14,7 @@ def rebuild_with_ort(p):
     graph = helper.make_graph([helper.make_node("Identity", [p.name], ["w_out"])], "g", [], [out])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
-    replace_initializers(model, [p])
+    replace_initializers(model, [p], dequantize_linear)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return session.run(None, {})[0]
 
@@ -33,6 +33,7 @@ def test_int_codes_rebuild_exactly(bits, group, symmetric, shape):
     zero = None if symmetric else torch.from_numpy(rng.integers(0, 2**bits, (out_f, n_groups)).astype(np.uint8))
     p = pack_int("w", codes, scale, zero, group, bits, symmetric)
     assert np.array_equal(rebuild_with_ort(p), p.dequantize())
+    assert np.array_equal(rebuild_with_ort(p, dequantize_linear=False), p.dequantize())
 
 
 def test_nf4_codes_rebuild_exactly():

@@ -325,7 +325,7 @@ def _quantize_graphs(paths: list[Path], wrapper: torch.nn.Module, keep: dict, sc
                 raise EdgeftError(f"internal: packed {p.name} does not decode to the workstation weight", "please report this")
         plain = set(param_names) - {p.name for p in packed}
         model.graph.initializer.extend(numpy_helper.from_array(state[n].numpy(), n) for n in sorted(plain))
-        replace_initializers(model, packed)
+        replace_initializers(model, packed, dequantize_linear=path == paths[0])  # the training graph (see there)
         add_layernorm_stats(model)
         model.ir_version = IR_VERSION
         save_onnx(model, path)

@@ -3,12 +3,12 @@
 Each quantized weight initializer W (fp32) is replaced by
   codes  uint8, 8/s codes per byte (s = 2 or 4 storage bits, or one per byte)
   scale  fp32 per group (int) or absmax per 64-block (nf4)
-  zero   uint8 per group (asymmetric int) or one scalar (symmetric)
-and a subgraph (BitShift/Sub/Concat to unpack the planar bytes, Cast, then Sub/Mul per
-group, or a codebook Gather and Mul per nf4 block) that rebuilds a tensor still named W. Every value is computed as the workstation
-computes it: (float(q) - float(zp)) * scale, or codebook[q] * absmax, so the
-device base equals the training base bit for bit. Standard ops only: no
-DequantizeLinear opset constraints, no INT4 tensors, gradients never flow here.
+  zero   uint8 per group (int; symmetric codes are stored offset by 2^(bits-1))
+and a subgraph (BitShift/Concat to unpack the planar bytes, then a per-axis DequantizeLinear
+with one row per group, or a codebook Gather and Mul per nf4 block) that rebuilds a tensor
+still named W. Every value is computed as the workstation computes it: (float(q) - float(zp)) * scale, or codebook[q] * absmax, so the
+device base equals the training base bit for bit. Standard ops at opset 17: no blocked
+DequantizeLinear (opset 21), no INT4 tensors; gradients never flow here.
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scale.nbytes + (self.zero.nbytes if self.zero is not None else 0) + (64 if self.codebook is not None else 0)
+        zero = self.scale.size if self.kind == "int" else 0  # one uint8 zero point per group, stored even when symmetric
+        return self.codes.nbytes + self.scale.nbytes + zero + (64 if self.codebook is not None else 0)
+
+    def zero_points(self) -> np.ndarray:
+        """uint8 per group, shaped like scale (symmetric codes are stored offset by zero_scalar)."""
+        return self.zero.astype(np.uint8) if self.zero is not None else np.full(self.scale.shape, self.zero_scalar, dtype=np.uint8)
 
     def dequantize(self) -> np.ndarray:
         """numpy mirror of the ONNX subgraph (used to prove exactness before export)."""
@@ -92,8 +97,12 @@ def pack_nf4(name: str, shape, indices: np.ndarray, absmax: np.ndarray, codebook
                         codebook=codebook.astype(np.float32))
 
 
-def replace_initializers(model, packed: list[PackedWeight]) -> None:
-    """Swap each fp32 initializer for its packed tensors plus the rebuilding subgraph (in place)."""
+def replace_initializers(model, packed: list[PackedWeight], dequantize_linear: bool = True) -> None:
+    """Swap each fp32 initializer for its packed tensors plus the rebuilding subgraph (in place).
+
+    `dequantize_linear=False` rebuilds int weights with Cast/Sub/Mul instead: ORT's inference
+    optimizers treat DequantizeLinear as a QDQ unit and then ignore SessionOptions.add_initializer
+    overrides of other weights (a generation's LoRA weights would silently not apply)."""
     from onnx import TensorProto, helper, numpy_helper
 
     by_name = {p.name: p for p in packed}
@@ -131,6 +140,8 @@ def replace_initializers(model, packed: list[PackedWeight]) -> None:
             inits[f"{pre}.codebook"] = p.codebook
             nodes.append(helper.make_node("Cast", [codes], [f"{pre}.idx"], to=TensorProto.INT32))
             nodes.append(helper.make_node("Gather", [f"{pre}.codebook", f"{pre}.idx"], [flat], axis=0))
+        elif dequantize_linear:
+            flat = codes  # uint8, for DequantizeLinear
         else:
             nodes.append(helper.make_node("Cast", [codes], [flat], to=TensorProto.FLOAT))
         out_f, in_f = p.shape
@@ -142,19 +153,21 @@ def replace_initializers(model, packed: list[PackedWeight]) -> None:
             inits[f"{pre}.shape"] = np.array([out_f, in_f], dtype=np.int64)
             nodes.append(helper.make_node("Reshape", [f"{pre}.scaled", f"{pre}.shape"], [p.name]))
         else:
+            # one row per group: per-axis DequantizeLinear computes float(q - zp) * scale, the
+            # workstation's (float(q) - float(zp)) * scale bit for bit, in one vectorized pass
             n_groups = p.scale.shape[1]
-            inits[f"{pre}.grouped"] = np.array([out_f, n_groups, p.group], dtype=np.int64)
-            nodes.append(helper.make_node("Reshape", [flat, f"{pre}.grouped"], [f"{pre}.qf"]))
-            if p.zero is not None:
-                inits[f"{pre}.zero"] = p.zero.reshape(out_f, n_groups, 1)
-                nodes.append(helper.make_node("Cast", [f"{pre}.zero"], [f"{pre}.zf"], to=TensorProto.FLOAT))
-                zero = f"{pre}.zf"
+            inits[f"{pre}.grouped"] = np.array([out_f * n_groups, p.group], dtype=np.int64)
+            nodes.append(helper.make_node("Reshape", [flat, f"{pre}.grouped"], [f"{pre}.qg"]))
+            inits[f"{pre}.scale"] = p.scale.reshape(-1, 1)
+            inits[f"{pre}.zero"] = p.zero_points().reshape(-1, 1)
+            if dequantize_linear:
+                for k in ("scale", "zero"):
+                    inits[f"{pre}.{k}"] = inits[f"{pre}.{k}"].reshape(-1)
+                nodes.append(helper.make_node("DequantizeLinear", [f"{pre}.qg", f"{pre}.scale", f"{pre}.zero"], [f"{pre}.scaled"], axis=0))
             else:
-                inits[f"{pre}.zero_scalar"] = np.array(p.zero_scalar, dtype=np.float32)
-                zero = f"{pre}.zero_scalar"
-            nodes.append(helper.make_node("Sub", [f"{pre}.qf", zero], [f"{pre}.centred"]))
-            inits[f"{pre}.scale"] = p.scale.reshape(out_f, n_groups, 1)
-            nodes.append(helper.make_node("Mul", [f"{pre}.centred", f"{pre}.scale"], [f"{pre}.scaled"]))
+                nodes.append(helper.make_node("Cast", [f"{pre}.zero"], [f"{pre}.zf"], to=TensorProto.FLOAT))
+                nodes.append(helper.make_node("Sub", [f"{pre}.qg", f"{pre}.zf"], [f"{pre}.centred"]))
+                nodes.append(helper.make_node("Mul", [f"{pre}.centred", f"{pre}.scale"], [f"{pre}.scaled"]))
             inits[f"{pre}.shape"] = np.array([out_f, n_groups * p.group], dtype=np.int64)
             target = p.name if n_groups * p.group == in_f else f"{pre}.padded"
             nodes.append(helper.make_node("Reshape", [f"{pre}.scaled", f"{pre}.shape"], [target]))
