@@ -68,3 +68,31 @@ def test_device_extra_installs_and_runs_without_torch(tmp_path, cls_bundle, lm_b
     # the workstation-only commands explain what to install instead of crashing
     out = subprocess.run([str(edgeft), "train", "--model", tmp_path, "--task", "classify", "--data", data, "--out", tmp_path / "r"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr and "edgeft[train" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_inference_commands_run_on_stock_onnxruntime(tmp_path, cls_bundle, lm_bundle):
+    """Stock onnxruntime (what aarch64 devices get) runs eval/predict/generate; training says what it needs."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    deps = ["onnxruntime>=1.19", "numpy", "tokenizers", "jinja2", "safetensors", "click", "tqdm"]
+    for args in ([*deps], ["--no-deps", str(ROOT)]):
+        pip = subprocess.run([str(py), "-m", "pip", "install", "-q", *args], capture_output=True, text=True, timeout=900)
+        assert pip.returncode == 0, pip.stderr[-3000:]
+    edgeft = env_dir / "bin" / "edgeft"
+    env = {**os.environ, "PYTHONPATH": ""}
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("sad movie", "neg")] * 3])
+
+    def cli(*args):
+        return subprocess.run([str(edgeft), *map(str, args)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+
+    for args in (["device", "eval", "--bundle", cls_bundle, "--state", tmp_path / "s", "--data", data, "--json"],
+                 ["device", "predict", "--bundle", cls_bundle, "--state", tmp_path / "s", "--text", "i loved it"],
+                 ["device", "generate", "--bundle", lm_bundle, "--state", tmp_path / "l", "--prompt", "what is two plus two?", "--max-new-tokens", "3"],
+                 ["device", "export-adapter", "--bundle", cls_bundle, "--state", tmp_path / "s", "--out", tmp_path / "a"]):
+        out = cli(*args)
+        assert out.returncode == 0, (args, out.stderr[-3000:])
+    out = cli("device", "train", "--bundle", cls_bundle, "--state", tmp_path / "s", "--data", data, "--max-steps", "1")
+    assert out.returncode == 12 and "stock build" in out.stderr and "onnxruntime-training" in out.stderr, out.stderr[-2000:]
