@@ -10,6 +10,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def check_output(path: Path, overwrite: bool) -> None:
+    """Fail before any slow work if `path` exists (without --overwrite) or its folder is not writable."""
+    from .errors import OutputError
+
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path} already exists", "pick another --out, or pass --overwrite")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot write {path}: {parent} is missing or not writable", "choose an --out in a writable folder")
+
+
 def _umask_mode(base: int) -> int:
     """mkstemp/mkdtemp create 0600/0700; published files get the usual umask-based mode."""
     umask = os.umask(0)

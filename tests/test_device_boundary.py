@@ -16,6 +16,22 @@ HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "optimum
 BLOCK = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in HEAVY)
 
 
+def device_venv(tmp_path, *installs: list[str]):
+    """A fresh venv with only what `installs` (pip argument lists) bring; returns (python, run edgeft)."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    py = env_dir / "bin" / "python"
+    for args in installs:
+        pip = subprocess.run([str(py), "-m", "pip", "install", "-q", *args], capture_output=True, text=True, timeout=900)
+        assert pip.returncode == 0, pip.stderr[-3000:]
+    env = {**os.environ, "PYTHONPATH": ""}
+
+    def cli(*args):
+        return subprocess.run([str(env_dir / "bin" / "edgeft"), *map(str, args)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+
+    return py, cli
+
+
 def test_device_commands_run_with_torch_unimportable(tmp_path, cls_bundle):
     """Same interpreter, but any import of a workstation library fails at once."""
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("sad movie", "neg")] * 6])
@@ -43,19 +59,13 @@ print("ok")
 @pytest.mark.ci
 def test_device_extra_installs_and_runs_without_torch(tmp_path, cls_bundle, lm_bundle):
     """A fresh venv with only `pip install edgeft[device]`, as on a Raspberry Pi or Jetson."""
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
-    py = env_dir / "bin" / "python"
-    pip = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{ROOT}[device]"], capture_output=True, text=True, timeout=900)
-    assert pip.returncode == 0, pip.stderr[-3000:]
+    py, cli = device_venv(tmp_path, [f"{ROOT}[device]"])
     listed = subprocess.run([str(py), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True)
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert not names & set(HEAVY), names & set(HEAVY)
     assert {"onnxruntime-training-cpu", "tokenizers", "numpy", "safetensors"} <= names or {"onnxruntime", "tokenizers"} <= names
-    edgeft = env_dir / "bin" / "edgeft"
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("sad movie", "neg")] * 6])
     chat = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "what is two plus two?", "completion": " four"}] * 8)
-    env = {**os.environ, "PYTHONPATH": ""}
     for args in (["device", "train", "--bundle", cls_bundle, "--state", tmp_path / "s", "--data", data, "--max-steps", "2", "--quiet", "--json"],
                  ["device", "predict", "--bundle", cls_bundle, "--state", tmp_path / "s", "--text", "i loved it", "--json"],
                  ["device", "export-adapter", "--bundle", cls_bundle, "--state", tmp_path / "s", "--out", tmp_path / "a"],
@@ -63,10 +73,10 @@ def test_device_extra_installs_and_runs_without_torch(tmp_path, cls_bundle, lm_b
                  ["device", "generate", "--bundle", lm_bundle, "--state", tmp_path / "l", "--prompt", "what is two plus two?", "--max-new-tokens", "3"],
                  ["device", "status", "--bundle", lm_bundle, "--state", tmp_path / "l"],
                  ["--version"]):
-        out = subprocess.run([str(edgeft), *map(str, args)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        out = cli(*args)
         assert out.returncode == 0, (args, out.stdout[-1000:], out.stderr[-3000:])
     # the workstation-only commands explain what to install instead of crashing
-    out = subprocess.run([str(edgeft), "train", "--model", tmp_path, "--task", "classify", "--data", data, "--out", tmp_path / "r"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    out = cli("train", "--model", tmp_path, "--task", "classify", "--data", data, "--out", tmp_path / "r")
     assert out.returncode != 0 and "Traceback" not in out.stderr and "edgeft[train" in out.stderr, out.stderr[-2000:]
 
 
@@ -74,19 +84,9 @@ def test_device_extra_installs_and_runs_without_torch(tmp_path, cls_bundle, lm_b
 @pytest.mark.ci
 def test_inference_commands_run_on_stock_onnxruntime(tmp_path, cls_bundle, lm_bundle):
     """Stock onnxruntime (what aarch64 devices get) runs eval/predict/generate; training says what it needs."""
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
-    py = env_dir / "bin" / "python"
     deps = ["onnxruntime>=1.19", "numpy", "tokenizers", "jinja2", "safetensors", "click", "tqdm"]
-    for args in ([*deps], ["--no-deps", str(ROOT)]):
-        pip = subprocess.run([str(py), "-m", "pip", "install", "-q", *args], capture_output=True, text=True, timeout=900)
-        assert pip.returncode == 0, pip.stderr[-3000:]
-    edgeft = env_dir / "bin" / "edgeft"
-    env = {**os.environ, "PYTHONPATH": ""}
+    _, cli = device_venv(tmp_path, deps, ["--no-deps", str(ROOT)])
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("sad movie", "neg")] * 3])
-
-    def cli(*args):
-        return subprocess.run([str(edgeft), *map(str, args)], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
 
     for args in (["device", "eval", "--bundle", cls_bundle, "--state", tmp_path / "s", "--data", data, "--json"],
                  ["device", "predict", "--bundle", cls_bundle, "--state", tmp_path / "s", "--text", "i loved it"],

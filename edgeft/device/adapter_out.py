@@ -6,8 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
-from ..errors import OutputError
-from ..fsutil import atomic_dir
+from ..fsutil import atomic_dir, check_output
 from .state import DeviceState
 
 
@@ -16,10 +15,7 @@ def export_adapter(state: DeviceState, out: Path, gen: int | None = None, overwr
     from safetensors.numpy import save_file
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists", "pick another --out, or pass --overwrite")
-    if not out.parent.is_dir():
-        raise OutputError(f"cannot write {out}: {out.parent} does not exist", "create the folder first")
+    check_output(out, overwrite)
     gen = state.current if gen is None else gen
     params = state.params(gen)
     m = state.manifest

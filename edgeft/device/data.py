@@ -1,8 +1,6 @@
-"""New data on the device: parsed, checked against the bundle, tokenized as the workstation does."""
+"""New data on the device, tokenized as the workstation does, with long rows cut or refused."""
 
 from __future__ import annotations
-
-import random
 
 from ..encode import Encoded, encode_causal, encode_classify
 from ..errors import DataError
@@ -32,14 +30,3 @@ def encode_rows(rows: list[dict], task: str, tokenizer, labels: list[str], seq: 
             for i in long:
                 encoded[i] = Encoded(encoded[i].input_ids[:seq], encoded[i].labels[:seq])
     return encoded
-
-
-def holdout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded split of new data when no held-out file is given; tiny shards keep all rows for training."""
-    if len(rows) < 10:
-        return rows, []
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    n = max(1, round(len(rows) * fraction))
-    held = set(order[:n])
-    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]

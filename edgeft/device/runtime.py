@@ -54,7 +54,7 @@ def onnxruntime():
     return ort
 
 
-def check_inference(manifest: dict):
+def check_inference():
     ort = onnxruntime()
     if _version_tuple(ort.__version__) < (1, 19):
         raise RuntimeMismatch(f"onnxruntime {ort.__version__} is too old for this bundle (needs >= 1.19)",
@@ -128,7 +128,7 @@ def training_session(manifest: dict):
 def inference_session(bundle: Path, manifest: dict, params: dict, want_cuda: bool | None = None):
     """The bundle's inference graph with `params` (a generation's trainable weights) in place of
     the exported ones; stock ONNX Runtime is enough."""
-    ort = check_inference(manifest)
+    ort = check_inference()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)

@@ -23,8 +23,9 @@ from ..bundle import sha256, verify_bundle
 from ..encode import batch_order, collate
 from ..errors import EdgeftError, UsageError
 from ..fsutil import _fsync_dir, atomic_write_json
+from .. import datasets
 from ..datasets import load_task_rows
-from .data import encode_rows, holdout
+from .data import encode_rows
 from .infer import Predictor
 from .progress import ProgressLine
 from .runtime import peak_rss_mib, rss_mib, training_api, training_session
@@ -104,7 +105,8 @@ class DeviceTrainer:
             held_rows = load_task_rows(cfg.eval_data, self.task, self.labels)
             train_pairs, self.held_set = pairs, enc(held_rows, str(cfg.eval_data))
         else:
-            train_pairs, held_pairs = holdout(pairs, cfg.holdout_fraction, cfg.seed)
+            # tiny shards keep every row for training (and rely on the reference rows)
+            train_pairs, held_pairs = datasets.split(pairs, cfg.holdout_fraction, cfg.seed) if len(pairs) >= 10 else (pairs, [])
             held_rows, self.held_set = [r for r, _ in held_pairs], [e for _, e in held_pairs]
         self.train_rows, self.train_set = [r for r, _ in train_pairs], [e for _, e in train_pairs]
         reference = []

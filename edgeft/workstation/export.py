@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import EdgeftError, OutputError
+from ..errors import EdgeftError
 from .onnx_base import PackedWeight, base_initializer_names, pack_int, pack_nf4, replace_initializers
 
 OPSET = 17  # ORT 1.19 reads <= 21; 17 is what the legacy exporter handles best
@@ -205,20 +205,14 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
                   reference: Path | None = None, log=print) -> dict:
     """Everything is checked (adapter, target fit, writable output) before the slow work,
     and the bundle appears at `out` only once it has passed validation."""
-    import os
-
     from .. import __version__
     from ..bundle import write_manifest
-    from ..fsutil import atomic_dir
+    from ..fsutil import atomic_dir, check_output
     from ..plan import check_plan, device_shape, plan_memory
     from .adapters import check_adapter_file, read_adapter_meta
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputError(f"bundle folder {out} already exists", "pick another --out, or pass --overwrite")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {out}: {parent} is missing or not writable", "choose an --out in a writable folder")
+    check_output(out, overwrite)
     meta = read_adapter_meta(adapter_dir)
     check_adapter_file(meta["adapter_dir"])
     base_model = base_model or meta.get("base_model")

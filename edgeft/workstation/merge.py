@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import EdgeftError, OutputError
+from ..errors import EdgeftError
 
 
 def merge_adapter(adapter_dir, out: Path, overwrite: bool = False, base_model: str | None = None) -> dict:
@@ -19,16 +19,13 @@ def merge_adapter(adapter_dir, out: Path, overwrite: bool = False, base_model: s
 
     import torch
 
-    from ..fsutil import atomic_dir
+    from ..fsutil import atomic_dir, check_output
     from ..schemes import parse_scheme
     from .adapters import check_adapter_file, read_adapter_meta
     from .export import device_model, sample_batch
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputError(f"{out} already exists", "pick another --out, or pass --overwrite")
-    if not out.parent.is_dir():
-        raise OutputError(f"cannot write {out}: {out.parent} does not exist", "create the folder first")
+    check_output(out, overwrite)
     meta = read_adapter_meta(adapter_dir)
     check_adapter_file(meta["adapter_dir"])
     scheme = parse_scheme(meta.get("scheme") or "nf4")
