@@ -234,12 +234,12 @@ def integrity(state: Path) -> dict:
             load_file(str(f))
         if (state / "job" / "job.json").exists():
             json.loads((state / "job" / "job.json").read_text())
-        ckpt = state / "job" / "last.ckpt"
+        ckpt = state / "job" / "last.safetensors"
         if ckpt.exists():
-            from edgeft.device.runtime import training_api
+            from edgeft.device.state import load_checkpoint
 
-            s = training_api({}).CheckpointState.load_checkpoint(str(ckpt))
-            out["checkpoint_step"] = json.loads(s.properties["edgeft"])["step"]
+            _, meta = load_checkpoint(ckpt)
+            out["checkpoint_step"] = json.loads(meta["edgeft"])["step"]
     except Exception as e:  # noqa: BLE001 - any failure here is exactly what the benchmark counts
         out.update(ok=False, problem=str(e)[:300])
     return out

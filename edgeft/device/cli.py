@@ -52,10 +52,12 @@ def device():
 @click.option("--refuse-long", is_flag=True, help="Fail on rows longer than the bundle's sequence length instead of truncating.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted generation instead of resuming it.")
 @click.option("--force", is_flag=True, help="Train even when the memory plan exceeds the target's budget.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime-training", "portable"]), default="auto", show_default=True,
+              help="Training engine: auto uses onnxruntime-training where it is installed, else the portable step on stock onnxruntime.")
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
 def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, grad_accum, checkpoint_every, tolerance, seed,
-          refuse_long, restart, force, quiet, as_json):
+          refuse_long, restart, force, backend, quiet, as_json):
     """Train a new generation on new data; promote it only if it does not regress.
 
     \b
@@ -67,11 +69,11 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, grad_accum,
 
     cfg = DeviceTrainConfig(data=str(data), eval_data=str(eval_data) if eval_data else None, max_steps=max_steps, epochs=epochs, lr=lr,
                             grad_accum=grad_accum, checkpoint_every=checkpoint_every, tolerance=tolerance, seed=seed,
-                            refuse_long=refuse_long, restart=restart, force=force)
+                            refuse_long=refuse_long, restart=restart, force=force, backend=backend)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     s = DeviceTrainer(bundle, state_dir or default_state_dir(bundle), cfg, log=log, progress=not quiet).run()
     lines = [f"generation {s['generation']}: {'PROMOTED' if s['promoted'] else 'not promoted'} ({s['reason']}); current is {s['current']}",
-             f"steps: {s['steps']} in {s['seconds']} s" + (f" (resumed at step {s['resumed_at_step']})" if s["resumed_at_step"] is not None else "")
+             f"steps: {s['steps']} in {s['seconds']} s on {s['backend']}" + (f" (resumed at step {s['resumed_at_step']})" if s["resumed_at_step"] is not None else "")
              + (f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else "")]
     for split in s["metrics"]["candidate"]:
         old, new = s["metrics"]["baseline"][split], s["metrics"]["candidate"][split]

@@ -4,7 +4,7 @@ Layout (under BUNDLE/state by default):
   state.json              generations and which one is current (atomic rewrite)
   generations/gNNNN.safetensors   each generation's trainable weights, by ONNX name
   replay.jsonl            retained rows from earlier generations' data (forgetting check)
-  job/                    the generation being trained: job.json, last.ckpt, best.safetensors
+  job/                    the generation being trained: job.json, last.safetensors, best.safetensors
   lock                    one writer at a time
 
 Every file is written to a temp file, fsynced and renamed, so a kill at any moment
@@ -45,6 +45,17 @@ def load_arrays(path: Path) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise StateError(f"{path} is unreadable ({e})", "roll back to another generation with `edgeft device rollback`") from None
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(arrays, metadata) of a job checkpoint."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise StateError(f"{path} is unreadable ({e})", "pass --restart to discard the interrupted generation") from None
 
 
 def disk_full(e: BaseException) -> bool:

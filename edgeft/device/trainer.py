@@ -1,8 +1,9 @@
 """`edgeft device train`: one new generation of the adapter, trained with ONNX Runtime.
 
-The job survives kills: its definition (job.json) is written before the first step, an
-ORT checkpoint with the optimizer state and the step count is renamed into place every
-N steps, and the batches are a pure function of (generation, step). A rerun with the
+The job survives kills: its definition (job.json) is written before the first step, a
+checkpoint (the flat parameters and AdamW moments, plus the progress) is renamed into place
+every N steps, and the batches are a pure function of (generation, step). The checkpoint is
+the same on both training engines (see backends.py), so a job may resume on the other one. A rerun with the
 same data resumes at the last checkpoint. A new generation becomes current only if
 it does not regress on the held-out data and on the retained reference rows.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,14 +22,15 @@ import numpy as np
 from ..bundle import sha256, verify_bundle
 from ..encode import batch_order, collate
 from ..errors import EdgeftError, UsageError
-from ..fsutil import _fsync_dir, atomic_write_json
+from ..fsutil import atomic_write_json
 from .. import datasets
 from ..datasets import load_task_rows
 from .data import encode_rows
 from .infer import Predictor
 from .progress import ProgressLine
-from .runtime import peak_rss_mib, rss_mib, training_api, training_session
-from .state import DeviceState, StateError, load_arrays, save_arrays, writing
+from .backends import AdamW, Layout, choose_backend
+from .runtime import peak_rss_mib, rss_mib
+from .state import DeviceState, StateError, load_arrays, load_checkpoint, save_arrays, writing
 from .tokenizer import DeviceTokenizer
 
 BEST_EVAL_ROWS = 64  # rows of held-out loss at each checkpoint, to pick the best weights cheaply
@@ -54,10 +55,11 @@ class DeviceTrainConfig:
     refuse_long: bool = False
     force: bool = False
     restart: bool = False
+    backend: str = "auto"
 
     def job_key(self) -> dict:
         """What must match for a rerun to resume the interrupted job rather than start another."""
-        return {k: v for k, v in asdict(self).items() if k not in ("force", "restart", "refuse_long")}
+        return {k: v for k, v in asdict(self).items() if k not in ("force", "restart", "refuse_long", "backend")}
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup_ratio: float) -> float:
@@ -76,7 +78,7 @@ class DeviceTrainer:
     def __init__(self, bundle: Path, state_dir: Path, cfg: DeviceTrainConfig, log=print, progress: bool = True):
         self.bundle, self.cfg, self.log, self.show_progress = Path(bundle), cfg, log, progress
         self.manifest = verify_bundle(self.bundle)
-        self.api = training_api(self.manifest)
+        self.engine = choose_backend(self.manifest, cfg.backend, log)
         self.check_plan()
         self.task, self.labels = self.manifest["task"], self.manifest["labels"]
         self.batch, self.seq = self.manifest["train_shape"]["batch"], self.manifest["train_shape"]["seq"]
@@ -149,43 +151,24 @@ class DeviceTrainer:
             atomic_write_json(path, job)
         return job, False
 
-    def save_checkpoint(self, ort_state, progress: dict) -> None:
-        """ORT writes the file; we make it durable and swap it in, so `last.ckpt` is always whole."""
-        ort_state.properties["edgeft"] = json.dumps(progress)
-        path = self.state.job_dir / "last.ckpt"
-        tmp = path.with_name(".last.ckpt.tmp")
-        try:
-            with writing("a checkpoint"):
-                try:
-                    self.api.CheckpointState.save_checkpoint(ort_state, str(tmp), include_optimizer_state=True)
-                except RuntimeError as e:  # ORT reports native write failures this way
-                    import errno
-
-                    raise OSError(errno.ENOSPC if "space" in str(e).lower() or _disk_nearly_full(tmp) else errno.EIO, str(e)) from None
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-                _fsync_dir(path.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    def trainable(self, ort_state) -> dict:
-        return {n: np.array(ort_state.parameters[n].data) for n in self.manifest["trainable"]}
+    def save_checkpoint(self, optimizer: AdamW, progress: dict) -> None:
+        with writing("a checkpoint"):
+            save_arrays(self.state.job_dir / "last.safetensors", optimizer.arrays(), {"edgeft": json.dumps(progress)})
 
     def train(self, job: dict, resumed: bool) -> dict:
-        api, job_dir, cfg = self.api, self.state.job_dir, self.cfg
-        b = self.bundle
-        fresh = not (resumed and (job_dir / "last.ckpt").is_file())
-        ort_state = api.CheckpointState.load_checkpoint(str(b / "checkpoint" if fresh else job_dir / "last.ckpt"))
-        device, options = training_session(self.manifest)
-        module = api.Module(str(b / "training_model.onnx"), ort_state, str(b / "eval_model.onnx"), device=device, session_options=options)
-        optimizer = api.Optimizer(str(b / "optimizer_model.onnx"), module)
-        if fresh:  # start from the parent generation (parameters can be set only once a Module owns them)
-            for name, value in self.state.params(job["parent"]).items():
-                ort_state.parameters[name] = np.ascontiguousarray(value, dtype=np.float32)
-            progress = {"step": 0, "best_loss": None, "best_step": None, "losses": []}
+        cfg, job_dir = self.cfg, self.state.job_dir
+        parent = self.state.params(job["parent"])
+        layout = Layout({n: parent[n].shape for n in self.manifest["trainable"]})
+        optimizer = AdamW(self.bundle, self.manifest, layout, parent)
+        last = job_dir / "last.safetensors"
+        if resumed and last.is_file():
+            arrays, meta = load_checkpoint(last)
+            progress = json.loads(meta["edgeft"])
+            optimizer.restore(arrays, progress["step"])
         else:
-            progress = json.loads(ort_state.properties["edgeft"])
+            progress = {"step": 0, "best_loss": None, "best_step": None, "losses": []}
+        engine = self.engine(self.bundle, self.manifest)
+        engine.set_params(layout.views(optimizer.params))
         lr = cfg.lr or (5e-4 if self.task == "classify" else 1e-4)
         warmup = self.manifest.get("schedule", {}).get("warmup_ratio", 0.06)
         start = progress["step"]
@@ -193,52 +176,50 @@ class DeviceTrainer:
             self.log(f"resuming generation {job['generation']} at step {start} of {job['total_steps']}")
         bar = ProgressLine(job["total_steps"], start, enabled=self.show_progress)
         t0 = time.perf_counter()
-        module.train()
         for step in range(start, job["total_steps"]):
-            optimizer.set_learning_rate(cosine_lr(step, job["total_steps"], lr, warmup))
+            step_lr = cosine_lr(step, job["total_steps"], lr, warmup)
             loss = 0.0
             for micro in range(cfg.grad_accum):
                 batch = self.micro_batch(step * cfg.grad_accum + micro, job["seed"])
-                loss += float(module(batch["input_ids"], batch["attention_mask"], batch["labels"])) / cfg.grad_accum
+                loss += engine.forward_backward(batch) / cfg.grad_accum
+            grads = engine.take_grads()
             if not math.isfinite(loss):
                 raise TrainingDiverged(f"the loss became {loss} at step {step + 1} of generation {job['generation']}; "
                                        f"training stopped and the device stays on generation {self.state.current}",
                                        "lower --lr, or check the new data for broken rows")
-            optimizer.step()
-            module.lazy_reset_grad()
+            optimizer.update(grads / cfg.grad_accum if cfg.grad_accum > 1 else grads, step_lr)
+            engine.set_params(layout.views(optimizer.params))
             progress["losses"].append(round(loss, 6))
             progress["step"] = step + 1
-            bar.update(step + 1, loss=loss, lr=optimizer.get_learning_rate(), rss_mib=round(rss_mib()))
+            bar.update(step + 1, loss=loss, lr=step_lr, rss_mib=round(rss_mib()))
             if progress["step"] % cfg.checkpoint_every == 0 or progress["step"] == job["total_steps"]:
-                self.track_best(module, ort_state, progress)
-                module.train()
-                self.save_checkpoint(ort_state, progress)
+                self.track_best(engine, layout.views(optimizer.params), progress)
+                self.save_checkpoint(optimizer, progress)
         bar.close()
         seconds = time.perf_counter() - t0
         best = job_dir / "best.safetensors"
-        params = load_arrays(best) if best.is_file() else self.trainable(ort_state)
-        del optimizer, module, ort_state
+        params = load_arrays(best) if best.is_file() else {n: v.copy() for n, v in layout.views(optimizer.params).items()}
+        del optimizer, engine
         gc.collect()
         ran = progress["step"] - start
         return {"params": params, "steps": progress["step"], "resumed_at": start if resumed else None, "seconds": round(seconds, 2),
                 "steps_per_s": round(ran / seconds, 4) if ran and seconds else None, "losses": progress["losses"],
-                "best_step": progress["best_step"]}
+                "best_step": progress["best_step"], "backend": self.engine.name}
 
-    def track_best(self, module, ort_state, progress: dict) -> None:
+    def track_best(self, engine, params: dict, progress: dict) -> None:
         """Held-out loss on a few rows at each checkpoint; the best weights are kept beside the last."""
         rows = self.held_set[:BEST_EVAL_ROWS]
         if not rows:
             return
-        module.eval()
         total = 0.0
         for i in range(0, len(rows), self.batch):
             b = collate(rows[i : i + self.batch], self.tokenizer.pad_token_id)
-            total += float(module(b["input_ids"], b["attention_mask"], b["labels"])) * len(b["input_ids"])
+            total += engine.eval_loss(b) * len(b["input_ids"])
         loss = total / len(rows)
         if math.isfinite(loss) and (progress["best_loss"] is None or loss < progress["best_loss"]):
             progress["best_loss"], progress["best_step"] = loss, progress["step"]
             with writing("the best weights"):
-                save_arrays(self.state.job_dir / "best.safetensors", self.trainable(ort_state), {"step": progress["step"]})
+                save_arrays(self.state.job_dir / "best.safetensors", params, {"step": progress["step"]})
 
     # -- decide --------------------------------------------------------------
     def compare(self, base_params: dict, new_params: dict) -> tuple[dict, dict]:
@@ -293,13 +274,13 @@ class DeviceTrainer:
             promote, reason = self.decide(metrics, rows)
             record = {"id": job["generation"], "parent": job["parent"], "status": "promoted" if promote else "rejected", "reason": reason,
                       "created": job["created"], "data": job["data"], "eval": job["eval"], "steps": result["steps"],
-                      "best_step": result["best_step"], "metrics": metrics, "seconds": result["seconds"],
+                      "best_step": result["best_step"], "backend": result["backend"], "metrics": metrics, "seconds": result["seconds"],
                       "peak_rss_mib": round(peak_rss_mib(), 1), "plan_mib": self.plan_mib}
             if promote:
                 self.state.retain(self.train_rows, job["seed"])
             self.state.add_generation(record, result["params"], promote)
             self.state.clear_job()
-        return {"generation": job["generation"], "promoted": promote, "reason": reason, "current": self.state.current,
+        return {"generation": job["generation"], "backend": result["backend"], "promoted": promote, "reason": reason, "current": self.state.current,
                 "resumed_at_step": result["resumed_at"], "steps": result["steps"], "seconds": result["seconds"],
                 "steps_per_s": result["steps_per_s"], "first_loss": (result["losses"] or [None])[0],
                 "last_loss": (result["losses"] or [None])[-1], "metrics": metrics, "peak_rss_mib": record["peak_rss_mib"],
@@ -312,11 +293,3 @@ def sign_test(before: list[bool], after: list[bool]) -> float:
     changed = lost + sum(a and not b for b, a in zip(before, after))
     return sum(math.comb(changed, k) for k in range(lost, changed + 1)) / 2**changed if changed else 1.0
 
-
-def _disk_nearly_full(path: Path) -> bool:
-    import shutil
-
-    try:
-        return shutil.disk_usage(path.parent).free < (1 << 20)
-    except OSError:
-        return False

@@ -24,6 +24,7 @@ from .onnx_base import PackedWeight, base_initializer_names, pack_int, pack_nf4,
 OPSET = 17  # ORT 1.19 reads <= 21; 17 is what the legacy exporter handles best
 IR_VERSION = 9
 PREFIX = "model."
+OPTIMIZER = {"name": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
 REFERENCE, REFERENCE_ROWS = "reference.jsonl", 256  # the export wrappers hold the PEFT model as `.model`
 
 
@@ -251,9 +252,12 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
 
         preflight(graph, trainable)
         try:
-            generate(work / "loss.onnx", tmp, trainable, frozen, weight_decay=0.0)
+            generate(work / "loss.onnx", tmp, trainable, frozen, weight_decay=OPTIMIZER["weight_decay"])
         except RuntimeError as e:
             raise explain_generation_error(e, graph, trainable) or e
+        from .portable import write_portable
+
+        portable = write_portable(tmp, OPTIMIZER)
         base_bytes = sum(p.nbytes for p in packed)
         shutil.rmtree(work)
         model.save_pretrained(str(tmp / "adapter"))
@@ -263,7 +267,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         export_seconds = time.perf_counter() - t0
         from .validate import INFERENCE_DISABLED_OPTIMIZERS, validate_bundle
 
-        parity = validate_bundle(tmp, model, task, tokenizer, labels, trainable, batch=min(batch, 4), seq=min(seq, 64))
+        parity = validate_bundle(tmp, model, task, tokenizer, labels, trainable, batch=min(batch, 4), seq=min(seq, 64), portable=portable)
         base_params = sum(int(np.prod(p.shape)) for p in packed)
         summary = {
             "bundle": str(out), "target": target.name, "scheme": scheme.name, "task": task,
@@ -278,7 +282,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
             "inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"], "labels": ["batch"] if task == "classify" else ["batch", "seq"]},
             "train_shape": {"batch": batch, "seq": seq}, "max_seq_len": seq,
             "tokenizer": sorted(f"tokenizer/{f.name}" for f in (tmp / "tokenizer").iterdir()),
-            "optimizer": {"name": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0},
+            "optimizer": OPTIMIZER, "portable": portable,
             "schedule": {"name": "cosine", "warmup_ratio": 0.06},
             "inference": {"file": "inference_model.onnx", "disabled_optimizers": INFERENCE_DISABLED_OPTIMIZERS},
             "parity": parity, "base_bytes_per_param": summary["base_bytes_per_param"], "memory_plan": plan.to_dict(),

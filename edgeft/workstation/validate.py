@@ -27,7 +27,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-30))
 
 
-def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable: list[str], batch: int, seq: int) -> dict:
+def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable: list[str], batch: int, seq: int, portable: dict) -> dict:
     import onnxruntime as ort
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
@@ -65,6 +65,21 @@ def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable
     result["grad_rel"] = _rel(np.concatenate([grads_ort[n].ravel() for n in trainable]),
                               np.concatenate([params[n].grad.numpy().ravel() for n in trainable]))
 
+    # the portable step (standard ops, stock ORT) against the same torch step
+    from ..device.backends import AdamW, Layout, PortableBackend
+
+    manifest = {"portable": portable, "trainable": dict.fromkeys(trainable)}
+    portable = PortableBackend(bundle, manifest)
+    start = {n: np.array(state.parameters[n].data) for n in trainable}
+    portable.set_params(start)
+    loss_portable = portable.forward_backward(feeds)
+    torch_grads = np.concatenate([params[n].grad.numpy().ravel() for n in trainable])
+    result["portable_loss_rel"] = abs(loss_portable - loss_torch.item()) / max(abs(loss_torch.item()), 1e-30)
+    result["portable_grad_rel"] = _rel(portable.take_grads(), torch_grads)
+    adamw = AdamW(bundle, manifest, Layout({n: v.shape for n, v in start.items()}), start)
+    adamw.update(np.concatenate([grads_ort[n].ravel() for n in trainable]), LR)
+    del portable
+
     # The optimizer is checked on ORT's own gradients: Adam divides by |g|, so comparing after
     # torch's gradients would amplify 1e-10 gradient noise on near-zero entries into the update.
     optimizer.set_learning_rate(LR)
@@ -77,6 +92,7 @@ def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable
     after_torch = np.concatenate([params[n].detach().numpy().ravel() for n in trainable])
     result["step_max_abs"] = float(np.abs(after_ort - after_torch).max())
     result["step_rel"] = float(np.abs(after_ort - after_torch).max() / LR)  # relative to the size of one update
+    result["portable_step_rel"] = float(np.abs(adamw.params - after_torch).max() / LR)
     result["tolerance"] = TOLERANCE
     bad = {k: v for k, v in result.items() if k.endswith("_rel") and not v <= TOLERANCE}
     if bad:

@@ -1,0 +1,175 @@
+"""Two engines for a device training step, and the optimizer they share.
+
+- `onnxruntime-training`: ORT's training build runs the bundle's training artifacts
+  (x86-64 only, ORT 1.19.2: the last release).
+- `portable`: stock ONNX Runtime (any platform, >= 1.19) runs the bundle's `portable/`
+  step, the same graph rewritten into standard ops (see edgeft.workstation.portable).
+
+Both return the loss and the summed gradients of a micro-batch; AdamW is one graph of
+standard ops over the trainable parameters as a flat vector, run by whichever ORT is
+installed. So a checkpoint is the same few flat arrays on either engine, and a device can
+resume a job on the other one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import BundleError
+from .runtime import RuntimeMismatch, check_inference, providers, threads, training_api, training_session, use_lean_arena
+
+BACKENDS = ("auto", "onnxruntime-training", "portable")
+
+
+def portable_entry(manifest: dict) -> dict:
+    entry = manifest.get("portable")
+    if not entry:
+        raise BundleError("this bundle has no portable training step (it was exported by an older edgeft)",
+                          "re-export it with `edgeft export`, or install onnxruntime-training-cpu==1.19.2 (x86-64 only)")
+    return entry
+
+
+def choose_backend(manifest: dict, wanted: str = "auto", log=print) -> type:
+    """The training build where it is importable, else the portable step on stock ORT.
+    Checked before any data is read, so a device that can train neither way says so first."""
+    if wanted == "onnxruntime-training":
+        training_api(manifest)
+        return OrtTrainingBackend
+    if wanted == "auto":
+        try:
+            training_api(manifest)
+            return OrtTrainingBackend
+        except RuntimeMismatch as e:
+            if not manifest.get("portable"):
+                raise
+            log(f"note: {e.message}; training with the bundle's portable step on stock onnxruntime")
+    portable_entry(manifest)
+    check_inference()
+    return PortableBackend
+
+
+def _session(ort, path: Path, manifest: dict):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads(manifest)
+    use_lean_arena(ort, options)
+    return ort.InferenceSession(str(path), options, providers=providers(ort, manifest))
+
+
+class Layout:
+    """Where each trainable tensor lives in the flat vector (manifest order)."""
+
+    def __init__(self, shapes: dict):
+        self.shapes = {n: tuple(s) for n, s in shapes.items()}
+        self.offsets, total = {}, 0
+        for name, shape in self.shapes.items():
+            size = int(np.prod(shape))
+            self.offsets[name] = (total, total + size)
+            total += size
+        self.size = total
+
+    def flatten(self, arrays: dict) -> np.ndarray:
+        return np.concatenate([np.asarray(arrays[n], np.float32).ravel() for n in self.shapes])
+
+    def views(self, flat: np.ndarray) -> dict:
+        return {n: flat[a:b].reshape(self.shapes[n]) for n, (a, b) in self.offsets.items()}
+
+
+class AdamW:
+    """torch.optim.AdamW as the bundle's standard-op graph; its state is three flat vectors and a step."""
+
+    def __init__(self, bundle: Path, manifest: dict, layout: Layout, params: dict):
+        ort = check_inference()
+        self.layout = layout
+        self.session = _session(ort, Path(bundle) / portable_entry(manifest)["optimizer"], manifest)
+        self.params = layout.flatten(params)
+        self.exp_avg = np.zeros(layout.size, np.float32)
+        self.exp_avg_sq = np.zeros(layout.size, np.float32)
+        self.step = 0
+
+    def update(self, grads: np.ndarray, lr: float) -> None:
+        self.step += 1
+        self.params, self.exp_avg, self.exp_avg_sq = self.session.run(None, {
+            "lr": np.array(lr, np.float32), "step": np.array(self.step, np.float32), "params": self.params, "grads": grads.astype(np.float32, copy=False),
+            "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq})
+
+    def arrays(self) -> dict:
+        return {"params": self.params, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+
+    def restore(self, arrays: dict, step: int) -> None:
+        for key in ("params", "exp_avg", "exp_avg_sq"):
+            if arrays[key].shape != (self.layout.size,):
+                raise ValueError(f"checkpoint {key} has {arrays[key].shape[0]} values, the bundle {self.layout.size}")
+        self.params, self.exp_avg, self.exp_avg_sq = (np.array(arrays[k], np.float32) for k in ("params", "exp_avg", "exp_avg_sq"))
+        self.step = step
+
+
+class OrtTrainingBackend:
+    name = "onnxruntime-training"
+
+    def __init__(self, bundle: Path, manifest: dict):
+        api = training_api(manifest)
+        b = Path(bundle)
+        self.state = api.CheckpointState.load_checkpoint(str(b / "checkpoint"))
+        device, options = training_session(manifest)
+        self.module = api.Module(str(b / "training_model.onnx"), self.state, str(b / "eval_model.onnx"), device=device, session_options=options)
+        self.names = list(manifest["trainable"])
+
+    def set_params(self, params: dict) -> None:
+        for name in self.names:
+            self.state.parameters[name] = np.ascontiguousarray(params[name], dtype=np.float32)
+
+    def forward_backward(self, batch: dict) -> float:
+        self.module.train()
+        return float(self.module(batch["input_ids"], batch["attention_mask"], batch["labels"]))
+
+    def take_grads(self) -> np.ndarray:
+        grads = np.concatenate([np.asarray(self.state.parameters[n].grad, np.float32).ravel() for n in self.names])
+        self.module.lazy_reset_grad()
+        return grads
+
+    def eval_loss(self, batch: dict) -> float:
+        self.module.eval()
+        return float(self.module(batch["input_ids"], batch["attention_mask"], batch["labels"]))
+
+
+class PortableBackend:
+    name = "portable"
+
+    def __init__(self, bundle: Path, manifest: dict):
+        from safetensors.numpy import load_file
+
+        entry = portable_entry(manifest)
+        ort = check_inference()
+        b = Path(bundle)
+        self.frozen = load_file(str(b / entry["frozen"]))  # one copy, fed to both graphs
+        self.step = _session(ort, b / entry["train_step"], manifest)
+        self.eval = _session(ort, b / entry["eval_step"], manifest)
+        self.grad_names = [o.name for o in self.step.get_outputs()[1:]]
+        self.names = list(manifest["trainable"])
+        self.params: dict = {}
+        self.grads: np.ndarray | None = None
+
+    def set_params(self, params: dict) -> None:
+        self.params = {n: np.ascontiguousarray(params[n], dtype=np.float32) for n in self.names}
+
+    def feeds(self, session, batch: dict) -> dict:
+        wanted = {i.name for i in session.get_inputs()}
+        everything = {**batch, **self.frozen, **self.params}
+        return {k: v for k, v in everything.items() if k in wanted}
+
+    def forward_backward(self, batch: dict) -> float:
+        loss, *grads = self.step.run(None, self.feeds(self.step, batch))
+        by_name = dict(zip(self.grad_names, grads))
+        flat = np.concatenate([by_name[n + "_grad"].ravel() for n in self.names])
+        self.grads = flat if self.grads is None else self.grads + flat
+        return float(loss)
+
+    def take_grads(self) -> np.ndarray:
+        grads, self.grads = self.grads, None
+        return grads
+
+    def eval_loss(self, batch: dict) -> float:
+        return float(self.eval.run(None, self.feeds(self.eval, batch))[0])

@@ -1,0 +1,336 @@
+"""The portable training step: ORT's training graphs rewritten into standard `ai.onnx` ops.
+
+onnxruntime-training stopped at 1.19.2 and has no aarch64 wheels, so a Raspberry Pi cannot
+run its graphs: the backward pass uses com.microsoft gradient kernels (LayerNormalizationGrad,
+SoftmaxGrad_13, ...) that only the training build has. This module rewrites each of those
+nodes into the standard ops that compute the same thing, so stock ONNX Runtime (any version
+>= 1.19, any platform) runs the step.
+
+Why rewrite ORT's graph rather than trace a new one with torch: the forward and backward are
+then the very graph the training build runs (same saved activations, same recomputation, no
+more), so the two backends agree to rounding, and there is one source of gradients to test.
+
+Files written under `portable/` in the bundle:
+  train_step.onnx   (batch, all params) -> (loss, one gradient per trainable param)
+  eval_step.onnx    (batch, all params) -> loss
+  adamw.onnx        torch.optim.AdamW over the trainable params as one flat vector
+  frozen.safetensors  the frozen (packed, quantized) base, fed to both graphs as inputs
+Frozen tensors are inputs, not initializers, so ORT cannot constant-fold them into fp32 and
+one copy in memory serves both graphs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+OPSET = 17
+FOLDER = "portable"
+STEP, EVAL, ADAMW, FROZEN = "train_step.onnx", "eval_step.onnx", "adamw.onnx", "frozen.safetensors"
+
+
+class Rewriter:
+    """Rewrites one graph node by node; each ORT-only node becomes a few standard nodes."""
+
+    def __init__(self, graph):
+        from onnx import helper, numpy_helper
+
+        self.h, self.nh, self.graph = helper, numpy_helper, graph
+        self.nodes: list = []
+        self.inits: list = []
+        self.count = 0
+        self.ranks = {}
+        for v in list(graph.value_info) + list(graph.input) + list(graph.output):
+            t = v.type.tensor_type
+            if t.HasField("shape"):
+                self.ranks[v.name] = len(t.shape.dim)
+        for i in graph.initializer:
+            self.ranks[i.name] = len(i.dims)
+        self.consumed = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+
+    # -- building blocks ---------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        self.count += 1
+        return f"portable::{hint}_{self.count}"
+
+    def const(self, value, dtype=np.float32) -> str:
+        name = self.fresh("c")
+        self.inits.append(self.nh.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
+        out = out or self.fresh(op_type)
+        self.nodes.append(self.h.make_node(op_type, inputs, [out], name=self.fresh(op_type + "_node"), **attrs))
+        return out
+
+    def rank(self, name: str) -> int:
+        if name not in self.ranks:
+            raise NotImplementedError(f"rank of {name} unknown")
+        return self.ranks[name]
+
+    def used(self, name: str) -> bool:
+        return bool(name) and name in self.consumed
+
+    def transpose_last2(self, x: str) -> str:
+        r = self.rank(x)
+        perm = list(range(r - 2)) + [r - 1, r - 2]
+        return self.op("Transpose", [x], perm=perm)
+
+    def reduce_leading(self, x: str, out: str, r: int) -> None:
+        """Sum over every axis but the last: the gradient of a per-channel scale or bias."""
+        self.op("ReduceSum", [x, self.const(list(range(r - 1)), np.int64)], out, keepdims=0)
+
+    # -- the rewrite -------------------------------------------------------------
+    def run(self, accumulated: dict) -> None:
+        for node in self.graph.node:
+            attrs = {a.name: self.h.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "InPlaceAccumulatorV2":
+                accumulated[node.output[0]] = node.input[1]  # the device accumulates; the step returns raw gradients
+                continue
+            if node.domain in ("", "ai.onnx") and node.op_type != "SimplifiedLayerNormalization":
+                self.nodes.append(node)
+                continue
+            rewrite = getattr(self, "_" + node.op_type, None)
+            if rewrite is None:
+                raise NotImplementedError(f"no standard-op rewrite for {node.domain}::{node.op_type}")
+            rewrite(list(node.input), list(node.output), attrs)
+
+    def _FusedMatMul(self, i, o, a):
+        if a.get("transBatchA") or a.get("transBatchB"):
+            raise NotImplementedError("FusedMatMul with transBatch")
+        x = self.transpose_last2(i[0]) if a.get("transA") else i[0]
+        y = self.transpose_last2(i[1]) if a.get("transB") else i[1]
+        alpha = a.get("alpha", 1.0)
+        if alpha == 1.0:
+            self.op("MatMul", [x, y], o[0])
+        else:
+            self.op("Mul", [self.op("MatMul", [x, y]), self.const(alpha)], o[0])
+
+    def _Gelu(self, i, o, a):
+        cdf = self.op("Add", [self.op("Erf", [self.op("Mul", [i[0], self.const(np.sqrt(0.5))])]), self.const(1.0)])
+        self.op("Mul", [self.op("Mul", [i[0], cdf]), self.const(0.5)], o[0])
+
+    def _GeluGrad(self, i, o, a):
+        dy, x = i
+        cdf = self.op("Mul", [self.op("Add", [self.op("Erf", [self.op("Mul", [x, self.const(np.sqrt(0.5))])]), self.const(1.0)]), self.const(0.5)])
+        pdf = self.op("Mul", [self.op("Exp", [self.op("Mul", [self.op("Mul", [x, x]), self.const(-0.5)])]), self.const(1 / np.sqrt(2 * np.pi))])
+        self.op("Mul", [dy, self.op("Add", [cdf, self.op("Mul", [x, pdf])])], o[0])
+
+    def _QuickGelu(self, i, o, a):
+        s = self.op("Sigmoid", [self.op("Mul", [i[0], self.const(a.get("alpha", 1.702))])])
+        self.op("Mul", [i[0], s], o[0])
+
+    def _QuickGeluGrad(self, i, o, a):
+        dy, x = i
+        ax = self.op("Mul", [x, self.const(a.get("alpha", 1.702))])
+        s = self.op("Sigmoid", [ax])
+        inner = self.op("Add", [self.const(1.0), self.op("Mul", [ax, self.op("Sub", [self.const(1.0), s])])])
+        self.op("Mul", [dy, self.op("Mul", [s, inner])], o[0])
+
+    def _TanhGrad(self, i, o, a):
+        dy, y = i
+        self.op("Mul", [dy, self.op("Sub", [self.const(1.0), self.op("Mul", [y, y])])], o[0])
+
+    def _SoftmaxGrad_13(self, i, o, a):
+        dy, y = i
+        axes = self.const([a.get("axis", -1)], np.int64)
+        dot = self.op("ReduceSum", [self.op("Mul", [dy, y]), axes], keepdims=1)
+        self.op("Mul", [y, self.op("Sub", [dy, dot])], o[0])
+
+    def _SimplifiedLayerNormalization(self, i, o, a):
+        if a.get("axis", -1) != -1:
+            raise NotImplementedError("SimplifiedLayerNormalization over more than the last axis")
+        x, scale = i
+        ms = self.op("ReduceMean", [self.op("Mul", [x, x])], axes=[-1], keepdims=1)
+        inv = self.op("Reciprocal", [self.op("Sqrt", [self.op("Add", [ms, self.const(a.get("epsilon", 1e-5))])])],
+                      o[1] if len(o) > 1 and o[1] else None)
+        self.op("Mul", [self.op("Mul", [x, inv]), scale], o[0])
+
+    def _SimplifiedLayerNormalizationGrad(self, i, o, a):
+        dy, x, scale, inv = i
+        xhat = self.op("Mul", [x, inv])
+        g = self.op("Mul", [dy, scale])
+        proj = self.op("ReduceMean", [self.op("Mul", [g, xhat])], axes=[-1], keepdims=1)
+        self.op("Mul", [inv, self.op("Sub", [g, self.op("Mul", [xhat, proj])])], o[0])
+        if len(o) > 1 and self.used(o[1]):
+            self.reduce_leading(self.op("Mul", [dy, xhat]), o[1], self.rank(dy))
+
+    def _LayerNormalizationGrad(self, i, o, a):
+        if a.get("axis", -1) != -1:
+            raise NotImplementedError("LayerNormalizationGrad over more than the last axis")
+        dy, x, scale, mean, inv = i
+        xhat = self.op("Mul", [self.op("Sub", [x, mean]), inv])
+        g = self.op("Mul", [dy, scale])
+        g_mean = self.op("ReduceMean", [g], axes=[-1], keepdims=1)
+        proj = self.op("ReduceMean", [self.op("Mul", [g, xhat])], axes=[-1], keepdims=1)
+        self.op("Mul", [inv, self.op("Sub", [self.op("Sub", [g, g_mean]), self.op("Mul", [xhat, proj])])], o[0])
+        r = self.rank(dy)
+        if len(o) > 1 and self.used(o[1]):
+            self.reduce_leading(self.op("Mul", [dy, xhat]), o[1], r)
+        if len(o) > 2 and self.used(o[2]):
+            self.reduce_leading(dy, o[2], r)
+
+    def _SoftmaxCrossEntropyLossGrad(self, i, o, a):
+        if len(i) > 3 and i[3]:
+            raise NotImplementedError("SoftmaxCrossEntropyLossGrad with class weights")
+        dy, log_prob, label = i[:3]
+        reduction = a.get("reduction", b"mean")
+        reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+        keep = self.op("Not", [self.op("Equal", [label, self.const(a.get("ignore_index", -100), np.int64)])])
+        safe = self.op("Where", [keep, label, self.const(0, np.int64)])  # OneHot wraps negative ids
+        depth = self.op("Shape", [log_prob], start=1, end=2)
+        onehot = self.op("OneHot", [safe, depth, self.const([0.0, 1.0])], axis=1)
+        keep_f = self.op("Unsqueeze", [self.op("Cast", [keep], to=1), self.const([1], np.int64)])
+        if reduction == "mean":
+            scale = self.op("Div", [dy, self.op("ReduceSum", [self.op("Cast", [keep], to=1)], keepdims=0)])
+        elif reduction == "sum":
+            scale = dy
+        else:
+            raise NotImplementedError(f"SoftmaxCrossEntropyLossGrad reduction {reduction}")
+        diff = self.op("Sub", [self.op("Exp", [log_prob]), onehot])
+        self.op("Mul", [self.op("Mul", [diff, keep_f]), scale], o[0])
+
+    def _GatherGrad(self, i, o, a):
+        """Zeros of the data's shape with dY scatter-added at the gathered positions."""
+        shape, indices, dy = i
+        r, q, axis = self.rank(o[0]), self.rank(indices), a.get("axis", 0)
+        axis = axis % r
+        to_front = [axis] + [d for d in range(r) if d != axis]
+        zeros = self.op("ConstantOfShape", [self.op("Gather", [shape, self.const(to_front, np.int64)])],
+                        value=self.nh.from_array(np.zeros(1, np.float32)))
+        perm_dy = list(range(axis, axis + q)) + list(range(axis)) + list(range(axis + q, r - 1 + q))
+        dy_t = dy if perm_dy == sorted(perm_dy) else self.op("Transpose", [dy], perm=perm_dy)
+        idx = self.op("Unsqueeze", [indices, self.const([-1], np.int64)])
+        scattered = self.op("ScatterND", [zeros, idx, dy_t], reduction="add")
+        back = [to_front.index(d) for d in range(r)]
+        if back == list(range(r)):
+            self.op("Identity", [scattered], o[0])
+        else:
+            self.op("Transpose", [scattered], o[0], perm=back)
+
+    def _SliceGrad(self, i, o, a):
+        """dY zero-padded back to the input's shape: pads computed from starts/ends at run time."""
+        dy, shape, starts, ends, axes = i[:5]
+        if len(i) > 5 and i[5] and not self.all_ones(i[5]):
+            raise NotImplementedError("SliceGrad with steps other than 1")
+        r = self.rank(dy)
+        i64 = lambda v: self.const(v, np.int64)  # noqa: E731
+        axes_n = self.op("Where", [self.op("Less", [axes, i64(0)]), self.op("Add", [axes, i64(r)]), axes])
+        dims = self.op("Gather", [shape, axes_n])
+
+        def clamp(t):
+            t = self.op("Where", [self.op("Less", [t, i64(0)]), self.op("Add", [t, dims]), t])
+            return self.op("Min", [self.op("Max", [t, i64(0)]), dims])
+
+        zeros = i64(np.zeros(r))
+        before = self.op("ScatterElements", [zeros, axes_n, clamp(starts)], axis=0)
+        after = self.op("ScatterElements", [zeros, axes_n, self.op("Sub", [dims, clamp(ends)])], axis=0)
+        self.op("Pad", [dy, self.op("Concat", [before, after], axis=0)], o[0], mode="constant")
+
+    def all_ones(self, name: str) -> bool:
+        for init in list(self.graph.initializer) + self.inits:
+            if init.name == name:
+                return bool(np.all(self.nh.to_array(init) == 1))
+        return False
+
+    def _ConcatTraining(self, i, o, a):
+        axis = a.get("axis", 0)
+        self.op("Concat", i, o[0], axis=axis)
+        if len(o) > 1 and self.used(o[1]):
+            lengths = []
+            for x in i:
+                ax = axis % self.rank(x)
+                lengths.append(self.op("Shape", [x], start=ax, end=ax + 1))
+            self.op("Concat", lengths, o[1], axis=0)
+
+    def _SplitTraining(self, i, o, a):
+        self.nodes.append(self.h.make_node("Split", i, o, name=self.fresh("Split_node"), axis=a.get("axis", 0)))
+
+
+def portable_graph(path: Path):
+    """ORT's training (or eval) graph as standard ops: params stay inputs, gradients become outputs."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    rewriter = Rewriter(graph)
+    accumulated: dict = {}
+    rewriter.run(accumulated)
+    user = [i for i in graph.input if not i.name.endswith(".accumulation.buffer") and i.name != "lazy_reset_grad"]
+    inputs = {i.name: i for i in graph.input}
+    outputs = []
+    for out in graph.output:
+        if out.name in accumulated:  # the accumulator's output is a flag; the gradient has its param's type
+            grad = accumulated[out.name]
+            param = inputs[grad[: -len("_grad")]]
+            outputs.append(helper.make_value_info(grad, param.type))
+        else:
+            outputs.append(out)
+    new = helper.make_graph(rewriter.nodes, graph.name, user, outputs, list(graph.initializer) + rewriter.inits,
+                            value_info=[v for v in graph.value_info])
+    result = helper.make_model(new, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeft")
+    result.ir_version = 8
+    check_standard(result)
+    return result
+
+
+def check_standard(model) -> None:
+    import onnx
+
+    bad = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+                  if n.domain not in ("", "ai.onnx") or not onnx.defs.has(n.op_type, "")})
+    if bad:
+        raise RuntimeError(f"the portable step still has non-standard ops: {', '.join(bad)}")
+    onnx.checker.check_model(model)
+
+
+def adamw_graph(betas: tuple[float, float], eps: float, weight_decay: float):
+    """torch.optim.AdamW on flat fp32 vectors: (lr, step, params, grads, m, v) -> (params, m, v)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    b1, b2 = betas
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v, np.float32), name)  # noqa: E731
+    inits = [c("b1", b1), c("b2", b2), c("one_b1", 1 - b1), c("one_b2", 1 - b2), c("eps", eps), c("one", 1.0), c("wd", weight_decay)]
+    n = helper.make_node
+    nodes = [
+        n("Pow", ["b1", "step"], ["b1_t"]), n("Pow", ["b2", "step"], ["b2_t"]),
+        n("Mul", ["b1", "exp_avg"], ["m_a"]), n("Mul", ["one_b1", "grads"], ["m_b"]), n("Add", ["m_a", "m_b"], ["exp_avg_out"]),
+        n("Mul", ["grads", "grads"], ["g2"]), n("Mul", ["b2", "exp_avg_sq"], ["v_a"]), n("Mul", ["one_b2", "g2"], ["v_b"]),
+        n("Add", ["v_a", "v_b"], ["exp_avg_sq_out"]),
+        n("Sub", ["one", "b1_t"], ["bc1"]), n("Sub", ["one", "b2_t"], ["bc2"]),
+        n("Div", ["lr", "bc1"], ["step_size"]), n("Sqrt", ["bc2"], ["bc2_sqrt"]),
+        n("Sqrt", ["exp_avg_sq_out"], ["v_sqrt"]), n("Div", ["v_sqrt", "bc2_sqrt"], ["v_hat"]), n("Add", ["v_hat", "eps"], ["denom"]),
+        n("Div", ["exp_avg_out", "denom"], ["ratio"]), n("Mul", ["ratio", "step_size"], ["update"]),
+        n("Mul", ["lr", "wd"], ["lr_wd"]), n("Sub", ["one", "lr_wd"], ["decay"]), n("Mul", ["params", "decay"], ["decayed"]),
+        n("Sub", ["decayed", "update"], ["params_out"]),
+    ]
+    vec = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["n"])  # noqa: E731
+    scalar = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [])  # noqa: E731
+    graph = helper.make_graph(nodes, "adamw", [scalar("lr"), scalar("step"), vec("params"), vec("grads"), vec("exp_avg"), vec("exp_avg_sq")],
+                              [vec("params_out"), vec("exp_avg_out"), vec("exp_avg_sq_out")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeft")
+    model.ir_version = 8
+    check_standard(model)
+    return model
+
+
+def write_portable(bundle: Path, optimizer: dict) -> dict:
+    """Writes `portable/` next to ORT's artifacts; returns its manifest entry."""
+    from onnxruntime.training import api
+    from safetensors.numpy import save_file
+
+    from ..fsutil import atomic_write_bytes
+
+    folder = Path(bundle) / FOLDER
+    folder.mkdir(exist_ok=True)
+    state = api.CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
+    frozen = {name: np.ascontiguousarray(p.data) for name, p in state.parameters if not p.requires_grad}
+    save_file(frozen, str(folder / FROZEN))
+    for source, target in (("training_model.onnx", STEP), ("eval_model.onnx", EVAL)):
+        atomic_write_bytes(folder / target, portable_graph(Path(bundle) / source).SerializeToString())
+    adamw = adamw_graph(tuple(optimizer["betas"]), optimizer["eps"], optimizer["weight_decay"])
+    atomic_write_bytes(folder / ADAMW, adamw.SerializeToString())
+    return {"folder": FOLDER, "train_step": f"{FOLDER}/{STEP}", "eval_step": f"{FOLDER}/{EVAL}", "optimizer": f"{FOLDER}/{ADAMW}",
+            "frozen": f"{FOLDER}/{FROZEN}", "opset": OPSET}
