@@ -120,6 +120,12 @@ def run(*args):
     return result
 
 
+def device(*args):
+    """`edgeft device ...` in-process: (result, parsed --json output or None)."""
+    r = run("device", *args)
+    return r, (json.loads(r.stdout) if "--json" in args and r.exit_code == 0 else None)
+
+
 def target(tmp_path, scheme="int4-g32", budget=4096):
     p = tmp_path / f"tiny-{scheme}-{budget}.toml"
     p.write_text(TINY_TARGET.format(scheme=scheme, budget=budget))

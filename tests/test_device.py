@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import run, write_jsonl
+from conftest import device, run, write_jsonl
 
 POS = ["i loved it", "great result", "so happy today", "what a great movie"]
 NEG = ["terrible day", "sad movie", "i hate this", "awful and sad"]
@@ -21,11 +21,6 @@ def cls_rows(n=6, flip=False):
     if flip:
         rows = [{**r, "label": "neg" if r["label"] == "pos" else "pos"} for r in rows]
     return rows
-
-
-def device(*args):
-    r = run("device", *args)
-    return r, (json.loads(r.stdout) if "--json" in args and r.exit_code == 0 else None)
 
 
 def state_json(state):

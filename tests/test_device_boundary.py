@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import device, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "optimum")
@@ -82,17 +82,31 @@ def test_device_extra_installs_and_runs_without_torch(tmp_path, cls_bundle, lm_b
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_inference_commands_run_on_stock_onnxruntime(tmp_path, cls_bundle, lm_bundle):
-    """Stock onnxruntime (what aarch64 devices get) runs eval/predict/generate; training says what it needs."""
+def test_stock_onnxruntime_trains_with_the_portable_step(tmp_path, cls_bundle, lm_bundle):
+    """Stock onnxruntime (all aarch64 devices get) trains, evaluates and generates; the loss curve is
+    the training build's, within 1e-4 relative."""
     deps = ["onnxruntime>=1.19", "numpy", "tokenizers", "jinja2", "safetensors", "click", "tqdm"]
     _, cli = device_venv(tmp_path, deps, ["--no-deps", str(ROOT)])
-    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("sad movie", "neg")] * 3])
-
-    for args in (["device", "eval", "--bundle", cls_bundle, "--state", tmp_path / "s", "--data", data, "--json"],
-                 ["device", "predict", "--bundle", cls_bundle, "--state", tmp_path / "s", "--text", "i loved it"],
-                 ["device", "generate", "--bundle", lm_bundle, "--state", tmp_path / "l", "--prompt", "what is two plus two?", "--max-new-tokens", "3"],
-                 ["device", "export-adapter", "--bundle", cls_bundle, "--state", tmp_path / "s", "--out", tmp_path / "a"]):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("sad movie", "neg")] * 6])
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "what is two plus two?", "completion": " four"}] * 8)
+    curves = {}
+    for name, bundle, rows in (("cls", cls_bundle, data), ("lm", lm_bundle, chat)):
+        args = ["train", "--bundle", bundle, "--data", rows, "--max-steps", "6", "--quiet", "--json"]
+        out = cli("device", *args, "--state", tmp_path / name)
+        assert out.returncode == 0, out.stderr[-3000:]
+        stock = json.loads(out.stdout)
+        assert stock["backend"] == "portable" and "portable step" in out.stderr
+        r, ref = device(*args, "--state", tmp_path / f"{name}-ref", "--backend", "onnxruntime-training")
+        assert r.exit_code == 0 and ref["backend"] == "onnxruntime-training", r.output
+        curves[name] = (stock["losses"], ref["losses"])
+    for stock, ref in curves.values():
+        assert len(stock) == len(ref) == 6
+        assert max(abs(a - b) / abs(b) for a, b in zip(stock, ref)) < 1e-4, (stock, ref)
+    for args in (["device", "eval", "--bundle", cls_bundle, "--state", tmp_path / "cls", "--data", data, "--json"],
+                 ["device", "predict", "--bundle", cls_bundle, "--state", tmp_path / "cls", "--text", "i loved it"],
+                 ["device", "generate", "--bundle", lm_bundle, "--state", tmp_path / "lm", "--prompt", "what is two plus two?", "--max-new-tokens", "3"],
+                 ["device", "export-adapter", "--bundle", cls_bundle, "--state", tmp_path / "cls", "--out", tmp_path / "a"]):
         out = cli(*args)
         assert out.returncode == 0, (args, out.stderr[-3000:])
-    out = cli("device", "train", "--bundle", cls_bundle, "--state", tmp_path / "s", "--data", data, "--max-steps", "1")
+    out = cli("device", "train", "--bundle", cls_bundle, "--state", tmp_path / "s", "--data", data, "--max-steps", "1", "--backend", "onnxruntime-training")
     assert out.returncode == 12 and "stock build" in out.stderr and "onnxruntime-training" in out.stderr, out.stderr[-2000:]

@@ -283,7 +283,7 @@ class DeviceTrainer:
         return {"generation": job["generation"], "backend": result["backend"], "promoted": promote, "reason": reason, "current": self.state.current,
                 "resumed_at_step": result["resumed_at"], "steps": result["steps"], "seconds": result["seconds"],
                 "steps_per_s": result["steps_per_s"], "first_loss": (result["losses"] or [None])[0],
-                "last_loss": (result["losses"] or [None])[-1], "metrics": metrics, "peak_rss_mib": record["peak_rss_mib"],
+                "last_loss": (result["losses"] or [None])[-1], "losses": result["losses"], "metrics": metrics, "peak_rss_mib": record["peak_rss_mib"],
                 "plan_mib": self.plan_mib, "state": str(self.state.folder)}
 
 
