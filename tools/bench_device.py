@@ -1,16 +1,21 @@
 #!/usr/bin/env python
 """Benchmark the device runtime.
 
-  step    one on-device training step (ONNX Runtime, the bundle's artifacts) against PyTorch on
-          the CPU doing the same step: same model (fp32 base + the bundle's LoRA), same token
-          batches at the bundle's batch x sequence length, same thread count, AdamW. Each side
-          runs in its own process so its peak RSS is its own; the ORT process cannot import torch.
-          Also FLOP/s achieved against the measured fp32 matmul peak of this CPU.
+  step    one on-device training step, as `edgeft device train` runs it, on each engine (the
+          onnxruntime-training build, and the portable standard-op step on plain ONNX Runtime)
+          against PyTorch on the CPU doing the same step: same model (fp32 base + the bundle's
+          LoRA), same token batches at the bundle's batch x sequence length, same thread count,
+          AdamW. Each side runs in its own process so its peak RSS is its own; the device
+          processes cannot import torch. Also FLOP/s achieved against the fp32 matmul peak.
+  curves  N steps of `edgeft device train` on each engine (same bundle, data and seed), and torch
+          on the same batches and schedule with the bundle's exact base: the loss curves' largest
+          relative differences.
   faults  SIGKILL `edgeft device train` at random moments, N times, resuming after each; check that
           no state is ever corrupt, that at most one checkpoint interval is lost each time, and that
           the final weights equal those of an uninterrupted run bit for bit.
 
     .venv/bin/python tools/bench_device.py step --bundle runs/quickstart-sentiment.bundle --data assets/data/sentiment/shard1.jsonl
+    .venv/bin/python tools/bench_device.py curves --bundle runs/quickstart-sentiment.bundle --data assets/data/sentiment/shard1.jsonl --steps 50
     .venv/bin/python tools/bench_device.py faults --bundle runs/quickstart-sentiment.bundle --data assets/data/sentiment/shard1.jsonl
 """
 
@@ -56,29 +61,32 @@ def batches(bundle: Path, data: str, n: int) -> tuple[list[dict], dict]:
     return [collate(enc[(i * b) % len(enc):(i * b) % len(enc) + b], tok.pad_token_id, pad_to=s) for i in range(n)], m
 
 
-def side_ort(args) -> dict:
+def side_engine(args) -> dict:
+    """The device's own training step (engine + shared AdamW graph), exactly as `device train` runs it."""
     for name in HEAVY:
         sys.modules[name] = None  # the device has none of these
-    from edgeft.device.runtime import training_api, training_session
+    from edgeft.device.backends import BACKEND_CLASSES, AdamW, Layout
+    from edgeft.device.runtime import threads
+    from safetensors.numpy import load_file
 
     bundle = Path(args.bundle)
     data, m = batches(bundle, args.data, args.steps + args.warmup)
-    api = training_api(m)
-    state = api.CheckpointState.load_checkpoint(str(bundle / "checkpoint"))
-    device, options = training_session(m)
-    module = api.Module(str(bundle / "training_model.onnx"), state, str(bundle / "eval_model.onnx"), device=device, session_options=options)
-    opt = api.Optimizer(str(bundle / "optimizer_model.onnx"), module)
-    opt.set_learning_rate(1e-4)
+    peft = load_file(str(bundle / "adapter" / "adapter_model.safetensors"))
+    start = {onnx: peft[key] for onnx, key in m["trainable"].items()}
+    layout = Layout({n: v.shape for n, v in start.items()})
+    engine = BACKEND_CLASSES[args.side](bundle, m)
+    opt = AdamW(bundle, m, layout, start)
+    engine.set_params(layout.views(opt.params))
     times, losses = [], []
     for i, b in enumerate(data):
         t0 = time.perf_counter()
-        loss = module(b["input_ids"], b["attention_mask"], b["labels"])
-        opt.step()
-        module.lazy_reset_grad()
+        loss = engine.forward_backward(b)
+        opt.update(engine.take_grads(), 1e-4)
+        engine.set_params(layout.views(opt.params))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
-    return {"s_per_step": statistics.median(times), "peak_rss_mib": peak_mib(), "losses": losses[:3], "threads": options.intra_op_num_threads}
+        losses.append(loss)
+    return {"s_per_step": statistics.median(times), "peak_rss_mib": peak_mib(), "losses": losses[:3], "threads": threads(m)}
 
 
 def side_torch(args) -> dict:
@@ -147,18 +155,84 @@ def child(side: str, args) -> dict:
 
 
 def step(args) -> dict:
-    ort, pt = child("ort", args), child("torch", args)
+    ort, portable, pt = (child(side, args) for side in ("onnxruntime-training", "portable", "torch"))
     peak = matmul_peak(args.threads)
     flops = pt["flops_per_step"]
-    result = {"bundle": args.bundle, "batch": pt["batch"], "seq": pt["seq"], "threads": args.threads, "ort": ort, "torch": pt,
-              "time_ratio": ort["s_per_step"] / pt["s_per_step"], "rss_ratio": ort["peak_rss_mib"] / pt["peak_rss_mib"],
-              "matmul_peak_gflops": peak, "ort_gflops": flops / ort["s_per_step"] / 1e9, "torch_gflops": flops / pt["s_per_step"] / 1e9}
+    result = {"bundle": args.bundle, "batch": pt["batch"], "seq": pt["seq"], "threads": args.threads, "matmul_peak_gflops": peak,
+              "onnxruntime-training": ort, "portable": portable, "torch": pt}
+    for name, r in (("onnxruntime-training", ort), ("portable", portable), ("torch", pt)):
+        r["gflops"] = flops / r["s_per_step"] / 1e9
+    for name, r in (("onnxruntime-training", ort), ("portable", portable)):
+        result[f"{name}/torch"] = {"time": r["s_per_step"] / pt["s_per_step"], "rss": r["peak_rss_mib"] / pt["peak_rss_mib"]}
+    result["portable/onnxruntime-training"] = {"time": portable["s_per_step"] / ort["s_per_step"], "rss": portable["peak_rss_mib"] / ort["peak_rss_mib"]}
     print(f"{Path(args.bundle).name}: batch {pt['batch']} x seq {pt['seq']}, {args.threads} threads, {args.steps} timed steps")
-    print(f"{'side':<28}{'s/step':>9}{'peak RSS':>12}{'GFLOP/s':>10}{'of peak':>9}")
-    for name, r, g in (("edgeft device (ORT)", ort, result["ort_gflops"]), ("PyTorch CPU, same step", pt, result["torch_gflops"])):
-        print(f"{name:<28}{r['s_per_step']:>9.3f}{r['peak_rss_mib']:>8.0f} MiB{g:>10.1f}{g / peak:>9.0%}")
-    print(f"{'ratio ORT / torch':<28}{result['time_ratio']:>9.3f}{result['rss_ratio']:>12.3f}")
-    print(f"first losses: ORT {ort['losses']}  torch {pt['losses']}  (fp32 matmul peak {peak:.1f} GFLOP/s)")
+    print(f"{'side':<36}{'s/step':>9}{'peak RSS':>12}{'GFLOP/s':>10}{'of peak':>9}")
+    for name, r in (("device, onnxruntime-training", ort), ("device, portable (stock ops)", portable), ("PyTorch CPU, same step", pt)):
+        print(f"{name:<36}{r['s_per_step']:>9.3f}{r['peak_rss_mib']:>8.0f} MiB{r['gflops']:>10.1f}{r['gflops'] / peak:>9.0%}")
+    for key in ("onnxruntime-training/torch", "portable/torch", "portable/onnxruntime-training"):
+        print(f"{'ratio ' + key:<36}{result[key]['time']:>9.3f}{result[key]['rss']:>12.3f}")
+    print(f"first losses: training build {ort['losses']}  portable {portable['losses']}  torch {pt['losses']}  (fp32 matmul peak {peak:.1f} GFLOP/s)")
+    return result
+
+
+def side_torch_curve(args) -> dict:
+    """torch on the device's own batches and schedule: the workstation model with the bundle's exact
+    (dequantized) base, the bundle's adapter, torch.optim.AdamW."""
+    import torch
+
+    from edgeft.bundle import read_manifest
+    from edgeft.device.trainer import DeviceTrainConfig, DeviceTrainer, cosine_lr
+    from edgeft.schemes import parse_scheme
+    from edgeft.workstation.export import LossGraph, device_model
+
+    bundle = Path(args.bundle)
+    m = read_manifest(bundle)
+    torch.set_num_threads(args.threads)
+    trainer = DeviceTrainer(bundle, Path(tempfile.mkdtemp()), DeviceTrainConfig(data=args.data, max_steps=args.steps), log=lambda _: None)
+    trainer.prepare_data()
+    model, _, _ = device_model(bundle / "adapter", parse_scheme(m["scheme"]), {}, m["base_model"], m["labels"])
+    graph = LossGraph(model, m["task"]).train()
+    params = [p for p in graph.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1.0, betas=tuple(m["optimizer"]["betas"]), eps=m["optimizer"]["eps"], weight_decay=m["optimizer"]["weight_decay"])
+    peak_lr = 5e-4 if m["task"] == "classify" else 1e-4  # the device's defaults
+    losses = []
+    for i in range(args.steps):
+        b = trainer.micro_batch(i, 1000 + 0)  # generation 1, seed 0: the device's batch order
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(i, args.steps, peak_lr, m["schedule"]["warmup_ratio"])
+        loss = graph(*(torch.from_numpy(b[k]) for k in ("input_ids", "attention_mask", "labels")))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return {"losses": losses}
+
+
+def curves(args) -> dict:
+    """`edgeft device train` on each engine, same bundle, data and seed, against torch."""
+    work = Path(tempfile.mkdtemp(prefix="edgeft-curves-"))
+    runs = {}
+    for backend in ("onnxruntime-training", "portable"):
+        cmd = [str(ROOT / ".venv/bin/edgeft"), "device", "train", "--bundle", args.bundle, "--data", args.data, "--max-steps", str(args.steps),
+               "--backend", backend, "--state", str(work / backend), "--json", "--quiet"]
+        t0 = time.perf_counter()
+        proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True, env={**os.environ, "EDGEFT_THREADS": str(args.threads)})
+        if proc.returncode:
+            sys.exit(f"{backend} failed:\n{proc.stderr[-3000:]}")
+        s = json.loads(proc.stdout)
+        rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
+        runs[backend] = {"losses": s["losses"], "train_seconds": s["seconds"], "wall_seconds": time.perf_counter() - t0, "peak_rss_mib": rss}
+    runs["torch"] = child("torch-curve", args)
+    rel = lambda a, b: max(abs(x - y) / abs(y) for x, y in zip(a, b))  # noqa: E731
+    ort, portable, pt = (runs[k]["losses"] for k in ("onnxruntime-training", "portable", "torch"))
+    result = {"bundle": args.bundle, "steps": args.steps, "runs": runs,
+              "max_rel": {"portable vs onnxruntime-training": rel(portable, ort), "onnxruntime-training vs torch": rel(ort, pt),
+                          "portable vs torch": rel(portable, pt)}}
+    print(f"{Path(args.bundle).name}: {args.steps} steps of `edgeft device train`, same data and seed")
+    for k, v in result["max_rel"].items():
+        print(f"  max relative loss difference, {k}: {v:.2e}")
+    print(f"  loss: step 1 {ort[0]:.4f}, step {args.steps} {ort[-1]:.4f} (training build); {portable[-1]:.4f} (portable); {pt[-1]:.4f} (torch)")
+    shutil.rmtree(work, ignore_errors=True)
     return result
 
 
@@ -248,10 +322,10 @@ def integrity(state: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("step", "faults", "_side"):
+    for name in ("step", "curves", "faults", "_side"):
         p = sub.add_parser(name)
         if name == "_side":
-            p.add_argument("side", choices=["ort", "torch"])
+            p.add_argument("side", choices=["onnxruntime-training", "portable", "torch", "torch-curve"])
         p.add_argument("--bundle", required=True)
         p.add_argument("--data", required=True)
         p.add_argument("--steps", type=int, default=10)
@@ -265,9 +339,10 @@ def main() -> None:
         p.add_argument("--out")
     args = ap.parse_args()
     if args.cmd == "_side":
-        print(json.dumps((side_ort if args.side == "ort" else side_torch)(args)))
+        sides = {"onnxruntime-training": side_engine, "portable": side_engine, "torch": side_torch, "torch-curve": side_torch_curve}
+        print(json.dumps(sides[args.side](args)))
         return
-    result = step(args) if args.cmd == "step" else faults(args)
+    result = {"step": step, "curves": curves, "faults": faults}[args.cmd](args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

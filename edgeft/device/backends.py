@@ -20,9 +20,6 @@ import numpy as np
 from ..bundle import BundleError
 from .runtime import RuntimeMismatch, check_inference, providers, threads, training_api, training_session, use_lean_arena
 
-BACKENDS = ("auto", "onnxruntime-training", "portable")
-
-
 def portable_entry(manifest: dict) -> dict:
     entry = manifest.get("portable")
     if not entry:
@@ -173,3 +170,6 @@ class PortableBackend:
 
     def eval_loss(self, batch: dict) -> float:
         return float(self.eval.run(None, self.feeds(self.eval, batch))[0])
+
+
+BACKEND_CLASSES = {cls.name: cls for cls in (OrtTrainingBackend, PortableBackend)}

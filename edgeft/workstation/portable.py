@@ -319,7 +319,7 @@ def adamw_graph(betas: tuple[float, float], eps: float, weight_decay: float):
 def write_portable(bundle: Path, optimizer: dict) -> dict:
     """Writes `portable/` next to ORT's artifacts; returns its manifest entry."""
     from onnxruntime.training import api
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from ..fsutil import atomic_write_bytes
 
@@ -327,7 +327,7 @@ def write_portable(bundle: Path, optimizer: dict) -> dict:
     folder.mkdir(exist_ok=True)
     state = api.CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
     frozen = {name: np.ascontiguousarray(p.data) for name, p in state.parameters if not p.requires_grad}
-    save_file(frozen, str(folder / FROZEN))
+    atomic_write_bytes(folder / FROZEN, save(frozen))
     for source, target in (("training_model.onnx", STEP), ("eval_model.onnx", EVAL)):
         atomic_write_bytes(folder / target, portable_graph(Path(bundle) / source).SerializeToString())
     adamw = adamw_graph(tuple(optimizer["betas"]), optimizer["eps"], optimizer["weight_decay"])
