@@ -113,6 +113,33 @@ def test_sigkill_mid_training_resumes_to_the_same_weights(tmp_path, cls_bundle):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_both_engines_give_one_loss_curve_and_share_checkpoints(tmp_path, cls_bundle):
+    """50 steps on the training build and on the portable step agree within 1e-4; a job killed on
+    one engine resumes on the other from the same checkpoint."""
+    data = write_jsonl(tmp_path / "new.jsonl", cls_rows(8))
+    curves = {}
+    for backend in ("onnxruntime-training", "portable"):
+        r, s = device("train", "--bundle", cls_bundle, "--state", tmp_path / backend, "--data", data, "--max-steps", 50,
+                      "--backend", backend, "--quiet", "--json")
+        assert r.exit_code == 0 and s["backend"] == backend, r.output
+        curves[backend] = s["losses"]
+    a, b = curves["onnxruntime-training"], curves["portable"]
+    assert len(a) == len(b) == 50 and max(abs(x - y) / abs(y) for x, y in zip(a, b)) < 1e-4, (a, b)
+
+    state = tmp_path / "switched"
+    proc = subprocess.Popen(_device_cmd(cls_bundle, state, data, "--backend", "onnxruntime-training"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (state / "job" / "last.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = subprocess.run(_device_cmd(cls_bundle, state, data, "--backend", "portable"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert s["backend"] == "portable" and s["resumed_at_step"] is not None and s["resumed_at_step"] >= 2
+
+
 def test_interrupted_job_with_other_data_is_refused_until_restart(tmp_path, cls_bundle):
     state = tmp_path / "state"
     data = write_jsonl(tmp_path / "a.jsonl", cls_rows())

@@ -19,6 +19,8 @@ def test_classify_bundle_is_complete_verified_and_matches_torch(tmp_path, cls_ru
         assert (out / f).is_file(), f
     p = s["parity"]
     assert p["logits_rel"] < 1e-5 and p["grad_rel"] < 1e-5 and p["loss_rel"] < 1e-6 and p["step_max_abs"] < 1e-6
+    assert p["portable_grad_rel"] < 1e-5 and p["portable_loss_rel"] < 1e-6 and p["portable_step_rel"] < 1e-4
+    assert_standard_ops(out)
     manifest = verify_bundle(out)
     assert manifest["labels"] == ["neg", "pos"] and manifest["scheme"] == "int4-g32" and manifest["task"] == "classify"
     assert all(v.startswith("base_model.model.") and ".default." not in v for v in manifest["trainable"].values())
@@ -46,6 +48,18 @@ def test_causal_bundle_matches_torch(tmp_path, lm_run, scheme):
     assert r.exit_code == 0, r.output
     p = json.loads(r.stdout)["parity"]
     assert p["logits_rel"] < 1e-5 and p["grad_rel"] < 1e-5 and p["step_max_abs"] < 1e-6
+    assert p["portable_grad_rel"] < 1e-5 and p["portable_loss_rel"] < 1e-6 and p["portable_step_rel"] < 1e-4
+    assert_standard_ops(tmp_path / "b")
+
+
+def assert_standard_ops(bundle):
+    """The portable step runs on any ONNX Runtime: only ops of the ONNX standard, at opset 17."""
+    import onnx
+
+    for f in ("train_step.onnx", "eval_step.onnx", "adamw.onnx"):
+        m = onnx.load(str(bundle / "portable" / f))
+        assert [(o.domain, o.version) for o in m.opset_import] == [("", 17)]
+        assert all(n.domain == "" and onnx.defs.has(n.op_type, "") for n in m.graph.node), f
 
 
 def test_any_peft_adapter_with_a_base_folder(tmp_path, cls_run, tiny_bert):
