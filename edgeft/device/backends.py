@@ -52,7 +52,8 @@ def _session(ort, path: Path, manifest: dict):
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)
     use_lean_arena(ort, options)
-    return ort.InferenceSession(str(path), options, providers=providers(ort, manifest))
+    return ort.InferenceSession(str(path), options, providers=providers(ort, manifest),
+                                disabled_optimizers=manifest.get("portable", {}).get("disabled_optimizers", []))
 
 
 class Layout:

@@ -28,6 +28,8 @@ import numpy as np
 OPSET = 17
 FOLDER = "portable"
 STEP, EVAL, ADAMW, FROZEN = "train_step.onnx", "eval_step.onnx", "adamw.onnx", "frozen.safetensors"
+# CSE would merge the backward pass's own rebuild of each weight back into the forward one
+DISABLED_OPTIMIZERS = ["CommonSubexpressionElimination"]
 
 
 class Rewriter:
@@ -248,7 +250,54 @@ class Rewriter:
         self.nodes.append(self.h.make_node("Split", i, o, name=self.fresh("Split_node"), axis=a.get("axis", 0)))
 
 
-def portable_graph(path: Path):
+def rebuild_base_for_backward(nodes: list, frozen: set[str], constants: set[str]) -> list:
+    """The backward pass gets its own rebuild of each quantized weight, right where it is used.
+
+    In ORT's graph the fp32 weight rebuilt for the forward matmul is kept alive until the
+    backward matmul that needs it: the whole base in fp32 (SmolLM2: ~540 MiB) at the peak.
+    Rebuilding it again from the packed codes costs a few elementwise passes and lets each fp32
+    copy die right after its matmul. Nodes are placed before their first backward use; ORT's
+    common-subexpression pass must be off for this graph (see DISABLED_OPTIMIZERS)."""
+    first_grad = next((i for i, n in enumerate(nodes) if any(o.endswith("_grad") for o in n.output)), len(nodes))
+    producer, derived = {}, set(frozen)
+    constants = set(constants) | {o for n in nodes if not n.input for o in n.output}  # Constant nodes
+    for n in nodes[:first_grad]:
+        for o in n.output:
+            producer[o] = n
+        if n.input and all(i in derived or i in constants or not i for i in n.input) and any(i in derived for i in n.input):
+            derived.update(o for o in n.output if o)
+    clones: dict[str, str] = {}
+    out = list(nodes[:first_grad])
+    for n in nodes[first_grad:]:
+        for name in n.input:
+            if name in derived and name not in frozen and name not in clones:
+                out.extend(_clone_chain(name, producer, derived, frozen, clones))
+        n.input[:] = [clones.get(i, i) for i in n.input]
+        out.append(n)
+    return out
+
+
+def _clone_chain(name: str, producer: dict, derived: set[str], frozen: set[str], clones: dict) -> list:
+    """Copies of the nodes computing `name` from frozen inputs, in order, with fresh output names."""
+    from onnx import NodeProto
+
+    node = producer[name]
+    made = []
+    for i in node.input:
+        if i in derived and i not in frozen and i not in clones:
+            made.extend(_clone_chain(i, producer, derived, frozen, clones))
+    copy = NodeProto()
+    copy.CopyFrom(node)
+    copy.name = f"{node.name or node.op_type}::bwd{len(clones)}"
+    copy.input[:] = [clones.get(i, i) for i in node.input]
+    for o in node.output:
+        if o:
+            clones[o] = o + "::bwd"
+    copy.output[:] = [clones.get(o, o) for o in node.output]
+    return made + [copy]
+
+
+def portable_graph(path: Path, frozen: set[str] = frozenset()):
     """ORT's training (or eval) graph as standard ops: params stay inputs, gradients become outputs."""
     import onnx
     from onnx import helper
@@ -268,7 +317,11 @@ def portable_graph(path: Path):
             outputs.append(helper.make_value_info(grad, param.type))
         else:
             outputs.append(out)
-    new = helper.make_graph(rewriter.nodes, graph.name, user, outputs, list(graph.initializer) + rewriter.inits,
+    nodes = rewriter.nodes
+    if accumulated and frozen:
+        constants = {i.name for i in graph.initializer} | {i.name for i in rewriter.inits}
+        nodes = rebuild_base_for_backward(nodes, set(frozen), constants)
+    new = helper.make_graph(nodes, graph.name, user, outputs, list(graph.initializer) + rewriter.inits,
                             value_info=[v for v in graph.value_info])
     result = helper.make_model(new, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeft")
     result.ir_version = 8
@@ -329,8 +382,9 @@ def write_portable(bundle: Path, optimizer: dict) -> dict:
     frozen = {name: np.ascontiguousarray(p.data) for name, p in state.parameters if not p.requires_grad}
     atomic_write_bytes(folder / FROZEN, save(frozen))
     for source, target in (("training_model.onnx", STEP), ("eval_model.onnx", EVAL)):
-        atomic_write_bytes(folder / target, portable_graph(Path(bundle) / source).SerializeToString())
+        atomic_write_bytes(folder / target, portable_graph(Path(bundle) / source, set(frozen)).SerializeToString())
     adamw = adamw_graph(tuple(optimizer["betas"]), optimizer["eps"], optimizer["weight_decay"])
     atomic_write_bytes(folder / ADAMW, adamw.SerializeToString())
     return {"folder": FOLDER, "train_step": f"{FOLDER}/{STEP}", "eval_step": f"{FOLDER}/{EVAL}", "optimizer": f"{FOLDER}/{ADAMW}",
-            "frozen": f"{FOLDER}/{FROZEN}", "opset": OPSET}
+            "frozen": f"{FOLDER}/{FROZEN}", "opset": OPSET,
+            "disabled_optimizers": DISABLED_OPTIMIZERS}
