@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import BundleError
+from .state import StateError
 from .runtime import RuntimeMismatch, check_inference, providers, threads, training_api, training_session, use_lean_arena
 
 def portable_entry(manifest: dict) -> dict:
@@ -99,7 +100,8 @@ class AdamW:
     def restore(self, arrays: dict, step: int) -> None:
         for key in ("params", "exp_avg", "exp_avg_sq"):
             if arrays[key].shape != (self.layout.size,):
-                raise ValueError(f"checkpoint {key} has {arrays[key].shape[0]} values, the bundle {self.layout.size}")
+                raise StateError(f"the interrupted job's checkpoint holds {arrays[key].shape[0]} values, the bundle {self.layout.size}",
+                                 "pass --restart to discard the interrupted generation")
         self.params, self.exp_avg, self.exp_avg_sq = (np.array(arrays[k], np.float32) for k in ("params", "exp_avg", "exp_avg_sq"))
         self.step = step
 

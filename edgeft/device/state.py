@@ -38,24 +38,18 @@ def save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
 
 
 def load_arrays(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise StateError(f"{path} is unreadable ({e})", "roll back to another generation with `edgeft device rollback`") from None
+    return load_checkpoint(path, "roll back to another generation with `edgeft device rollback`")[0]
 
 
-def load_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(arrays, metadata) of a job checkpoint."""
+def load_checkpoint(path: Path, hint: str = "pass --restart to discard the interrupted generation") -> tuple[dict, dict]:
+    """(arrays, metadata) of a safetensors file the device wrote."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise StateError(f"{path} is unreadable ({e})", "pass --restart to discard the interrupted generation") from None
+        raise StateError(f"{path} is unreadable ({e})", hint) from None
 
 
 def disk_full(e: BaseException) -> bool:
