@@ -50,6 +50,31 @@ def test_causal_bundle_matches_torch(tmp_path, lm_run, scheme):
     assert p["logits_rel"] < 1e-5 and p["grad_rel"] < 1e-5 and p["step_max_abs"] < 1e-6
     assert p["portable_grad_rel"] < 1e-5 and p["portable_loss_rel"] < 1e-6 and p["portable_step_rel"] < 1e-4
     assert_standard_ops(tmp_path / "b")
+    assert_backward_holds_no_base(tmp_path / "b")
+
+
+def assert_backward_holds_no_base(bundle):
+    """The backward pass rebuilds the fp32 base and SiLU(gate) itself instead of holding the forward's."""
+    import onnx
+    from safetensors.numpy import load_file
+
+    graph = onnx.load(str(bundle / "portable" / "train_step.onnx")).graph
+    frozen = set(load_file(str(bundle / "portable" / "frozen.safetensors")))
+    producer = {o: n for n in graph.node for o in n.output}
+    forward, todo = set(), ["loss"]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in forward:
+            forward.add(id(n))
+            todo.extend(n.input)
+    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    base = set(frozen)
+    for n in graph.node:
+        if id(n) in forward and any(i in base for i in n.input) and all(i in base or i in constants for i in n.input if i):
+            base.update(n.output)
+    backward = [n for n in graph.node if id(n) not in forward]
+    assert not {i for n in backward for i in n.input} & (base - frozen)
+    assert any(n.op_type == "Sigmoid" for n in backward)
 
 
 def assert_standard_ops(bundle):

@@ -6,7 +6,8 @@
           against PyTorch on the CPU doing the same step: same model (fp32 base + the bundle's
           LoRA), same token batches at the bundle's batch x sequence length, same thread count,
           AdamW. Each side runs in its own process so its peak RSS is its own; the device
-          processes cannot import torch. Also FLOP/s achieved against the fp32 matmul peak.
+          processes cannot import torch. Also FLOP/s achieved against the fp32 matmul peak, each
+          side counting its own work (the device projects onto the vocabulary only where a label is).
   curves  N steps of `edgeft device train` on each engine (same bundle, data and seed), and torch
           on the same batches and schedule with the bundle's exact base: the loss curves' largest
           relative differences.
@@ -129,8 +130,13 @@ def side_torch(args) -> dict:
     bsz, seq = data[0]["input_ids"].shape
     # forward 2N per token, backward 2N (input gradients only: the base is frozen), attention QK^T and AV
     flops = 4 * linear * bsz * seq + 3 * 4 * bsz * seq * seq * cfg.hidden_size * cfg.num_hidden_layers
+    device_flops = flops
+    if m["task"] != "classify":  # the device projects onto the vocabulary only where a label is
+        head = model.get_base_model().get_output_embeddings().weight.numel()
+        labelled = statistics.mean(int((b["labels"][:, 1:] != -100).sum()) for b in data[args.warmup:])
+        device_flops -= 4 * head * (bsz * seq - labelled)
     return {"s_per_step": statistics.median(times), "peak_rss_mib": peak_mib(), "losses": losses[:3], "flops_per_step": flops,
-            "linear_params": linear, "batch": bsz, "seq": seq}
+            "device_flops_per_step": device_flops, "linear_params": linear, "batch": bsz, "seq": seq}
 
 
 def matmul_peak(threads: int) -> float:
@@ -157,11 +163,10 @@ def child(side: str, args) -> dict:
 def step(args) -> dict:
     ort, portable, pt = (child(side, args) for side in ("onnxruntime-training", "portable", "torch"))
     peak = matmul_peak(args.threads)
-    flops = pt["flops_per_step"]
     result = {"bundle": args.bundle, "batch": pt["batch"], "seq": pt["seq"], "threads": args.threads, "matmul_peak_gflops": peak,
               "onnxruntime-training": ort, "portable": portable, "torch": pt}
     for name, r in (("onnxruntime-training", ort), ("portable", portable), ("torch", pt)):
-        r["gflops"] = flops / r["s_per_step"] / 1e9
+        r["gflops"] = pt["flops_per_step" if name == "torch" else "device_flops_per_step"] / r["s_per_step"] / 1e9
     for name, r in (("onnxruntime-training", ort), ("portable", portable)):
         result[f"{name}/torch"] = {"time": r["s_per_step"] / pt["s_per_step"], "rss": r["peak_rss_mib"] / pt["peak_rss_mib"]}
     result["portable/onnxruntime-training"] = {"time": portable["s_per_step"] / ort["s_per_step"], "rss": portable["peak_rss_mib"] / ort["peak_rss_mib"]}

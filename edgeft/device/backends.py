@@ -19,7 +19,7 @@ import numpy as np
 
 from ..bundle import BundleError
 from .state import StateError
-from .runtime import RuntimeMismatch, check_inference, providers, threads, training_api, training_session, use_lean_arena
+from .runtime import check_inference, plan_for_training, providers, threads, training_api, training_session, use_lean_arena
 
 def portable_entry(manifest: dict) -> dict:
     entry = manifest.get("portable")
@@ -29,30 +29,25 @@ def portable_entry(manifest: dict) -> dict:
     return entry
 
 
-def choose_backend(manifest: dict, wanted: str = "auto", log=print) -> type:
-    """The training build where it is importable, else the portable step on stock ORT.
-    Checked before any data is read, so a device that can train neither way says so first."""
+def choose_backend(manifest: dict, wanted: str = "auto") -> type:
+    """The portable step unless asked otherwise: it runs on any ONNX Runtime and, rebuilding in
+    the backward pass what it can instead of holding it, trains at the training build's speed in
+    less memory. Checked before any data is read, so a device that cannot train says so first."""
     if wanted == "onnxruntime-training":
         training_api(manifest)
         return OrtTrainingBackend
-    if wanted == "auto":
-        try:
-            training_api(manifest)
-            return OrtTrainingBackend
-        except RuntimeMismatch as e:
-            if not manifest.get("portable"):
-                raise
-            log(f"note: {e.message}; training with the bundle's portable step on stock onnxruntime")
     portable_entry(manifest)
     check_inference()
     return PortableBackend
 
 
-def _session(ort, path: Path, manifest: dict):
+def _session(ort, path: Path, manifest: dict, training: bool = False):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)
     use_lean_arena(ort, options)
+    if training:
+        plan_for_training(options)
     return ort.InferenceSession(str(path), options, providers=providers(ort, manifest),
                                 disabled_optimizers=manifest.get("portable", {}).get("disabled_optimizers", []))
 
@@ -145,7 +140,7 @@ class PortableBackend:
         ort = check_inference()
         b = Path(bundle)
         self.frozen = load_file(str(b / entry["frozen"]))  # one copy, fed to both graphs
-        self.step = _session(ort, b / entry["train_step"], manifest)
+        self.step = _session(ort, b / entry["train_step"], manifest, training=True)
         self.eval = _session(ort, b / entry["eval_step"], manifest)
         self.grad_names = [o.name for o in self.step.get_outputs()[1:]]
         self.names = list(manifest["trainable"])

@@ -53,7 +53,7 @@ def device():
 @click.option("--restart", is_flag=True, help="Discard an interrupted generation instead of resuming it.")
 @click.option("--force", is_flag=True, help="Train even when the memory plan exceeds the target's budget.")
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime-training", "portable"]), default="auto", show_default=True,
-              help="Training engine: auto uses onnxruntime-training where it is installed, else the portable step on stock onnxruntime.")
+              help="Training engine: auto uses the bundle's portable step (any onnxruntime); onnxruntime-training needs that build (x86-64).")
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
 def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, grad_accum, checkpoint_every, tolerance, seed,

@@ -108,6 +108,17 @@ def use_lean_arena(ort, options) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
+def plan_for_training(options) -> None:
+    """Give every tensor of a training step its own buffer, freed after its last use.
+
+    ORT's planner otherwise makes tensors share buffers, and a buffer then lives as long as
+    its longest tenant: on a training graph that keeps most forward temporaries alive until
+    the backward pass. SmolLM2-135M portable step (4 x 128, 2 cores): peak RSS 2369 -> 1527
+    MiB, same step time; the arena still recycles the freed memory at run time."""
+    options.enable_mem_reuse = False
+    options.enable_mem_pattern = False
+
+
 def threads(manifest: dict) -> int:
     """The target's thread count, never more than this machine has (EDGEFT_THREADS overrides)."""
     if os.environ.get("EDGEFT_THREADS"):
@@ -122,6 +133,7 @@ def training_session(manifest: dict):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads(manifest)
     use_lean_arena(ort, options)
+    plan_for_training(options)
     return ("cuda" if "CUDAExecutionProvider" in providers(ort, manifest) else "cpu"), options
 
 

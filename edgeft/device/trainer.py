@@ -78,7 +78,7 @@ class DeviceTrainer:
     def __init__(self, bundle: Path, state_dir: Path, cfg: DeviceTrainConfig, log=print, progress: bool = True):
         self.bundle, self.cfg, self.log, self.show_progress = Path(bundle), cfg, log, progress
         self.manifest = verify_bundle(self.bundle)
-        self.engine = choose_backend(self.manifest, cfg.backend, log)
+        self.engine = choose_backend(self.manifest, cfg.backend)
         self.check_plan()
         self.task, self.labels = self.manifest["task"], self.manifest["labels"]
         self.batch, self.seq = self.manifest["train_shape"]["batch"], self.manifest["train_shape"]["seq"]

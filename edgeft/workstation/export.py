@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgeftError
+from .objective import causal_lm_loss
 from .onnx_base import PackedWeight, base_initializer_names, pack_int, pack_nf4, replace_initializers
 
 OPSET = 17  # ORT 1.19 reads <= 21; 17 is what the legacy exporter handles best
@@ -36,11 +37,10 @@ class LossGraph(torch.nn.Module):
         self.model, self.task = model, task
 
     def forward(self, input_ids, attention_mask, labels):
+        if self.task != "classify":  # the vocabulary projection only where a label is, as in training
+            return causal_lm_loss(self.model.get_base_model(), input_ids, attention_mask, labels)[0]
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        if self.task == "classify":
-            return torch.nn.functional.cross_entropy(logits, labels)
-        vocab = logits.shape[-1]
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return torch.nn.functional.cross_entropy(logits, labels)
 
 
 class LogitsGraph(torch.nn.Module):

@@ -16,23 +16,31 @@ from ..encode import IGNORE
 from ..metrics import classification_metrics
 
 
+def causal_lm_loss(hf, input_ids, attention_mask, labels):
+    """(mean loss over labelled tokens, number of labelled tokens) of a Hugging Face causal LM.
+
+    Index positions, not a boolean mask: it exports to ONNX as NonZero + Gather, whose
+    gradient ONNX Runtime has, so the device graph gets the same saving."""
+    hidden = hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    target = labels[:, 1:].reshape(-1)  # token t predicts t+1
+    keep = target != IGNORE
+    where = torch.nonzero(keep).squeeze(1)
+    picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, where)  # (N, H)
+    logits = hf.get_output_embeddings()(picked).float()  # (N, V)
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    n = keep.sum()
+    return F.cross_entropy(logits, target.index_select(0, where), reduction="sum") / n.clamp(min=1), n
+
+
 class CausalLMObjective(torch.nn.Module):
     def __init__(self, peft_model):
         super().__init__()
         self.model = peft_model
 
     def forward(self, input_ids, attention_mask, labels):
-        """Returns (mean loss over labelled tokens, number of labelled tokens)."""
-        hf = self.model.get_base_model()
-        hidden = hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        target = labels[:, 1:]  # (B, T-1): token t predicts t+1
-        keep = target != IGNORE
-        logits = hf.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (N, V)
-        cap = getattr(hf.config, "final_logit_softcapping", None)
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
-        n = keep.sum()
-        return F.cross_entropy(logits, target[keep], reduction="sum") / n.clamp(min=1), n
+        return causal_lm_loss(self.model.get_base_model(), input_ids, attention_mask, labels)
 
 
 class ClassifyObjective(torch.nn.Module):

@@ -174,24 +174,26 @@ class Rewriter:
             self.reduce_leading(dy, o[2], r)
 
     def _SoftmaxCrossEntropyLossGrad(self, i, o, a):
+        """(softmax - onehot) * keep * scale, with the one subtracted in place by a scatter:
+        a dense one-hot would be one more (tokens x vocabulary) tensor at the step's peak."""
         if len(i) > 3 and i[3]:
             raise NotImplementedError("SoftmaxCrossEntropyLossGrad with class weights")
         dy, log_prob, label = i[:3]
         reduction = a.get("reduction", b"mean")
         reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
         keep = self.op("Not", [self.op("Equal", [label, self.const(a.get("ignore_index", -100), np.int64)])])
-        safe = self.op("Where", [keep, label, self.const(0, np.int64)])  # OneHot wraps negative ids
-        depth = self.op("Shape", [log_prob], start=1, end=2)
-        onehot = self.op("OneHot", [safe, depth, self.const([0.0, 1.0])], axis=1)
-        keep_f = self.op("Unsqueeze", [self.op("Cast", [keep], to=1), self.const([1], np.int64)])
+        keep_f = self.op("Cast", [keep], to=1)
         if reduction == "mean":
-            scale = self.op("Div", [dy, self.op("ReduceSum", [self.op("Cast", [keep], to=1)], keepdims=0)])
+            scale = self.op("Div", [dy, self.op("ReduceSum", [keep_f], keepdims=0)])
         elif reduction == "sum":
             scale = dy
         else:
             raise NotImplementedError(f"SoftmaxCrossEntropyLossGrad reduction {reduction}")
-        diff = self.op("Sub", [self.op("Exp", [log_prob]), onehot])
-        self.op("Mul", [self.op("Mul", [diff, keep_f]), scale], o[0])
+        column = self.const([1], np.int64)
+        safe = self.op("Unsqueeze", [self.op("Where", [keep, label, self.const(0, np.int64)]), column])
+        minus = self.op("Unsqueeze", [self.op("Neg", [keep_f]), column])
+        diff = self.op("ScatterElements", [self.op("Exp", [log_prob]), safe, minus], axis=1, reduction="add")
+        self.op("Mul", [diff, self.op("Mul", [self.op("Unsqueeze", [keep_f, column]), scale])], o[0])
 
     def _GatherGrad(self, i, o, a):
         """Zeros of the data's shape with dY scatter-added at the gathered positions."""
@@ -250,42 +252,62 @@ class Rewriter:
         self.nodes.append(self.h.make_node("Split", i, o, name=self.fresh("Split_node"), axis=a.get("axis", 0)))
 
 
-def rebuild_base_for_backward(nodes: list, frozen: set[str], constants: set[str]) -> list:
-    """The backward pass gets its own rebuild of each quantized weight, right where it is used.
+# Elementwise ops cheap enough to run again in the backward pass rather than keep their output
+CHEAP = {"Add", "Sub", "Mul", "Div", "Neg", "Sigmoid", "Tanh", "Exp", "Sqrt", "Reciprocal", "Pow", "Cast", "Identity", "Relu", "Erf"}
 
-    In ORT's graph the fp32 weight rebuilt for the forward matmul is kept alive until the
-    backward matmul that needs it: the whole base in fp32 (SmolLM2: ~540 MiB) at the peak.
-    Rebuilding it again from the packed codes costs a few elementwise passes and lets each fp32
-    copy die right after its matmul. Nodes are placed before their first backward use; ORT's
-    common-subexpression pass must be off for this graph (see DISABLED_OPTIMIZERS)."""
-    first_grad = next((i for i, n in enumerate(nodes) if any(o.endswith("_grad") for o in n.output)), len(nodes))
-    producer, derived = {}, set(frozen)
+
+def recompute_for_backward(nodes: list, frozen: set[str], constants: set[str], loss: str) -> list:
+    """The backward pass computes again, right where it needs them, two kinds of forward tensors:
+
+    - each quantized weight rebuilt from its packed codes. In ORT's graph the fp32 weight
+      rebuilt for the forward matmul stays alive until the backward matmul that needs it: the
+      whole base in fp32 (SmolLM2: ~540 MiB) at the step's peak;
+    - cheap elementwise results whose inputs the backward pass keeps anyway (SiLU(gate) and
+      SiLU(gate) * up beside gate and up, the normalized hidden state beside the residual and
+      its inverse RMS): a few elementwise passes instead of holding them from the forward.
+
+    Forward is what the loss needs; every other node is backward, wherever ORT listed it.
+    Clones are placed before their first backward use; ORT's common-subexpression pass must be
+    off for this graph (see DISABLED_OPTIMIZERS)."""
+    producer = {o: n for n in nodes for o in n.output if o}
+    forward, todo = set(), [loss]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in forward:
+            forward.add(id(n))
+            todo.extend(i for i in n.input if i)
+    kept = {i for n in nodes if id(n) not in forward for i in n.input}  # what backward reads
     constants = set(constants) | {o for n in nodes if not n.input for o in n.output}  # Constant nodes
-    for n in nodes[:first_grad]:
-        for o in n.output:
-            producer[o] = n
-        if n.input and all(i in derived or i in constants or not i for i in n.input) and any(i in derived for i in n.input):
-            derived.update(o for o in n.output if o)
+    again, base = set(), set(frozen)
+    for n in nodes:
+        if id(n) not in forward or not n.input:
+            continue
+        if all(i in base or i in constants or not i for i in n.input) and any(i in base for i in n.input):
+            base.update(o for o in n.output if o)
+        elif n.op_type in CHEAP and all(i in kept or i in constants or i in base or i in again or not i for i in n.input):
+            again.update(o for o in n.output if o)
+    derived = (base - set(frozen)) | again
     clones: dict[str, str] = {}
-    out = list(nodes[:first_grad])
-    for n in nodes[first_grad:]:
-        for name in n.input:
-            if name in derived and name not in frozen and name not in clones:
-                out.extend(_clone_chain(name, producer, derived, frozen, clones))
-        n.input[:] = [clones.get(i, i) for i in n.input]
+    out = []
+    for n in nodes:
+        if id(n) not in forward:
+            for name in n.input:
+                if name in derived and name not in clones:
+                    out.extend(_clone_chain(name, producer, derived, clones))
+            n.input[:] = [clones.get(i, i) for i in n.input]
         out.append(n)
     return out
 
 
-def _clone_chain(name: str, producer: dict, derived: set[str], frozen: set[str], clones: dict) -> list:
-    """Copies of the nodes computing `name` from frozen inputs, in order, with fresh output names."""
+def _clone_chain(name: str, producer: dict, derived: set[str], clones: dict) -> list:
+    """Copies of the nodes computing `name` from what stays alive, in order, with fresh output names."""
     from onnx import NodeProto
 
     node = producer[name]
     made = []
     for i in node.input:
-        if i in derived and i not in frozen and i not in clones:
-            made.extend(_clone_chain(i, producer, derived, frozen, clones))
+        if i in derived and i not in clones:
+            made.extend(_clone_chain(i, producer, derived, clones))
     copy = NodeProto()
     copy.CopyFrom(node)
     copy.name = f"{node.name or node.op_type}::bwd{len(clones)}"
@@ -320,7 +342,7 @@ def portable_graph(path: Path, frozen: set[str] = frozenset()):
     nodes = rewriter.nodes
     if accumulated and frozen:
         constants = {i.name for i in graph.initializer} | {i.name for i in rewriter.inits}
-        nodes = rebuild_base_for_backward(nodes, set(frozen), constants)
+        nodes = recompute_for_backward(nodes, set(frozen), constants, graph.output[0].name)
     new = helper.make_graph(nodes, graph.name, user, outputs, list(graph.initializer) + rewriter.inits,
                             value_info=[v for v in graph.value_info])
     result = helper.make_model(new, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeft")
