@@ -2,8 +2,9 @@
 
 Peak RSS on the device is estimated as
   packed base (the scheme's bytes per parameter)
-+ fp32 weights rebuilt at the peak: each weight is rebuilt from its codes where it is used and
-  dropped after, so what counts is the largest one (the tied embedding), held twice around the loss
++ fp32 weights: a small base (under HOLD_BASE_MIB in fp32) is held from forward to backward;
+  a larger one is rebuilt from its codes where each weight is used and dropped after, so what
+  counts is the largest weight (the tied embedding), held twice around the loss
 + trainable parameters x 4 copies (value, gradient, AdamW m and v), fp32
 + activations kept for backward at the target's batch x sequence length
 + the runtime itself (ONNX Runtime, Python, numpy, tokenizers).
@@ -20,6 +21,10 @@ from pathlib import Path
 from .errors import EdgeftError
 
 RUNTIME_MIB = 160  # measured: python + onnxruntime + numpy + tokenizers, idle
+# Rebuilding every weight (and cheap activations) again for the backward pass costs ~10% of
+# MiniLM's step at 4 x 64 (87 MiB fp32 base, cheap to hold), nothing measurable of SmolLM2's at
+# 4 x 128 (513 MiB, the largest single item of its peak). See edgeft.workstation.portable.
+HOLD_BASE_MIB = 256
 MIB = 1 << 20
 
 
@@ -39,6 +44,7 @@ class MemoryPlan:
     total_mib: float
     batch: int
     seq: int
+    holds_base: bool = False
 
     @property
     def fits(self) -> bool:
@@ -48,7 +54,8 @@ class MemoryPlan:
         return {**asdict(self), "fits": self.fits}
 
     def render(self) -> str:
-        rows = [("packed base", self.base_packed_mib), ("fp32 weights rebuilt at the peak", self.base_rebuilt_mib),
+        rebuilt = "fp32 base held for backward" if self.holds_base else "fp32 weights rebuilt at the peak"
+        rows = [("packed base", self.base_packed_mib), (rebuilt, self.base_rebuilt_mib),
                 ("trainable params + grads + AdamW", self.trainable_mib), (f"activations ({self.batch} x {self.seq})", self.activations_mib),
                 ("runtime", self.runtime_mib), ("total (estimated peak)", self.total_mib)]
         lines = [f"memory plan for {self.target} (budget {self.budget_mib} MiB)"]
@@ -92,14 +99,15 @@ def plan_memory(model_dir: Path, adapter_dir: Path, target, task: str, batch: in
     activations = layers * (tokens * (10 * hidden + 2 * inter) + batch * heads * seq * seq) * 4
     if task == "causal-lm":
         activations += tokens * vocab * 4 * 3  # log-probabilities, softmax, gradient; at most every position
+    holds = base * 4 / MIB < HOLD_BASE_MIB
     parts = {
         "base_packed_mib": base * target.scheme.bytes_per_param / MIB,
-        "base_rebuilt_mib": 2 * vocab * hidden * 4 / MIB,
+        "base_rebuilt_mib": (base if holds else 2 * vocab * hidden) * 4 / MIB,
         "trainable_mib": trainable * 4 * 4 / MIB,
         "activations_mib": activations / MIB,
         "runtime_mib": float(RUNTIME_MIB),
     }
-    return MemoryPlan(target=target.name, budget_mib=target.budget_mb, total_mib=sum(parts.values()), batch=batch, seq=seq,
+    return MemoryPlan(target=target.name, budget_mib=target.budget_mb, total_mib=sum(parts.values()), batch=batch, seq=seq, holds_base=holds,
                       **{k: round(v, 1) for k, v in parts.items()})
 
 

@@ -42,19 +42,24 @@ def test_classify_bundle_is_complete_verified_and_matches_torch(tmp_path, cls_ru
         verify_bundle(out)
 
 
-@pytest.mark.parametrize("scheme", ["int3-g32", "nf4"])
-def test_causal_bundle_matches_torch(tmp_path, lm_run, scheme):
+@pytest.mark.parametrize("scheme,hold", [("int3-g32", False), ("nf4", True)])
+def test_causal_bundle_matches_torch(tmp_path, lm_run, scheme, hold, monkeypatch):
+    if not hold:  # the tiny model's base is small enough to hold; make it rebuild as a large one does
+        monkeypatch.setattr("edgeft.plan.HOLD_BASE_MIB", 0)
     r = run("export", "--run", lm_run, "--target", target(tmp_path, scheme), "--out", tmp_path / "b", "--json")
     assert r.exit_code == 0, r.output
-    p = json.loads(r.stdout)["parity"]
+    out = json.loads(r.stdout)
+    p = out["parity"]
     assert p["logits_rel"] < 1e-5 and p["grad_rel"] < 1e-5 and p["step_max_abs"] < 1e-6
     assert p["portable_grad_rel"] < 1e-5 and p["portable_loss_rel"] < 1e-6 and p["portable_step_rel"] < 1e-4
+    assert out["memory_plan"]["holds_base"] is hold
     assert_standard_ops(tmp_path / "b")
-    assert_backward_holds_no_base(tmp_path / "b")
+    assert_backward_recomputes(tmp_path / "b", hold)
 
 
-def assert_backward_holds_no_base(bundle):
-    """The backward pass rebuilds the fp32 base and SiLU(gate) itself instead of holding the forward's."""
+def assert_backward_recomputes(bundle, holds_base: bool):
+    """A held base is rebuilt once per session by rebuild.onnx and fed to the step; otherwise the
+    backward pass rebuilds the fp32 weights and SiLU(gate) itself instead of reading the forward's."""
     import onnx
     from safetensors.numpy import load_file
 
@@ -72,9 +77,19 @@ def assert_backward_holds_no_base(bundle):
     for n in graph.node:
         if id(n) in forward and any(i in base for i in n.input) and all(i in base or i in constants for i in n.input if i):
             base.update(n.output)
-    backward = [n for n in graph.node if id(n) not in forward]
-    assert not {i for n in backward for i in n.input} & (base - frozen)
-    assert any(n.op_type == "Sigmoid" for n in backward)
+    sigmoid = {o for n in graph.node if id(n) in forward and n.op_type == "Sigmoid" for o in n.output}
+    silu = {o for n in graph.node if id(n) in forward and n.op_type == "Mul" and sigmoid & set(n.input) for o in n.output}
+    read = {i for n in graph.node if id(n) not in forward for i in n.input}
+    assert silu and bool(read & silu) is holds_base
+    rebuild = bundle / "portable" / "rebuild.onnx"
+    assert rebuild.exists() is holds_base
+    if holds_base:
+        assert not any(n.op_type == "DequantizeLinear" for n in graph.node)
+        trainable = set(json.loads((bundle / "manifest.json").read_text())["trainable"])
+        fed = {i.name for i in graph.input} - frozen - trainable - {"input_ids", "attention_mask", "labels"}
+        assert fed and fed <= {o.name for o in onnx.load(str(rebuild)).graph.output}
+    else:
+        assert not read & (base - frozen)
 
 
 def assert_standard_ops(bundle):

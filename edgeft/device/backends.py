@@ -19,7 +19,7 @@ import numpy as np
 
 from ..bundle import BundleError
 from .state import StateError
-from .runtime import check_inference, plan_for_training, providers, threads, training_api, training_session, use_lean_arena
+from .runtime import check_inference, configure_session, plan_for_training, providers, threads, training_api, training_session
 
 def portable_entry(manifest: dict) -> dict:
     entry = manifest.get("portable")
@@ -45,7 +45,7 @@ def _session(ort, path: Path, manifest: dict, training: bool = False):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)
-    use_lean_arena(ort, options)
+    configure_session(ort, options)
     if training:
         plan_for_training(options)
     return ort.InferenceSession(str(path), options, providers=providers(ort, manifest),
@@ -139,12 +139,17 @@ class PortableBackend:
         entry = portable_entry(manifest)
         ort = check_inference()
         b = Path(bundle)
+        self.params: dict = {}
         self.frozen = load_file(str(b / entry["frozen"]))  # one copy, fed to both graphs
+        if entry.get("rebuild"):  # a small base: rebuilt in fp32 once, here, not in every step
+            rebuild = _session(ort, b / entry["rebuild"], manifest)
+            names = [o.name for o in rebuild.get_outputs()]
+            self.frozen.update(zip(names, rebuild.run(None, self.feeds(rebuild, {}))))
         self.step = _session(ort, b / entry["train_step"], manifest, training=True)
-        self.eval = _session(ort, b / entry["eval_step"], manifest)
+        self.eval = None  # made on first use: a session costs seconds to build on a large graph
+        self.eval_path, self.manifest = b / entry["eval_step"], manifest
         self.grad_names = [o.name for o in self.step.get_outputs()[1:]]
         self.names = list(manifest["trainable"])
-        self.params: dict = {}
         self.grads: np.ndarray | None = None
 
     def set_params(self, params: dict) -> None:
@@ -167,6 +172,8 @@ class PortableBackend:
         return grads
 
     def eval_loss(self, batch: dict) -> float:
+        if self.eval is None:
+            self.eval = _session(check_inference(), self.eval_path, self.manifest)
         return float(self.eval.run(None, self.feeds(self.eval, batch))[0])
 
 

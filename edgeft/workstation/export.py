@@ -257,7 +257,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
             raise explain_generation_error(e, graph, trainable) or e
         from .portable import write_portable
 
-        portable = write_portable(tmp, OPTIMIZER)
+        portable = write_portable(tmp, OPTIMIZER, recompute=not plan.holds_base)
         base_bytes = sum(p.nbytes for p in packed)
         shutil.rmtree(work)
         model.save_pretrained(str(tmp / "adapter"))

@@ -27,7 +27,7 @@ import numpy as np
 
 OPSET = 17
 FOLDER = "portable"
-STEP, EVAL, ADAMW, FROZEN = "train_step.onnx", "eval_step.onnx", "adamw.onnx", "frozen.safetensors"
+STEP, EVAL, ADAMW, FROZEN, REBUILD = "train_step.onnx", "eval_step.onnx", "adamw.onnx", "frozen.safetensors", "rebuild.onnx"
 # CSE would merge the backward pass's own rebuild of each weight back into the forward one
 DISABLED_OPTIMIZERS = ["CommonSubexpressionElimination"]
 
@@ -266,6 +266,7 @@ def recompute_for_backward(nodes: list, frozen: set[str], constants: set[str], l
       SiLU(gate) * up beside gate and up, the normalized hidden state beside the residual and
       its inverse RMS): a few elementwise passes instead of holding them from the forward.
 
+    Only for a large base (see edgeft.plan.HOLD_BASE_MIB): a small model's step is quicker holding them.
     Forward is what the loss needs; every other node is backward, wherever ORT listed it.
     Clones are placed before their first backward use; ORT's common-subexpression pass must be
     off for this graph (see DISABLED_OPTIMIZERS)."""
@@ -319,7 +320,7 @@ def _clone_chain(name: str, producer: dict, derived: set[str], clones: dict) -> 
     return made + [copy]
 
 
-def portable_graph(path: Path, frozen: set[str] = frozenset()):
+def portable_graph(path: Path, frozen: set[str] = frozenset(), recompute: bool = True):
     """ORT's training (or eval) graph as standard ops: params stay inputs, gradients become outputs."""
     import onnx
     from onnx import helper
@@ -340,7 +341,7 @@ def portable_graph(path: Path, frozen: set[str] = frozenset()):
         else:
             outputs.append(out)
     nodes = rewriter.nodes
-    if accumulated and frozen:
+    if accumulated and frozen and recompute:
         constants = {i.name for i in graph.initializer} | {i.name for i in rewriter.inits}
         nodes = recompute_for_backward(nodes, set(frozen), constants, graph.output[0].name)
     new = helper.make_graph(nodes, graph.name, user, outputs, list(graph.initializer) + rewriter.inits,
@@ -391,8 +392,62 @@ def adamw_graph(betas: tuple[float, float], eps: float, weight_decay: float):
     return model
 
 
-def write_portable(bundle: Path, optimizer: dict) -> dict:
-    """Writes `portable/` next to ORT's artifacts; returns its manifest entry."""
+def split_base(model, frozen: set[str]):
+    """(the step's other nodes, the nodes rebuilding the base, the fp32 tensors handed over)."""
+    nodes = model.graph.node
+    constant_nodes = {o: n for n in nodes if not n.input for o in n.output}
+    constants = {i.name for i in model.graph.initializer} | set(constant_nodes)
+    base, rebuild = set(frozen), []
+    for n in nodes:
+        if n.input and any(i in base for i in n.input) and all(i in base or i in constants or not i for i in n.input):
+            base.update(o for o in n.output if o)
+            rebuild.append(n)
+    made = base - set(frozen)
+    rest = [n for n in nodes if not set(n.output) & made]
+    handed = sorted({i for n in rest for i in n.input} & made)
+    needed = [constant_nodes[i] for i in dict.fromkeys(i for n in rebuild for i in n.input) if i in constant_nodes]
+    return rest, needed + rebuild, handed
+
+
+def rebuild_graph(models: list, frozen: set[str]):
+    """For a base small enough to hold: the weights are the same every step, so the device
+    rebuilds them once per session with this graph, (packed base) -> (fp32 weights), and the
+    steps in `models` (changed in place) take those weights as inputs."""
+    import onnx
+    from onnx import helper
+
+    nodes, inputs, inits, parts = {}, {}, {}, []
+    for model in models:
+        rest, rebuild, handed = split_base(model, frozen)
+        known = {i.name: i for i in model.graph.input}
+        initializers = {i.name: i for i in model.graph.initializer}
+        for n in rebuild:
+            nodes.setdefault(n.output[0], n)  # both steps rebuild the base with the same names
+            inputs.update({i: known[i] for i in n.input if i in known})
+            inits.update({i: initializers[i] for i in n.input if i in initializers})
+        parts.append((model, rest, handed))
+    graph = helper.make_graph(list(nodes.values()), "rebuild", list(inputs.values()), [], list(inits.values()))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeft")
+    model.ir_version = 8
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    for step, rest, handed in parts:
+        used = {i for n in rest for i in n.input}
+        step_inputs = [i for i in step.graph.input if i.name in used] + [typed[h] for h in handed]
+        del step.graph.node[:]
+        step.graph.node.extend(rest)
+        del step.graph.input[:]
+        step.graph.input.extend(step_inputs)
+        check_standard(step)
+    model.graph.output.extend(typed[h] for h in sorted({h for _, _, handed in parts for h in handed}))
+    check_standard(model)
+    return model
+
+
+def write_portable(bundle: Path, optimizer: dict, recompute: bool = True) -> dict:
+    """Writes `portable/` next to ORT's artifacts; returns its manifest entry.
+
+    recompute: a large base is rebuilt inside the step, where each weight is used (and again in
+    the backward pass); a small one (recompute off) once per session, by `rebuild.onnx`."""
     from onnxruntime.training import api
     from safetensors.numpy import save
 
@@ -403,10 +458,14 @@ def write_portable(bundle: Path, optimizer: dict) -> dict:
     state = api.CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
     frozen = {name: np.ascontiguousarray(p.data) for name, p in state.parameters if not p.requires_grad}
     atomic_write_bytes(folder / FROZEN, save(frozen))
-    for source, target in (("training_model.onnx", STEP), ("eval_model.onnx", EVAL)):
-        atomic_write_bytes(folder / target, portable_graph(Path(bundle) / source, set(frozen)).SerializeToString())
+    steps = [portable_graph(Path(bundle) / source, set(frozen), recompute) for source in ("training_model.onnx", "eval_model.onnx")]
+    entry = {"folder": FOLDER, "train_step": f"{FOLDER}/{STEP}", "eval_step": f"{FOLDER}/{EVAL}", "optimizer": f"{FOLDER}/{ADAMW}",
+             "frozen": f"{FOLDER}/{FROZEN}", "opset": OPSET, "disabled_optimizers": DISABLED_OPTIMIZERS}
+    if not recompute:
+        atomic_write_bytes(folder / REBUILD, rebuild_graph(steps, set(frozen)).SerializeToString())
+        entry["rebuild"] = f"{FOLDER}/{REBUILD}"
+    for model, target in zip(steps, (STEP, EVAL)):
+        atomic_write_bytes(folder / target, model.SerializeToString())
     adamw = adamw_graph(tuple(optimizer["betas"]), optimizer["eps"], optimizer["weight_decay"])
     atomic_write_bytes(folder / ADAMW, adamw.SerializeToString())
-    return {"folder": FOLDER, "train_step": f"{FOLDER}/{STEP}", "eval_step": f"{FOLDER}/{EVAL}", "optimizer": f"{FOLDER}/{ADAMW}",
-            "frozen": f"{FOLDER}/{FROZEN}", "opset": OPSET,
-            "disabled_optimizers": DISABLED_OPTIMIZERS}
+    return entry
