@@ -6,15 +6,18 @@ SoftmaxGrad_13, ...) that only the training build has. This module rewrites each
 nodes into the standard ops that compute the same thing, so stock ONNX Runtime (any version
 >= 1.19, any platform) runs the step.
 
-Why rewrite ORT's graph rather than trace a new one with torch: the forward and backward are
-then the very graph the training build runs (same saved activations, same recomputation, no
-more), so the two backends agree to rounding, and there is one source of gradients to test.
+Why rewrite ORT's graph rather than trace a new one with torch: the gradients are then the
+very ones the training build computes, so the two backends agree to rounding, and there is one
+source of gradients to test. What the backward pass keeps differs where it saves memory: for a
+large base it rebuilds each weight and cheap activations instead of holding the forward's.
 
 Files written under `portable/` in the bundle:
   train_step.onnx   (batch, all params) -> (loss, one gradient per trainable param)
   eval_step.onnx    (batch, all params) -> loss
   adamw.onnx        torch.optim.AdamW over the trainable params as one flat vector
   frozen.safetensors  the frozen (packed, quantized) base, fed to both graphs as inputs
+  rebuild.onnx      only for a small base: (packed base) -> fp32 weights, run once per session;
+                    the steps then take the weights as inputs
 Frozen tensors are inputs, not initializers, so ORT cannot constant-fold them into fp32 and
 one copy in memory serves both graphs.
 """
