@@ -345,3 +345,14 @@ def test_bundle_carries_reference_rows_the_device_checks(tmp_path, cls_run):
     data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
     r, s = device("train", "--bundle", tmp_path / "b", "--data", data, "--max-steps", 2, "--json", "--quiet")
     assert r.exit_code == 0 and s["metrics"]["candidate"]["reference"]["rows"] == 8, r.output
+
+
+def test_token_log_probs_match_float64_log_softmax():
+    """The evaluation's log-probabilities without a float64 copy of the logits."""
+    from edgeft.device.infer import log_softmax, token_log_probs
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((37, 4096)) * 8).astype(np.float32)
+    target = rng.integers(0, 4096, 37)
+    want = log_softmax(logits.astype(np.float64))[np.arange(37), target]
+    np.testing.assert_allclose(token_log_probs(logits, target), want, rtol=1e-6, atol=1e-6)

@@ -17,6 +17,14 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def token_log_probs(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """log p(target) per row of (N, V) fp32 logits, summing in float64 without an (N, V) float64
+    copy: over a 49k-word vocabulary that copy, times three, was most of an evaluation's memory."""
+    top = logits.max(-1)
+    norm = np.log(np.exp(logits - top[:, None]).sum(-1, dtype=np.float64)) + top
+    return np.take_along_axis(logits, target[:, None], -1)[:, 0] - norm
+
+
 class Predictor:
     """The inference graph with one generation's adapter weights swapped in."""
 
@@ -24,29 +32,30 @@ class Predictor:
         self.session = inference_session(bundle, manifest, params, want_cuda)
         self.task, self.labels, self.tokenizer = manifest["task"], manifest["labels"], tokenizer
         self.seq = manifest["max_seq_len"]
+        # a causal LM's logits are (batch x seq x vocabulary): evaluate at the training batch
+        self.eval_batch = 16 if self.task == "classify" else manifest["train_shape"]["batch"]
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 
-    def evaluate(self, encoded: list, batch_size: int = 16, per_row: bool = False) -> dict:
+    def evaluate(self, encoded: list, per_row: bool = False) -> dict:
         """The workstation's metrics: loss + accuracy/macro-F1, or loss + perplexity over answer tokens.
         `per_row` adds "correct" (classify): which rows were right, for a paired comparison."""
         loss_sum, count, correct = 0.0, 0, []
         confusion = np.zeros((len(self.labels), len(self.labels)))
-        for i in range(0, len(encoded), batch_size):
-            b = collate(encoded[i : i + batch_size], self.tokenizer.pad_token_id)
-            logp = log_softmax(self.logits(b["input_ids"], b["attention_mask"]).astype(np.float64))
+        for i in range(0, len(encoded), self.eval_batch):
+            b = collate(encoded[i : i + self.eval_batch], self.tokenizer.pad_token_id)
+            logits = self.logits(b["input_ids"], b["attention_mask"])
             if self.task == "classify":
                 y = b["labels"]
-                loss_sum -= logp[np.arange(len(y)), y].sum()
+                loss_sum -= token_log_probs(logits, y).sum()
                 count += len(y)
-                np.add.at(confusion, (y, logp.argmax(-1)), 1)
-                correct += (logp.argmax(-1) == y).tolist()
+                np.add.at(confusion, (y, logits.argmax(-1)), 1)
+                correct += (logits.argmax(-1) == y).tolist()
             else:
                 target = b["labels"][:, 1:]
                 keep = target != IGNORE
-                picked = np.take_along_axis(logp[:, :-1], np.where(keep, target, 0)[..., None], -1)[..., 0]
-                loss_sum -= picked[keep].sum()
+                loss_sum -= token_log_probs(logits[:, :-1][keep], target[keep]).sum()
                 count += int(keep.sum())
         loss = loss_sum / max(count, 1)
         if self.task == "classify":
