@@ -255,6 +255,15 @@ class Rewriter:
         self.nodes.append(self.h.make_node("Split", i, o, name=self.fresh("Split_node"), axis=a.get("axis", 0)))
 
 
+def constant_names(initializers, nodes: list) -> set[str]:
+    return {i.name for i in initializers} | {o for n in nodes if not n.input for o in n.output}  # + Constant nodes
+
+
+def rebuilds_base(node, base: set[str], constants: set[str]) -> bool:
+    """Whether `node` is part of rebuilding the base: only frozen-derived inputs and constants."""
+    return bool(node.input) and any(i in base for i in node.input) and all(i in base or i in constants or not i for i in node.input)
+
+
 # Elementwise ops cheap enough to run again in the backward pass rather than keep their output
 CHEAP = {"Add", "Sub", "Mul", "Div", "Neg", "Sigmoid", "Tanh", "Exp", "Sqrt", "Reciprocal", "Pow", "Cast", "Identity", "Relu", "Erf"}
 
@@ -281,12 +290,11 @@ def recompute_for_backward(nodes: list, frozen: set[str], constants: set[str], l
             forward.add(id(n))
             todo.extend(i for i in n.input if i)
     kept = {i for n in nodes if id(n) not in forward for i in n.input}  # what backward reads
-    constants = set(constants) | {o for n in nodes if not n.input for o in n.output}  # Constant nodes
     again, base = set(), set(frozen)
     for n in nodes:
         if id(n) not in forward or not n.input:
             continue
-        if all(i in base or i in constants or not i for i in n.input) and any(i in base for i in n.input):
+        if rebuilds_base(n, base, constants):
             base.update(o for o in n.output if o)
         elif n.op_type in CHEAP and all(i in kept or i in constants or i in base or i in again or not i for i in n.input):
             again.update(o for o in n.output if o)
@@ -345,7 +353,7 @@ def portable_graph(path: Path, frozen: set[str] = frozenset(), recompute: bool =
             outputs.append(out)
     nodes = rewriter.nodes
     if accumulated and frozen and recompute:
-        constants = {i.name for i in graph.initializer} | {i.name for i in rewriter.inits}
+        constants = constant_names(list(graph.initializer) + rewriter.inits, nodes)
         nodes = recompute_for_backward(nodes, set(frozen), constants, graph.output[0].name)
     new = helper.make_graph(nodes, graph.name, user, outputs, list(graph.initializer) + rewriter.inits,
                             value_info=[v for v in graph.value_info])
@@ -399,10 +407,10 @@ def split_base(model, frozen: set[str]):
     """(the step's other nodes, the nodes rebuilding the base, the fp32 tensors handed over)."""
     nodes = model.graph.node
     constant_nodes = {o: n for n in nodes if not n.input for o in n.output}
-    constants = {i.name for i in model.graph.initializer} | set(constant_nodes)
+    constants = constant_names(model.graph.initializer, nodes)
     base, rebuild = set(frozen), []
     for n in nodes:
-        if n.input and any(i in base for i in n.input) and all(i in base or i in constants or not i for i in n.input):
+        if rebuilds_base(n, base, constants):
             base.update(o for o in n.output if o)
             rebuild.append(n)
     made = base - set(frozen)
