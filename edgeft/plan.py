@@ -21,9 +21,10 @@ from pathlib import Path
 from .errors import EdgeftError
 
 RUNTIME_MIB = 160  # measured: python + onnxruntime + numpy + tokenizers, idle
-# Rebuilding every weight (and cheap activations) again for the backward pass costs ~10% of
-# MiniLM's step at 4 x 64 (87 MiB fp32 base, cheap to hold), nothing measurable of SmolLM2's at
-# 4 x 128 (513 MiB, the largest single item of its peak). See edgeft.workstation.portable.
+# Below this fp32 size the base is rebuilt once per session and held (MiniLM, 87 MiB: rebuilding
+# it in every step is time a small model notices); above it, rebuilt where each weight is used,
+# in the step and again in its backward pass (SmolLM2, 513 MiB: otherwise the largest item of
+# the step's peak). See edgeft.workstation.portable.
 HOLD_BASE_MIB = 256
 MIB = 1 << 20
 

@@ -11,12 +11,15 @@
   curves  N steps of `edgeft device train` on each engine (same bundle, data and seed), and torch
           on the same batches and schedule with the bundle's exact base: the loss curves' largest
           relative differences.
+  process one whole `edgeft device train` (data, training, the promotion check's evaluation):
+          peak RSS of the process against the bundle's memory plan.
   faults  SIGKILL `edgeft device train` at random moments, N times, resuming after each; check that
           no state is ever corrupt, that at most one checkpoint interval is lost each time, and that
           the final weights equal those of an uninterrupted run bit for bit.
 
     .venv/bin/python tools/bench_device.py step --bundle runs/quickstart-sentiment.bundle --data assets/data/sentiment/shard1.jsonl
     .venv/bin/python tools/bench_device.py curves --bundle runs/quickstart-sentiment.bundle --data assets/data/sentiment/shard1.jsonl --steps 50
+    .venv/bin/python tools/bench_device.py process --bundle runs/smollm-pi5.bundle --data assets/data/gsm8k/chat_train.jsonl --rows 200 --steps 4
     .venv/bin/python tools/bench_device.py faults --bundle runs/quickstart-sentiment.bundle --data assets/data/sentiment/shard1.jsonl
 """
 
@@ -70,6 +73,9 @@ def side_engine(args) -> dict:
     from edgeft.device.runtime import threads
     from safetensors.numpy import load_file
 
+    if args.ort_defaults:
+        ort_defaults()
+
     bundle = Path(args.bundle)
     data, m = batches(bundle, args.data, args.steps + args.warmup)
     peft = load_file(str(bundle / "adapter" / "adapter_model.safetensors"))
@@ -88,6 +94,23 @@ def side_engine(args) -> dict:
             times.append(time.perf_counter() - t0)
         losses.append(loss)
     return {"s_per_step": statistics.median(times), "peak_rss_mib": peak_mib(), "losses": losses[:3], "threads": threads(m)}
+
+
+def ort_defaults() -> None:
+    """ONNX Runtime's own buffer sharing and spinning pool threads instead of edgeft's session
+    settings (edgeft.device.runtime), to measure what those settings are worth."""
+    import edgeft.device.backends as backends
+    import edgeft.device.runtime as runtime
+
+    configure = runtime.configure_session
+
+    def spinning(ort, options):
+        configure(ort, options)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+
+    for module in (backends, runtime):
+        module.plan_for_training = lambda options: None
+        module.configure_session = spinning
 
 
 def side_torch(args) -> dict:
@@ -152,7 +175,7 @@ def matmul_peak(threads: int) -> float:
 
 def child(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "_side", side, "--bundle", args.bundle, "--data", args.data, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--warmup", str(args.warmup), "--threads", str(args.threads)] + (["--ort-defaults"] if args.ort_defaults else [])
     env = {**os.environ, "EDGEFT_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -238,6 +261,26 @@ def curves(args) -> dict:
         print(f"  max relative loss difference, {k}: {v:.2e}")
     print(f"  loss: step 1 {ort[0]:.4f}, step {args.steps} {ort[-1]:.4f} (training build); {portable[-1]:.4f} (portable); {pt[-1]:.4f} (torch)")
     shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def process(args) -> dict:
+    """One `edgeft device train` on the first --rows rows, default engine; its own peak RSS report."""
+    work = Path(tempfile.mkdtemp(prefix="edgeft-process-"))
+    data = work / "data.jsonl"
+    with open(args.data, encoding="utf-8") as f:
+        data.write_text("".join(line for _, line in zip(range(args.rows), f)), encoding="utf-8")
+    cmd = [str(ROOT / ".venv/bin/edgeft"), "device", "train", "--bundle", args.bundle, "--data", str(data), "--max-steps", str(args.steps),
+           "--state", str(work / "state"), "--json", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EDGEFT_THREADS": str(args.threads)})
+    shutil.rmtree(work, ignore_errors=True)
+    if proc.returncode:
+        sys.exit(proc.stderr[-3000:])
+    s = json.loads(proc.stdout)
+    result = {"bundle": args.bundle, "rows": args.rows, "steps": s["steps"], "backend": s["backend"], "train_seconds": s["seconds"],
+              "peak_rss_mib": s["peak_rss_mib"], "plan_mib": s["plan_mib"]}
+    print(f"{Path(args.bundle).name}: `edgeft device train` on {args.rows} rows, {s['steps']} steps ({s['backend']}), then the promotion check")
+    print(f"  peak RSS of the process {s['peak_rss_mib']:.0f} MiB, memory plan {s['plan_mib']:.0f} MiB")
     return result
 
 
@@ -327,7 +370,7 @@ def integrity(state: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("step", "curves", "faults", "_side"):
+    for name in ("step", "curves", "process", "faults", "_side"):
         p = sub.add_parser(name)
         if name == "_side":
             p.add_argument("side", choices=["onnxruntime-training", "portable", "torch", "torch-curve"])
@@ -341,13 +384,16 @@ def main() -> None:
         p.add_argument("--max-delay", type=float, default=10.0)
         p.add_argument("--every", type=int, default=10)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--rows", type=int, default=200)
         p.add_argument("--out")
+        p.add_argument("--ort-defaults", action="store_true", help="step: the device sides with ONNX Runtime's default "
+                       "buffer sharing and thread spinning, to measure what edgeft's session settings save")
     args = ap.parse_args()
     if args.cmd == "_side":
         sides = {"onnxruntime-training": side_engine, "portable": side_engine, "torch": side_torch, "torch-curve": side_torch_curve}
         print(json.dumps(sides[args.side](args)))
         return
-    result = {"step": step, "curves": curves, "faults": faults}[args.cmd](args)
+    result = {"step": step, "curves": curves, "process": process, "faults": faults}[args.cmd](args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import BundleError
-from .state import StateError
 from .runtime import check_inference, configure_session, plan_for_training, providers, threads, training_api, training_session
+from .state import StateError
+
 
 def portable_entry(manifest: dict) -> dict:
     entry = manifest.get("portable")

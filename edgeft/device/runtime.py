@@ -103,8 +103,7 @@ def configure_session(ort, options) -> None:
     """
     global _ARENA_REGISTERED
     # Several sessions take turns (step, optimizer, rebuild); a pool thread left spinning after its
-    # session's run competes for the cores with the next one. MiniLM step, 2 cores: 0.13-0.18 s
-    # spinning, 0.10-0.11 s not.
+    # session's run competes for the cores with the next one (tools/bench_device.py step --ort-defaults).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not _ARENA_REGISTERED:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
@@ -118,8 +117,9 @@ def plan_for_training(options) -> None:
 
     ORT's planner otherwise makes tensors share buffers, and a buffer then lives as long as
     its longest tenant: on a training graph that keeps most forward temporaries alive until
-    the backward pass. SmolLM2-135M portable step (4 x 128, 2 cores): peak RSS 2369 -> 1527
-    MiB, same step time; the arena still recycles the freed memory at run time."""
+    the backward pass. SmolLM2-135M portable step (4 x 128, 2 cores): peak RSS 2121 -> 1314
+    MiB, same step time (tools/bench_device.py step --ort-defaults); the arena still recycles
+    the freed memory at run time."""
     options.enable_mem_reuse = False
     options.enable_mem_pattern = False
 

@@ -23,8 +23,7 @@ from ..bundle import sha256, verify_bundle
 from ..encode import batch_order, collate
 from ..errors import EdgeftError, UsageError
 from ..fsutil import atomic_write_json
-from .. import datasets
-from ..datasets import load_task_rows
+from ..datasets import load_task_rows, split
 from .data import encode_rows
 from .infer import Predictor
 from .progress import ProgressLine
@@ -108,7 +107,7 @@ class DeviceTrainer:
             train_pairs, self.held_set = pairs, enc(held_rows, str(cfg.eval_data))
         else:
             # tiny shards keep every row for training (and rely on the reference rows)
-            train_pairs, held_pairs = datasets.split(pairs, cfg.holdout_fraction, cfg.seed) if len(pairs) >= 10 else (pairs, [])
+            train_pairs, held_pairs = split(pairs, cfg.holdout_fraction, cfg.seed) if len(pairs) >= 10 else (pairs, [])
             held_rows, self.held_set = [r for r, _ in held_pairs], [e for _, e in held_pairs]
         self.train_rows, self.train_set = [r for r, _ in train_pairs], [e for _, e in train_pairs]
         reference = []

@@ -112,13 +112,16 @@ class Rewriter:
         else:
             self.op("Mul", [self.op("MatMul", [x, y]), self.const(alpha)], o[0])
 
+    def normal_cdf(self, x: str) -> str:
+        """Phi(x) = (1 + erf(x / sqrt 2)) / 2."""
+        return self.op("Mul", [self.op("Add", [self.op("Erf", [self.op("Mul", [x, self.const(np.sqrt(0.5))])]), self.const(1.0)]), self.const(0.5)])
+
     def _Gelu(self, i, o, a):
-        cdf = self.op("Add", [self.op("Erf", [self.op("Mul", [i[0], self.const(np.sqrt(0.5))])]), self.const(1.0)])
-        self.op("Mul", [self.op("Mul", [i[0], cdf]), self.const(0.5)], o[0])
+        self.op("Mul", [i[0], self.normal_cdf(i[0])], o[0])
 
     def _GeluGrad(self, i, o, a):
         dy, x = i
-        cdf = self.op("Mul", [self.op("Add", [self.op("Erf", [self.op("Mul", [x, self.const(np.sqrt(0.5))])]), self.const(1.0)]), self.const(0.5)])
+        cdf = self.normal_cdf(x)
         pdf = self.op("Mul", [self.op("Exp", [self.op("Mul", [self.op("Mul", [x, x]), self.const(-0.5)])]), self.const(1 / np.sqrt(2 * np.pi))])
         self.op("Mul", [dy, self.op("Add", [cdf, self.op("Mul", [x, pdf])])], o[0])
 

@@ -60,25 +60,24 @@ def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable
     params = dict(graph.named_parameters())
     loss_torch = graph(s["input_ids"], s["attention_mask"], s["labels"])
     loss_torch.backward()
-    result["loss_rel"] = abs(loss_eval - loss_torch.item()) / max(abs(loss_torch.item()), 1e-30)
-    result["train_loss_rel"] = abs(loss_train - loss_torch.item()) / max(abs(loss_torch.item()), 1e-30)
-    result["grad_rel"] = _rel(np.concatenate([grads_ort[n].ravel() for n in trainable]),
-                              np.concatenate([params[n].grad.numpy().ravel() for n in trainable]))
+    loss_rel = lambda loss: abs(loss - loss_torch.item()) / max(abs(loss_torch.item()), 1e-30)  # noqa: E731
+    flat_ort_grads = np.concatenate([grads_ort[n].ravel() for n in trainable])
+    torch_grads = np.concatenate([params[n].grad.numpy().ravel() for n in trainable])
+    result["loss_rel"], result["train_loss_rel"] = loss_rel(loss_eval), loss_rel(loss_train)
+    result["grad_rel"] = _rel(flat_ort_grads, torch_grads)
 
     # the portable step (standard ops, stock ORT) against the same torch step
     from ..device.backends import AdamW, Layout, PortableBackend
 
     manifest = {"portable": portable, "trainable": dict.fromkeys(trainable)}
-    portable = PortableBackend(bundle, manifest)
+    step = PortableBackend(bundle, manifest)
     start = {n: np.array(state.parameters[n].data) for n in trainable}
-    portable.set_params(start)
-    loss_portable = portable.forward_backward(feeds)
-    torch_grads = np.concatenate([params[n].grad.numpy().ravel() for n in trainable])
-    result["portable_loss_rel"] = abs(loss_portable - loss_torch.item()) / max(abs(loss_torch.item()), 1e-30)
-    result["portable_grad_rel"] = _rel(portable.take_grads(), torch_grads)
+    step.set_params(start)
+    result["portable_loss_rel"] = loss_rel(step.forward_backward(feeds))
+    result["portable_grad_rel"] = _rel(step.take_grads(), torch_grads)
     adamw = AdamW(bundle, manifest, Layout({n: v.shape for n, v in start.items()}), start)
-    adamw.update(np.concatenate([grads_ort[n].ravel() for n in trainable]), LR)
-    del portable
+    adamw.update(flat_ort_grads, LR)
+    del step
 
     # The optimizer is checked on ORT's own gradients: Adam divides by |g|, so comparing after
     # torch's gradients would amplify 1e-10 gradient noise on near-zero entries into the update.
