@@ -11,15 +11,11 @@ import json
 import time
 from pathlib import Path
 
-from .errors import EdgeftError
+from .errors import BundleError  # defined in errors.py (the one exit-code table)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 ORT_TRAINING = "1.19.2"  # the last onnxruntime-training release; the artifacts are made with it
-
-
-class BundleError(EdgeftError):
-    exit_code = 8
 
 
 def sha256(path: Path) -> str:

@@ -311,7 +311,9 @@ def plan(run, adapter, model, target, batch, seq, as_json):
                     *device_shape(profile, meta.get("max_seq_len"), batch, seq))
     emit(p.to_dict(), as_json, p.render())
     if not p.fits:
-        sys.exit(9)
+        from .errors import PlanError
+
+        sys.exit(PlanError.exit_code)
 
 
 def human_summary(s: dict) -> str:

@@ -39,7 +39,9 @@ class EdgeftGroup(click.Group):
                                              f'pip install "edgeft[{extra}]" (see `edgeft doctor`)')) from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
-            sys.exit(130)
+            from .errors import INTERRUPTED
+
+            sys.exit(INTERRUPTED)
 
     def group(self, *args, **kwargs):
         kwargs.setdefault("cls", EdgeftGroup)

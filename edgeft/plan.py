@@ -18,7 +18,7 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import EdgeftError
+from .errors import PlanError  # defined in errors.py (the one exit-code table)
 
 RUNTIME_MIB = 160  # measured: python + onnxruntime + numpy + tokenizers, idle
 # Below this fp32 size the base is rebuilt once per session and held (MiniLM, 87 MiB: rebuilding
@@ -27,10 +27,6 @@ RUNTIME_MIB = 160  # measured: python + onnxruntime + numpy + tokenizers, idle
 # the step's peak). See edgeft.workstation.portable.
 HOLD_BASE_MIB = 256
 MIB = 1 << 20
-
-
-class PlanError(EdgeftError):
-    exit_code = 9
 
 
 @dataclass

@@ -8,13 +8,7 @@ import sys
 import types
 from pathlib import Path
 
-from ..errors import EdgeftError
-
-
-class RuntimeMismatch(EdgeftError):
-    """The installed ONNX Runtime cannot run this bundle."""
-
-    exit_code = 12
+from ..errors import RuntimeMismatch  # defined in errors.py (the one exit-code table)
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:

@@ -21,14 +21,10 @@ import shutil
 import time
 from pathlib import Path
 
-from ..errors import EdgeftError, OutputError
+from ..errors import OutputError, StateError  # defined in errors.py (the one exit-code table)
 from ..fsutil import atomic_write_bytes, atomic_write_json
 
 REPLAY_ROWS = 256
-
-
-class StateError(EdgeftError):
-    exit_code = 11
 
 
 def save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..bundle import sha256, verify_bundle
 from ..encode import batch_order, collate
-from ..errors import EdgeftError, UsageError
+from ..errors import TrainingDiverged, UsageError  # defined in errors.py (the one exit-code table)
 from ..fsutil import atomic_write_json
 from ..datasets import load_task_rows, split
 from .data import encode_rows
@@ -33,10 +33,6 @@ from .state import DeviceState, StateError, load_arrays, load_checkpoint, save_a
 from .tokenizer import DeviceTokenizer
 
 BEST_EVAL_ROWS = 64  # rows of held-out loss at each checkpoint, to pick the best weights cheaply
-
-
-class TrainingDiverged(EdgeftError):
-    exit_code = 13
 
 
 @dataclass

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import re
 
-from ..errors import EdgeftError
+from ..errors import ExportError  # defined in errors.py (the one exit-code table)
 
 # Ops seen without a gradient builder in onnxruntime-training 1.19.2.
 NO_GRADIENT = {"CastLike", "MatMulNBits", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeLinear", "Loop", "If", "Scan", "Einsum", "CumSum"}
-
-
-class ExportError(EdgeftError):
-    exit_code = 10
 
 
 def gradient_path(model, trainable: list[str], loss: str = "loss") -> list:

@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import DataError, OutputError, UsageError
+from ..errors import DataError, OutputError, TrainingDiverged, UsageError
 from ..fsutil import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
 
 
@@ -364,7 +364,8 @@ class Trainer:
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_total += loss.item()
         if not math.isfinite(loss_total):
-            raise UsageError(f"loss became {loss_total} at step {step + 1}", "lower --lr, or use --precision fp32")
+            raise TrainingDiverged(f"the loss became {loss_total} at step {step + 1}; training stopped (the last checkpoint, if any, is kept)",
+                                   "lower --lr, or use --precision fp32")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable_params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else 0.0

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import EdgeftError
+from ..errors import ExportError
 
 TOLERANCE = 1e-4
 # Constant folding would expand every packed weight to fp32 at session start (SmolLM2-135M:
@@ -95,6 +95,6 @@ def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable
     result["tolerance"] = TOLERANCE
     bad = {k: v for k, v in result.items() if k.endswith("_rel") and not v <= TOLERANCE}
     if bad:
-        raise EdgeftError(f"bundle does not match the workstation model: {', '.join(f'{k}={v:.2e}' for k, v in bad.items())} "
+        raise ExportError(f"bundle does not match the workstation model: {', '.join(f'{k}={v:.2e}' for k, v in bad.items())} "
                           f"(tolerance {TOLERANCE:g})", "please report this with the model and target; the bundle was not written")
     return result
