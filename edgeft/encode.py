@@ -84,6 +84,22 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = 
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
+def batches_per_epoch(n_rows: int, batch_size: int, world: int = 1) -> int:
+    """Micro-batches each process gets per epoch (the rule: edgeft.schedule's docstring)."""
+    return -(-n_rows // batch_size) // world
+
+
+def micro_batch_ids(n_rows: int, batch_size: int, seed: int, index: int, world: int = 1, rank: int = 0) -> list[int]:
+    """The rows of global micro-batch `index` for process `rank` of `world`: the one rule both
+    trainers use, so resume needs only the step and the device batches as the workstation does."""
+    per_epoch = batches_per_epoch(n_rows, batch_size, world)
+    if per_epoch < 1:
+        raise DataError(f"{n_rows} training rows give no micro-batch of {batch_size} to each of {world} processes",
+                        "lower the batch size or add data")
+    epoch, pos = divmod(index, per_epoch)
+    return batch_order(n_rows, batch_size, seed, epoch)[pos * world + rank]
+
+
 def collate(items: list[Encoded], pad_id: int, pad_to: int | None = None) -> dict:
     """int64 numpy arrays; the workstation wraps them with torch.as_tensor (no copy)."""
     import numpy as np

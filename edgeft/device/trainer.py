@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import sha256, verify_bundle
-from ..encode import batch_order, collate
+from ..encode import batches_per_epoch, collate, micro_batch_ids
 from ..errors import TrainingDiverged, UsageError  # defined in errors.py (the one exit-code table)
 from ..fsutil import atomic_write_json
+from ..schedule import DEFAULT as SCHEDULE_DEFAULT, lr_at, total_steps
 from ..datasets import load_task_rows, split
 from .data import encode_rows
 from .infer import Predictor
@@ -58,11 +59,8 @@ class DeviceTrainConfig:
 
 
 def cosine_lr(step: int, total: int, peak: float, warmup_ratio: float) -> float:
-    warmup = max(1, round(total * warmup_ratio))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    """Kept for tools/: the shared schedule (edgeft.schedule), cosine."""
+    return lr_at(step, total, peak, "cosine", warmup_ratio)
 
 
 def file_info(path: str | Path, rows: int) -> dict:
@@ -75,8 +73,8 @@ class DeviceTrainer:
         self.manifest = verify_bundle(self.bundle)
         self.engine = choose_backend(self.manifest, cfg.backend)
         self.check_plan()
-        self.task, self.labels = self.manifest["task"], self.manifest["labels"]
-        self.batch, self.seq = self.manifest["train_shape"]["batch"], self.manifest["train_shape"]["seq"]
+        self.task, self.labels = self.manifest.task, self.manifest.labels
+        self.batch, self.seq = self.manifest.train_shape.batch, self.manifest.train_shape.seq
         self.tokenizer = DeviceTokenizer(self.bundle / "tokenizer")
         self.state = DeviceState(state_dir, self.bundle, self.manifest)
         if cfg.grad_accum < 1 or cfg.checkpoint_every < 1 or (cfg.max_steps is not None and cfg.max_steps < 1) or cfg.epochs <= 0:
@@ -85,7 +83,7 @@ class DeviceTrainer:
     def check_plan(self) -> None:
         from ..plan import PlanError
 
-        plan = self.manifest.get("memory_plan") or {}
+        plan = self.manifest.memory_plan or {}
         if plan and not plan.get("fits", True) and not self.cfg.force:
             raise PlanError(f"the bundle's memory plan ({plan['total_mib']:.0f} MiB) exceeds the target's budget ({plan['budget_mib']} MiB)",
                             "re-export with a smaller --batch/--seq, or pass --force to try anyway")
@@ -112,13 +110,11 @@ class DeviceTrainer:
         self.reference_set = enc(reference + self.state.replay_rows(), "reference rows")
         self.data_info = file_info(cfg.data, len(rows))
         self.eval_info = file_info(cfg.eval_data, len(held_rows)) if cfg.eval_data else {"split_from_data": len(held_rows)}
-        per_epoch = math.ceil(len(self.train_set) / self.batch)
-        self.per_epoch = per_epoch
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+        self.per_epoch = batches_per_epoch(len(self.train_set), self.batch)  # the workstation's rules (edgeft.schedule)
+        self.total_steps = total_steps(self.per_epoch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
 
     def micro_batch(self, index: int, seed: int) -> dict:
-        epoch, pos = divmod(index, self.per_epoch)
-        ids = batch_order(len(self.train_set), self.batch, seed, epoch)[pos]
+        ids = micro_batch_ids(len(self.train_set), self.batch, seed, index)
         return collate([self.train_set[i] for i in ids], self.tokenizer.pad_token_id)
 
     # -- the job -------------------------------------------------------------
@@ -153,7 +149,7 @@ class DeviceTrainer:
     def train(self, job: dict, resumed: bool) -> dict:
         cfg, job_dir = self.cfg, self.state.job_dir
         parent = self.state.params(job["parent"])
-        layout = Layout({n: parent[n].shape for n in self.manifest["trainable"]})
+        layout = Layout({n: parent[n].shape for n in self.manifest.trainable})
         optimizer = AdamW(self.bundle, self.manifest, layout, parent)
         last = job_dir / "last.safetensors"
         if resumed and last.is_file():
@@ -165,14 +161,14 @@ class DeviceTrainer:
         engine = self.engine(self.bundle, self.manifest)
         engine.set_params(layout.views(optimizer.params))
         lr = cfg.lr or (5e-4 if self.task == "classify" else 1e-4)
-        warmup = self.manifest.get("schedule", {}).get("warmup_ratio", 0.06)
+        schedule = {**SCHEDULE_DEFAULT, **(self.manifest.schedule or {})}  # the run's, recorded at export
         start = progress["step"]
         if resumed:
             self.log(f"resuming generation {job['generation']} at step {start} of {job['total_steps']}")
         bar = ProgressLine(job["total_steps"], start, enabled=self.show_progress)
         t0 = time.perf_counter()
         for step in range(start, job["total_steps"]):
-            step_lr = cosine_lr(step, job["total_steps"], lr, warmup)
+            step_lr = lr_at(step, job["total_steps"], lr, schedule["name"], schedule["warmup_ratio"])
             loss = 0.0
             for micro in range(cfg.grad_accum):
                 batch = self.micro_batch(step * cfg.grad_accum + micro, job["seed"])

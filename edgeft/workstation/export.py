@@ -283,7 +283,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
             "train_shape": {"batch": batch, "seq": seq}, "max_seq_len": seq,
             "tokenizer": sorted(f"tokenizer/{f.name}" for f in (tmp / "tokenizer").iterdir()),
             "optimizer": OPTIMIZER, "portable": portable,
-            "schedule": {"name": "cosine", "warmup_ratio": 0.06},
+            "schedule": _run_schedule(meta["adapter_dir"]),
             "inference": {"file": "inference_model.onnx", "disabled_optimizers": INFERENCE_DISABLED_OPTIMIZERS},
             "parity": parity, "base_bytes_per_param": summary["base_bytes_per_param"], "memory_plan": plan.to_dict(),
             "reference": {"file": REFERENCE, "rows": len(retained)} if retained else None,
@@ -292,6 +292,23 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         summary["bundle_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         summary["bundle_bytes_per_base_param"] = round(summary["bundle_bytes"] / max(base_params, 1), 4)
     return summary
+
+
+def _run_schedule(adapter_dir) -> dict:
+    """The learning-rate schedule the device applies to each generation (edgeft.schedule): the
+    run's own (its config.json beside adapter/), or edgeft train's default for adapters from elsewhere."""
+    from ..schedule import DEFAULT, SCHEDULES
+
+    config = Path(adapter_dir).parent / "config.json"
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8")) if (Path(adapter_dir) / "edgeft.json").is_file() else {}
+    except (OSError, ValueError):
+        cfg = {}
+    cfg = cfg if isinstance(cfg, dict) else {}
+    ratio = cfg.get("warmup_ratio")
+    if cfg.get("schedule") in SCHEDULES and isinstance(ratio, (int, float)) and 0 <= ratio:
+        return {"name": cfg["schedule"], "warmup_ratio": float(ratio)}
+    return dict(DEFAULT)
 
 
 def _reference_rows(path: Path | None, meta: dict, labels: list[str] | None) -> list[dict]:

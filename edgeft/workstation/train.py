@@ -89,13 +89,10 @@ class TrainConfig:
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    warmup = int(cfg.warmup_ratio * total)
-    if step < warmup:
-        return cfg.lr * (step + 1) / warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    progress = (step - warmup) / max(1, total - warmup)
-    return cfg.lr * (0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress)
+    """The one schedule the device uses too (edgeft.schedule)."""
+    from ..schedule import lr_at as schedule_lr
+
+    return schedule_lr(step, total, cfg.lr, cfg.schedule, cfg.warmup_ratio)
 
 
 def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
@@ -207,11 +204,14 @@ class Trainer:
             self.train_set, self.truncated = encode_causal(self.tokenizer, train_rows, cfg.max_seq_len)
             self.val_set, _ = encode_causal(self.tokenizer, val_rows, cfg.max_seq_len)
             self.reference_set = encode_causal(self.tokenizer, load_causal(cfg.reference_data), cfg.max_seq_len)[0] if cfg.reference_data else None
-        self.batches_per_epoch = len(self.train_set) // cfg.batch_size // self.world
+        from ..encode import batches_per_epoch
+        from ..schedule import total_steps
+
+        self.batches_per_epoch = batches_per_epoch(len(self.train_set), cfg.batch_size, self.world)  # shared with the device
         if self.batches_per_epoch < 1:
             raise DataError(f"{cfg.data} has {len(self.train_set)} training rows, fewer than one batch of {cfg.batch_size} per process", "lower --batch-size or add data")
         steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(steps_per_epoch * cfg.epochs))
+        self.total_steps = total_steps(self.batches_per_epoch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
         self.eval_every = cfg.eval_every or max(1, min(steps_per_epoch, math.ceil(self.total_steps / 5)))
         self.info = info
 
@@ -264,11 +264,9 @@ class Trainer:
     # -- data ----------------------------------------------------------------
     def micro_batch(self, index: int) -> dict:
         """Global micro-batch `index` for this rank; deterministic, so resume needs only the step."""
-        from ..encode import batch_order, collate
+        from ..encode import collate, micro_batch_ids
 
-        epoch, pos = divmod(index, self.batches_per_epoch)
-        order = batch_order(len(self.train_set), self.cfg.batch_size, self.cfg.seed, epoch)
-        ids = order[pos * self.world + self.rank]
+        ids = micro_batch_ids(len(self.train_set), self.cfg.batch_size, self.cfg.seed, index, self.world, self.rank)
         return collate([self.train_set[i] for i in ids], self.tokenizer.pad_token_id)
 
     def eval_batches(self, dataset, batch_size: int | None = None):
