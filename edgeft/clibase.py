@@ -29,23 +29,37 @@ class EdgeftGroup(click.Group):
             return super().invoke(ctx)
         except EdgeftError as e:
             raise CommandError(e) from None
-        except ModuleNotFoundError as e:
-            extra = EXTRAS.get((e.name or "").split(".")[0])
-            if extra is None:
-                raise
-            from .errors import ResourceError
-
-            raise CommandError(ResourceError(f"this command needs {e.name}, which is not installed here",
-                                             f'pip install "edgeft[{extra}]" (see `edgeft doctor`)')) from None
         except KeyboardInterrupt:
             click.echo("\ninterrupted", err=True)
             from .errors import INTERRUPTED
 
             sys.exit(INTERRUPTED)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
+        except Exception as e:  # never a traceback: one line, the details in a log (EDGEFT_DEBUG=1 re-raises)
+            raise CommandError(unexpected(e)) from None
 
     def group(self, *args, **kwargs):
         kwargs.setdefault("cls", EdgeftGroup)
         return super().group(*args, **kwargs)
+
+
+def unexpected(e: Exception) -> EdgeftError:
+    """What the user sees of an exception no code path expected: a missing optional library is
+    a ResourceError naming the extra; anything else a one-line InternalError pointing at a log
+    file with the traceback (edgeft.stages). Under EDGEFT_DEBUG=1 the exception propagates."""
+    from .errors import InternalError, ResourceError
+
+    extra = EXTRAS.get((e.name or "").split(".")[0]) if isinstance(e, ModuleNotFoundError) else None
+    if extra is not None:
+        return ResourceError(f"this command needs {e.name}, which is not installed here", f'pip install "edgeft[{extra}]" (see `edgeft doctor`)')
+    from .stages import debug, one_line, write_log
+
+    if not getattr(e, "edgeft_log", None):  # a nested group re-raising under EDGEFT_DEBUG: logged once
+        e.edgeft_log = write_log("internal", e, {})
+    if debug():
+        raise e
+    return InternalError(f"internal error: {one_line(e)}", f"this is a bug in edgeft; please report it with the log {e.edgeft_log}")
 
 
 def emit(data: dict, as_json: bool, human: str) -> None:

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# An unexpected exception propagates instead of becoming a tidy "internal error" (exit 1) or an
+# export-stage error (exit 10), so run() below sees it and fails the test (edgeft/stages.py).
+os.environ["EDGEFT_DEBUG"] = "1"
+os.environ.setdefault("EDGEFT_LOG_DIR", tempfile.mkdtemp(prefix="edgeft-test-logs-"))  # not the user's ~/.cache
 
 CORPUS = [
     "the movie was great and i loved it", "what a terrible day, i hate this", "the weather is fine today",
@@ -109,15 +115,28 @@ batch_size = 2
 """
 
 
-def run(*args):
-    """Invoke the CLI in-process; a traceback in the output is always a bug."""
+def run(*args, internal_ok: bool = False):
+    """Invoke the CLI in-process. Any exception other than SystemExit is a bug (a user would see a
+    traceback, or with EDGEFT_DEBUG unset an "internal error"), and fails the test with its traceback:
+    CliRunner keeps it in result.exception, where an exit-code check alone can mistake it for a
+    deliberate failure. `internal_ok`: the test provokes the internal-error path on purpose."""
     from click.testing import CliRunner
 
     from edgeft.cli import main
 
     result = CliRunner().invoke(main, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
+    check_result(result, internal_ok)
     return result
+
+
+def check_result(result, internal_ok: bool = False) -> None:
+    e = result.exception
+    if e is not None and not isinstance(e, SystemExit):
+        tb = "".join(traceback.format_exception(*result.exc_info))
+        raise AssertionError(f"the command raised {type(e).__name__} (a bug: no exception may escape a command)\n{tb}\noutput:\n{result.output}")
+    assert "Traceback" not in result.output, result.output
+    if not internal_ok:
+        assert "internal error" not in result.output, result.output
 
 
 def device(*args):

@@ -32,19 +32,22 @@ def test_train_promotes_a_generation_and_status_lists_it(tmp_path, cls_bundle):
     data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
     held = write_jsonl(tmp_path / "held.jsonl", cls_rows(1))
     state = tmp_path / "state"
+    # --tolerance 1: no accuracy can drop by more than 1, so the outcome is known: promoted
     r, s = device("train", "--bundle", cls_bundle, "--state", state, "--data", data, "--eval-data", held, "--max-steps", 6,
-                  "--checkpoint-every", 2, "--json", "--quiet")
+                  "--checkpoint-every", 2, "--tolerance", 1, "--json", "--quiet")
     assert r.exit_code == 0, r.output
     assert s["generation"] == 1 and s["steps"] == 6 and s["resumed_at_step"] is None
-    assert set(s["metrics"]["candidate"]) == {"heldout", "reference"} or set(s["metrics"]["candidate"]) == {"heldout"}
-    assert s["peak_rss_mib"] > 0 and s["plan_mib"] > 0
-    assert s["promoted"] or "regressed" in s["reason"]
+    manifest = json.loads((cls_bundle / "manifest.json").read_text())
+    assert not manifest.get("reference")  # cls_run trained without --eval-data: the bundle carries no reference rows
+    assert set(s["metrics"]["candidate"]) == {"heldout"}  # and a first generation has no replay rows
+    assert s["peak_rss_mib"] > 0 and s["plan_mib"] == manifest["memory_plan"]["total_mib"]
+    assert s["promoted"] and s["reason"] == "no regression on heldout"
     assert not (state / "job").exists()  # the finished job leaves nothing behind
     r, st = device("status", "--bundle", cls_bundle, "--state", state, "--json")
     assert r.exit_code == 0, r.output
     gens = st["generations"]
     assert [g["id"] for g in gens] == [0, 1] and gens[1]["data"]["rows"] == len(cls_rows()) and gens[1]["data"]["sha256"]
-    assert st["current"] == (1 if s["promoted"] else 0)
+    assert st["current"] == 1
     # rollback to the bundle's adapter and forward again
     r, rb = device("rollback", "0", "--bundle", cls_bundle, "--state", state, "--json")
     assert r.exit_code == 0 and rb["current"] == 0
@@ -235,8 +238,9 @@ def test_eval_predict_and_export_adapter_match_the_workstation(tmp_path, cls_bun
     r, ev = device("eval", "--bundle", cls_bundle, "--state", state, "--data", data, "--json")
     assert r.exit_code == 0 and ev["generation"] == 1 and 0 <= ev["accuracy"] <= 1 and ev["rows"] == len(cls_rows())
     r, preds = device("predict", "--bundle", cls_bundle, "--state", state, "--text", "i loved it", "--text", "sad movie", "--json")
-    assert r.exit_code == 0 and [p["label"] in ("neg", "pos") for p in preds] == [True, True]
-    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in preds)
+    assert r.exit_code == 0 and [p["text"] for p in preds] == ["i loved it", "sad movie"], r.output
+    assert all(set(p["probabilities"]) == {"neg", "pos"} and abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in preds)
+    assert all(p["label"] == max(p["probabilities"], key=p["probabilities"].get) for p in preds)  # the label is the argmax
 
     out = tmp_path / "adapter"
     r, _ = device("export-adapter", "--bundle", cls_bundle, "--state", state, "--out", out)

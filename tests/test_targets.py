@@ -27,7 +27,7 @@ def test_builtin_profiles_load_and_cover_the_devices():
     assert REQUIRED <= set(profiles)
     assert profiles["raspberry-pi-zero-2w"].ram_mb == 512
     assert {t.scheme.kind for t in profiles.values()} == {"int", "nf4"}
-    assert {t.scheme.bits for t in profiles.values()} >= {8, 4, 3}
+    assert {t.scheme.bits for t in profiles.values()} == {8, 4, 3}
     for t in profiles.values():
         assert t.budget_mb <= t.ram_mb
 

@@ -4,16 +4,8 @@ import json
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import write_jsonl
-from edgeft.cli import main
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    assert "Traceback" not in result.output, result.output
-    return result
+from conftest import run, write_jsonl
 
 
 @pytest.fixture

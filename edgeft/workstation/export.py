@@ -156,7 +156,8 @@ def sample_batch(tokenizer, task: str, labels: list[str], batch: int, seq: int, 
 @contextlib.contextmanager
 def quiet_native_stderr():
     """ORT's gradient-graph builder logs every transformer pass at INFO from C++, whatever
-    the Python-side severity. Capture fd 2 while it runs; replay the tail only on failure."""
+    the Python-side severity. Capture fd 2 while it runs; on failure its tail goes with the
+    exception (`.native_stderr`) into the log file edgeft.stages writes."""
     import os
     import sys
     import tempfile
@@ -167,11 +168,11 @@ def quiet_native_stderr():
         os.dup2(sink.fileno(), 2)
         try:
             yield
-        except BaseException:
+        except BaseException as e:
             os.dup2(saved, 2)
             sink.seek(0)
             lines = [line for line in sink.read().decode(errors="replace").splitlines() if "[I:onnxruntime" not in line]
-            sys.stderr.write("\n".join(lines[-40:]) + ("\n" if lines else ""))
+            e.native_stderr = "\n".join(lines[-40:])  # for the log edgeft.stages writes; the user sees one message
             raise
         finally:
             os.dup2(saved, 2)
@@ -226,7 +227,11 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
     plan = plan_memory(Path(base_model), Path(meta["adapter_dir"]), target, meta["task"], batch, seq)
     check_plan(plan, force, log)
     t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    from ..stages import LOG_FOLDER, stages
+
+    with atomic_dir(out) as tmp, stages("export", Path(base_model).name, out.parent / LOG_FOLDER) as stage:
+        # an unexpected failure in any stage: one message naming it, the details in a log file
+        stage("loading the model and adapter", "check that the base model and the adapter load with transformers and peft")
         keep: dict = {}
         model, tokenizer, meta = device_model(adapter_dir, scheme, keep, base_model, labels)
         task, labels = meta["task"], meta["labels"]
@@ -236,10 +241,13 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         work.mkdir()
         label_axes = {0: "batch"} if task == "classify" else {0: "batch", 1: "seq"}
         axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
+        stage("exporting the ONNX graphs (torch.onnx)", "the ONNX exporter could not trace this architecture; "
+              "train with fewer --target-modules, or report the model with the log")
         export_graph(LossGraph(model, task), (sample["input_ids"], sample["attention_mask"], sample["labels"]), work / "loss.onnx",
                      ["input_ids", "attention_mask", "labels"], ["loss"], {**axes, "labels": label_axes}, training=True)
         export_graph(LogitsGraph(model), (sample["input_ids"], sample["attention_mask"]), tmp / "inference_model.onnx",
                      ["input_ids", "attention_mask"], ["logits"], {**axes, "logits": {0: "batch"}}, training=False)
+        stage("packing the quantized base", "try a target with another quantization scheme, or report the model with the log")
         packed, base_names = _quantize_graphs([work / "loss.onnx", tmp / "inference_model.onnx"], LossGraph(model, task), keep, scheme)
         import onnx
 
@@ -250,6 +258,8 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         frozen = [i.name for i in graph.graph.initializer if i.name not in set(trainable)]
         from .preflight import explain_generation_error, preflight
 
+        stage("generating the training graph (onnxruntime-training)", "check `edgeft doctor` (export needs onnxruntime-training "
+              "1.19.2), train with fewer --target-modules, or report the model with the log")
         preflight(graph, trainable)
         try:
             generate(work / "loss.onnx", tmp, trainable, frozen, weight_decay=OPTIMIZER["weight_decay"])
@@ -257,6 +267,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
             raise explain_generation_error(e, graph, trainable) or e
         from .portable import write_portable
 
+        stage("rewriting the training step into standard ops (portable/)", "report the model with the log")
         portable = write_portable(tmp, OPTIMIZER, recompute=not plan.holds_base)
         base_bytes = sum(p.nbytes for p in packed)
         shutil.rmtree(work)
@@ -267,6 +278,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         export_seconds = time.perf_counter() - t0
         from .validate import INFERENCE_DISABLED_OPTIMIZERS, validate_bundle
 
+        stage("validating the bundle against torch", "report the model and target with the log")
         parity = validate_bundle(tmp, model, task, tokenizer, labels, trainable, batch=min(batch, 4), seq=min(seq, 64), portable=portable)
         base_params = sum(int(np.prod(p.shape)) for p in packed)
         summary = {
