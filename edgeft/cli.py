@@ -167,11 +167,13 @@ def train(model, data, eval_data, val_fraction, task, target, quant, out, resume
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation data (same row shapes as train).")
 @click.option("--quant", help="Quantize the base with this scheme (default: the scheme the adapter was trained against).")
 @click.option("--target", help="Quantize the base as this target's profile does.")
+@click.option("--model", type=click.Path(path_type=Path),
+              help="Base model folder (default: the run's, or one the adapter points to); must match the base the adapter was made for.")
 @click.option("--max-seq-len", type=int, help="Default: the length used in training.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def eval_command(adapter, data, quant, target, max_seq_len, batch_size, device, as_json):
+def eval_command(adapter, data, quant, target, model, max_seq_len, batch_size, device, as_json):
     """Evaluate an adapter over a base quantized with a given scheme.
 
     Use it to see what a device with another scheme would score: the gap between
@@ -184,7 +186,7 @@ def eval_command(adapter, data, quant, target, max_seq_len, batch_size, device, 
 
     quiet_libraries()
     scheme = parse_scheme(quant) if quant else load_target(target).scheme if target else parse_scheme(read_adapter_meta(adapter).get("scheme", "nf4"))
-    metrics = evaluate_adapter(adapter, str(data), scheme, resolve_device(device), max_seq_len, batch_size)
+    metrics = evaluate_adapter(adapter, str(data), scheme, resolve_device(device), max_seq_len, batch_size, base_model=model)
     emit(metrics, as_json, "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
 
 
@@ -200,7 +202,7 @@ def _export_source(run, model, adapter):
 @main.command()
 @click.option("--run", type=click.Path(path_type=Path), help="A run directory from edgeft train.")
 @click.option("--adapter", type=click.Path(path_type=Path), help="A PEFT adapter folder made by any tool (with --model).")
-@click.option("--model", type=click.Path(path_type=Path), help="Base model folder (default: the one the adapter names).")
+@click.option("--model", type=click.Path(path_type=Path), help="Base model folder (default: the run's, or one the adapter points to); must match the base the adapter was made for.")
 @click.option("--labels", help="Comma-separated label names, for classify adapters made outside edgeft.")
 @click.option("--target", required=True, help="Target profile name or .toml path.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
@@ -248,7 +250,7 @@ def export(run, adapter, model, labels, target, out, batch, seq, overwrite, forc
 @click.option("--merge", is_flag=True, help="Fold the adapter into its base and save a plain Hugging Face model folder.")
 @click.option("--data", type=click.Path(path_type=Path), help="Continue training on this data (without --merge).")
 @click.option("--eval-data", type=click.Path(path_type=Path))
-@click.option("--model", type=click.Path(path_type=Path), help="Base model folder (default: the one the adapter names).")
+@click.option("--model", type=click.Path(path_type=Path), help="Base model folder (default: the run's, or one the adapter points to); must match the base the adapter was made for.")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--max-steps", type=int)
 @click.option("--lr", type=float)
@@ -264,7 +266,7 @@ def import_command(adapter, out, merge, data, eval_data, model, epochs, max_step
     edgeft import gen3 --data more.jsonl --out runs/continued      # train on from gen3
     """
     from .errors import UsageError
-    from .workstation.adapters import read_adapter_meta
+    from .workstation.adapters import read_adapter_meta, resolve_base
 
     quiet_libraries()
     if merge:
@@ -280,7 +282,7 @@ def import_command(adapter, out, merge, data, eval_data, model, epochs, max_step
     from .workstation.train import Trainer, TrainConfig
 
     meta = read_adapter_meta(adapter)
-    cfg = TrainConfig(model=str(model or meta["base_model"]), data=str(data), eval_data=str(eval_data) if eval_data else None,
+    cfg = TrainConfig(model=str(resolve_base(meta, model)[0]), data=str(data), eval_data=str(eval_data) if eval_data else None,
                       task=meta["task"], out=str(out), target=meta.get("target"), scheme=meta.get("scheme") or "nf4",
                       max_seq_len=meta.get("max_seq_len") or 256, batch_size=batch_size or 8, epochs=epochs, max_steps=max_steps,
                       lr=lr, init_adapter=str(adapter))
@@ -302,12 +304,12 @@ def plan(run, adapter, model, target, batch, seq, as_json):
     """Estimate device memory for on-device training, without exporting."""
     from .plan import device_shape, plan_memory
     from .targets import load_target
-    from .workstation.adapters import read_adapter_meta
+    from .workstation.adapters import read_adapter_meta, resolve_base
 
     source, base = _export_source(run, model, adapter)
     meta = read_adapter_meta(source)
     profile = load_target(target)
-    p = plan_memory(Path(base or meta["base_model"]), Path(meta["adapter_dir"]), profile, meta["task"],
+    p = plan_memory(resolve_base(meta, base)[0], Path(meta["adapter_dir"]), profile, meta["task"],
                     *device_shape(profile, meta.get("max_seq_len"), batch, seq))
     emit(p.to_dict(), as_json, p.render())
     if not p.fits:

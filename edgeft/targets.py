@@ -37,10 +37,14 @@ class TargetProfile:
     batch_size: int
     source: str = ""
 
-    def to_dict(self) -> dict:
+    def to_dict(self, source: bool = True) -> dict:
+        """The profile as plain values; `source=False` leaves out the TOML's path (a manifest
+        carries the profile itself, never a workstation path)."""
         d = asdict(self)
         d["scheme"] = self.scheme.name
         d["execution_providers"] = list(self.execution_providers)
+        if not source:
+            d.pop("source")
         return d
 
 

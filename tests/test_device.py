@@ -230,7 +230,7 @@ def test_full_disk_while_checkpointing_loses_nothing(tmp_path, cls_bundle):
     assert out.returncode == 0, out.stderr
 
 
-def test_eval_predict_and_export_adapter_match_the_workstation(tmp_path, cls_bundle):
+def test_eval_predict_and_export_adapter_match_the_workstation(tmp_path, cls_bundle, tiny_bert):
     state = tmp_path / "state"
     data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
     r, s = device("train", "--bundle", cls_bundle, "--state", state, "--data", data, "--max-steps", 4, "--lr", "5e-3", "--tolerance", "1", "--json", "--quiet")
@@ -249,7 +249,7 @@ def test_eval_predict_and_export_adapter_match_the_workstation(tmp_path, cls_bun
     from edgeft.schemes import parse_scheme
     from edgeft.workstation.adapters import load_adapted
 
-    model, tok, meta = load_adapted(out, parse_scheme("int4-g32"))
+    model, tok, meta = load_adapted(out, parse_scheme("int4-g32"), base_model=tiny_bert)  # the adapter names its base, not a path
     assert meta["task"] == "classify" and meta["labels"] == ["neg", "pos"]
     ids = tok(["i loved it", "terrible day", "what a great movie"], padding=True, return_tensors="np")
     import torch
@@ -307,7 +307,7 @@ def test_device_tokenizer_matches_the_workstation(tiny_llama, tiny_bert, chat_ro
     assert [(e.input_ids, e.labels) for e in a] == [(e.input_ids, e.labels) for e in b]
 
 
-def test_adapters_come_back_merged_or_to_train_on(tmp_path, cls_bundle):
+def test_adapters_come_back_merged_or_to_train_on(tmp_path, cls_bundle, tiny_bert, tiny_llama):
     state = tmp_path / "state"
     data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
     r, _ = device("train", "--bundle", cls_bundle, "--state", state, "--data", data, "--max-steps", 4, "--lr", "5e-3", "--tolerance", "1", "--quiet")
@@ -316,7 +316,13 @@ def test_adapters_come_back_merged_or_to_train_on(tmp_path, cls_bundle):
     r, ev = device("eval", "--bundle", cls_bundle, "--state", state, "--data", data, "--json")
     # merged into its (quantized, rebuilt) base: a plain transformers folder with the device's logits
     r = run("import", tmp_path / "gen1", "--merge", "--out", tmp_path / "merged", "--json")
+    assert r.exit_code == 4 and "cannot find the base model" in r.output and "--model" in r.output  # the device knows no workstation path
+    r = run("import", tmp_path / "gen1", "--merge", "--model", tiny_llama, "--out", tmp_path / "merged")
+    assert r.exit_code == 4 and "tiny-llama" in r.output and "made for base tiny-bert" in r.output  # not its base
+    r = run("import", tmp_path / "gen1", "--merge", "--model", tiny_bert, "--out", tmp_path / "merged", "--json")
     assert r.exit_code == 0, r.output
+    merged_meta = json.loads((tmp_path / "merged" / "edgeft.json").read_text())
+    assert merged_meta["merged_from"]["adapter"] == "gen1" and merged_meta["base"]["name"] == "tiny-bert"
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -330,7 +336,8 @@ def test_adapters_come_back_merged_or_to_train_on(tmp_path, cls_bundle):
     dev, _ = predictor(open_state(cls_bundle, state), None)
     assert np.abs(ws - dev.logits(ids["input_ids"].astype(np.int64), ids["attention_mask"].astype(np.int64))).max() < 1e-4
     # continue training on the workstation from the device's weights: it starts where the device stopped
-    r = run("import", tmp_path / "gen1", "--data", data, "--eval-data", data, "--out", tmp_path / "continued", "--max-steps", 1, "--json")
+    r = run("import", tmp_path / "gen1", "--data", data, "--eval-data", data, "--model", tiny_bert, "--out", tmp_path / "continued",
+            "--max-steps", 1, "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert abs(s["before"]["eval_loss"] - ev["eval_loss"]) < 1e-4 and s["before"]["accuracy"] == ev["accuracy"]

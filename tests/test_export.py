@@ -22,13 +22,14 @@ def test_classify_bundle_is_complete_verified_and_matches_torch(tmp_path, cls_ru
     assert p["portable_grad_rel"] < 1e-5 and p["portable_loss_rel"] < 1e-6 and p["portable_step_rel"] < 1e-4
     assert_standard_ops(out)
     manifest = verify_bundle(out)
-    assert manifest["labels"] == ["neg", "pos"] and manifest["scheme"] == "int4-g32" and manifest["task"] == "classify"
-    assert all(v.startswith("base_model.model.") and ".default." not in v for v in manifest["trainable"].values())
-    assert "tokenizer/tokenizer.json" in manifest["tokenizer"] and manifest["files"]["tokenizer/tokenizer.json"]["sha256"]
+    assert manifest.labels == ["neg", "pos"] and manifest.scheme == "int4-g32" and manifest.task == "classify"
+    assert manifest.base.name == "tiny-bert" and "source" not in manifest.target  # by name + fingerprint; no path
+    assert all(v.startswith("base_model.model.") and ".default." not in v for v in manifest.trainable.values())
+    assert "tokenizer/tokenizer.json" in manifest.tokenizer and manifest.files["tokenizer/tokenizer.json"]["sha256"]
     from safetensors import safe_open
 
     with safe_open(str(out / "adapter/adapter_model.safetensors"), "np") as f:
-        assert set(manifest["trainable"].values()) == set(f.keys())  # every trainable tensor maps to a PEFT key
+        assert set(manifest.trainable.values()) == set(f.keys())  # every trainable tensor maps to a PEFT key
     import onnx
 
     for f in ("training_model.onnx", "eval_model.onnx", "inference_model.onnx", "optimizer_model.onnx"):

@@ -57,10 +57,10 @@ def batches(bundle: Path, data: str, n: int) -> tuple[list[dict], dict]:
     from edgeft.encode import collate
 
     m = read_manifest(bundle)
-    b, s = m["train_shape"]["batch"], m["train_shape"]["seq"]
+    b, s = m.train_shape.batch, m.train_shape.seq
     tok = DeviceTokenizer(bundle / "tokenizer")
-    rows = load_task_rows(data, m["task"], m["labels"])
-    enc = encode_rows(rows, m["task"], tok, m["labels"], s, warn=lambda _: None)
+    rows = load_task_rows(data, m.task, m.labels)
+    enc = encode_rows(rows, m.task, tok, m.labels, s, warn=lambda _: None)
     enc.sort(key=lambda e: -len(e.input_ids))  # longest rows first: the step the plan must survive
     return [collate(enc[(i * b) % len(enc):(i * b) % len(enc) + b], tok.pad_token_id, pad_to=s) for i in range(n)], m
 
@@ -79,7 +79,7 @@ def side_engine(args) -> dict:
     bundle = Path(args.bundle)
     data, m = batches(bundle, args.data, args.steps + args.warmup)
     peft = load_file(str(bundle / "adapter" / "adapter_model.safetensors"))
-    start = {onnx: peft[key] for onnx, key in m["trainable"].items()}
+    start = {onnx: peft[key] for onnx, key in m.trainable.items()}
     layout = Layout({n: v.shape for n, v in start.items()})
     engine = BACKEND_CLASSES[args.side](bundle, m)
     opt = AdamW(bundle, m, layout, start)
@@ -113,6 +113,15 @@ def ort_defaults() -> None:
         module.configure_session = spinning
 
 
+def base_folder(args, m) -> str:
+    """The bundle's base model on this workstation: the manifest names it and holds its fingerprint, not its path."""
+    from edgeft.basemodel import check_base
+
+    folder = Path(args.model) if args.model else ROOT / "assets" / "models" / m.base.name.split("/")[-1]
+    check_base(folder, m.base, f"the bundle {args.bundle}")
+    return str(folder)
+
+
 def side_torch(args) -> dict:
     import torch
     from peft import PeftModel
@@ -121,10 +130,10 @@ def side_torch(args) -> dict:
     bundle = Path(args.bundle)
     data, m = batches(bundle, args.data, args.steps + args.warmup)
     torch.set_num_threads(args.threads)
-    if m["task"] == "classify":
-        base = AutoModelForSequenceClassification.from_pretrained(m["base_model"], num_labels=len(m["labels"]), dtype=torch.float32)
+    if m.task == "classify":
+        base = AutoModelForSequenceClassification.from_pretrained(base_folder(args, m), num_labels=len(m.labels), dtype=torch.float32)
     else:
-        base = AutoModelForCausalLM.from_pretrained(m["base_model"], dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(base_folder(args, m), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(bundle / "adapter"), is_trainable=True)
     for mod in model.modules():
         if isinstance(mod, torch.nn.Dropout):
@@ -132,7 +141,7 @@ def side_torch(args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, eps=1e-8)
     linear = sum(mod.weight.numel() for mod in model.modules() if isinstance(mod, torch.nn.Linear))
-    if m["task"] != "classify" and model.get_base_model().config.tie_word_embeddings:
+    if m.task != "classify" and model.get_base_model().config.tie_word_embeddings:
         linear += model.get_base_model().get_input_embeddings().weight.numel()  # the tied LM head is a matmul too
     cfg = model.get_base_model().config
     times, losses = [], []
@@ -140,7 +149,7 @@ def side_torch(args) -> dict:
         t0 = time.perf_counter()
         ids, mask, y = (torch.from_numpy(b[k]) for k in ("input_ids", "attention_mask", "labels"))
         logits = model(input_ids=ids, attention_mask=mask).logits
-        if m["task"] == "classify":
+        if m.task == "classify":
             loss = torch.nn.functional.cross_entropy(logits, y)
         else:
             loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1), ignore_index=-100)
@@ -154,7 +163,7 @@ def side_torch(args) -> dict:
     # forward 2N per token, backward 2N (input gradients only: the base is frozen), attention QK^T and AV
     flops = 4 * linear * bsz * seq + 3 * 4 * bsz * seq * seq * cfg.hidden_size * cfg.num_hidden_layers
     device_flops = flops
-    if m["task"] != "classify":  # the device projects onto the vocabulary only where a label is
+    if m.task != "classify":  # the device projects onto the vocabulary only where a label is
         head = model.get_base_model().get_output_embeddings().weight.numel()
         labelled = statistics.mean(int((b["labels"][:, 1:] != -100).sum()) for b in data[args.warmup:])
         device_flops -= 4 * head * (bsz * seq - labelled)
@@ -175,7 +184,8 @@ def matmul_peak(threads: int) -> float:
 
 def child(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "_side", side, "--bundle", args.bundle, "--data", args.data, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--threads", str(args.threads)] + (["--ort-defaults"] if args.ort_defaults else [])
+           "--warmup", str(args.warmup), "--threads", str(args.threads)] + (["--ort-defaults"] if args.ort_defaults else []) \
+        + (["--model", args.model] if args.model else [])
     env = {**os.environ, "EDGEFT_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -218,16 +228,16 @@ def side_torch_curve(args) -> dict:
     torch.set_num_threads(args.threads)
     trainer = DeviceTrainer(bundle, Path(tempfile.mkdtemp()), DeviceTrainConfig(data=args.data, max_steps=args.steps), log=lambda _: None)
     trainer.prepare_data()
-    model, _, _ = device_model(bundle / "adapter", parse_scheme(m["scheme"]), {}, m["base_model"], m["labels"])
-    graph = LossGraph(model, m["task"]).train()
+    model, _, _ = device_model(bundle / "adapter", parse_scheme(m.scheme), {}, base_folder(args, m), m.labels)
+    graph = LossGraph(model, m.task).train()
     params = [p for p in graph.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1.0, betas=tuple(m["optimizer"]["betas"]), eps=m["optimizer"]["eps"], weight_decay=m["optimizer"]["weight_decay"])
-    peak_lr = 5e-4 if m["task"] == "classify" else 1e-4  # the device's defaults
+    opt = torch.optim.AdamW(params, lr=1.0, betas=tuple(m.optimizer["betas"]), eps=m.optimizer["eps"], weight_decay=m.optimizer["weight_decay"])
+    peak_lr = 5e-4 if m.task == "classify" else 1e-4  # the device's defaults
     losses = []
     for i in range(args.steps):
         b = trainer.micro_batch(i, 1000 + 0)  # generation 1, seed 0: the device's batch order
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(i, args.steps, peak_lr, m["schedule"]["warmup_ratio"])
+            g["lr"] = cosine_lr(i, args.steps, peak_lr, m.schedule.get("warmup_ratio", 0.06))
         loss = graph(*(torch.from_numpy(b[k]) for k in ("input_ids", "attention_mask", "labels")))
         loss.backward()
         opt.step()
@@ -386,6 +396,8 @@ def main() -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--rows", type=int, default=200)
         p.add_argument("--out")
+        p.add_argument("--model", help="the bundle's base model folder (default: assets/models/NAME, NAME from the manifest); "
+                       "checked against the manifest's fingerprint")
         p.add_argument("--ort-defaults", action="store_true", help="step: the device sides with ONNX Runtime's default "
                        "buffer sharing and thread spinning, to measure what edgeft's session settings save")
     args = ap.parse_args()

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from ..basemodel import set_peft_base_name
 from ..fsutil import atomic_dir, check_output
 from .state import DeviceState
 
@@ -19,16 +20,18 @@ def export_adapter(state: DeviceState, out: Path, gen: int | None = None, overwr
     gen = state.current if gen is None else gen
     params = state.params(gen)
     m = state.manifest
-    tensors = {key: params[name] for name, key in m["trainable"].items()}
+    tensors = {key: params[name] for name, key in m.trainable.items()}
     src = state.bundle / "adapter"
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         shutil.copy2(src / "adapter_config.json", tmp / "adapter_config.json")
-        for f in m.get("tokenizer", []):
+        set_peft_base_name(tmp, m.base.name)
+        for f in m.tokenizer:
             shutil.copy2(state.bundle / f, tmp / Path(f).name)
         record = state.generation(gen)
-        meta = {"task": m["task"], "labels": m["labels"], "scheme": m["scheme"], "base_model": m["base_model"],
-                "max_seq_len": m["max_seq_len"], "target": m["target"]["name"], "edgeft_version": m.get("edgeft_version"),
+        # the base by name and fingerprint (the manifest's): the workstation checks the folder it is given against it
+        meta = {"task": m.task, "labels": m.labels, "scheme": m.scheme, "base": m.base.to_dict(),
+                "max_seq_len": m.max_seq_len, "target": m.target_name, "edgeft_version": m.edgeft_version,
                 "source": {"device_generation": gen, "status": record["status"], "metrics": record.get("metrics", {})}}
         (tmp / "edgeft.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return {"adapter": str(out), "generation": gen, "tensors": len(tensors)}

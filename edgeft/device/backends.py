@@ -17,20 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import BundleError
+from ..bundle import BundleError, Manifest
 from .runtime import check_inference, configure_session, plan_for_training, providers, threads, training_api, training_session
 from .state import StateError
 
 
-def portable_entry(manifest: dict) -> dict:
-    entry = manifest.get("portable")
+def portable_entry(manifest: Manifest) -> dict:
+    entry = manifest.portable
     if not entry:
         raise BundleError("this bundle has no portable training step (it was exported by an older edgeft)",
                           "re-export it with `edgeft export`, or install onnxruntime-training-cpu==1.19.2 (x86-64 only)")
     return entry
 
 
-def choose_backend(manifest: dict, wanted: str = "auto") -> type:
+def choose_backend(manifest: Manifest, wanted: str = "auto") -> type:
     """The portable step unless asked otherwise: it runs on any ONNX Runtime and, rebuilding in
     the backward pass what it can instead of holding it, trains at the training build's speed in
     less memory. Checked before any data is read, so a device that cannot train says so first."""
@@ -42,7 +42,7 @@ def choose_backend(manifest: dict, wanted: str = "auto") -> type:
     return PortableBackend
 
 
-def _session(ort, path: Path, manifest: dict, training: bool = False):
+def _session(ort, path: Path, manifest: Manifest, training: bool = False):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)
@@ -50,7 +50,7 @@ def _session(ort, path: Path, manifest: dict, training: bool = False):
     if training:
         plan_for_training(options)
     return ort.InferenceSession(str(path), options, providers=providers(ort, manifest),
-                                disabled_optimizers=manifest.get("portable", {}).get("disabled_optimizers", []))
+                                disabled_optimizers=(manifest.portable or {}).get("disabled_optimizers", []))
 
 
 class Layout:
@@ -75,7 +75,7 @@ class Layout:
 class AdamW:
     """torch.optim.AdamW as the bundle's standard-op graph; its state is three flat vectors and a step."""
 
-    def __init__(self, bundle: Path, manifest: dict, layout: Layout, params: dict):
+    def __init__(self, bundle: Path, manifest: Manifest, layout: Layout, params: dict):
         ort = check_inference()
         self.layout = layout
         self.session = _session(ort, Path(bundle) / portable_entry(manifest)["optimizer"], manifest)
@@ -105,13 +105,13 @@ class AdamW:
 class OrtTrainingBackend:
     name = "onnxruntime-training"
 
-    def __init__(self, bundle: Path, manifest: dict):
+    def __init__(self, bundle: Path, manifest: Manifest):
         api = training_api(manifest)
         b = Path(bundle)
         self.state = api.CheckpointState.load_checkpoint(str(b / "checkpoint"))
         device, options = training_session(manifest)
         self.module = api.Module(str(b / "training_model.onnx"), self.state, str(b / "eval_model.onnx"), device=device, session_options=options)
-        self.names = list(manifest["trainable"])
+        self.names = list(manifest.trainable)
 
     def set_params(self, params: dict) -> None:
         for name in self.names:
@@ -134,7 +134,7 @@ class OrtTrainingBackend:
 class PortableBackend:
     name = "portable"
 
-    def __init__(self, bundle: Path, manifest: dict):
+    def __init__(self, bundle: Path, manifest: Manifest):
         from safetensors.numpy import load_file
 
         entry = portable_entry(manifest)
@@ -150,7 +150,7 @@ class PortableBackend:
         self.eval = None  # made on first use: a session costs seconds to build on a large graph
         self.eval_path, self.manifest = b / entry["eval_step"], manifest
         self.grad_names = [o.name for o in self.step.get_outputs()[1:]]
-        self.names = list(manifest["trainable"])
+        self.names = list(manifest.trainable)
         self.grads: np.ndarray | None = None
 
     def set_params(self, params: dict) -> None:

@@ -93,7 +93,7 @@ def status(bundle, state_dir, as_json):
     out = {"current": data["current"], "generations": data["generations"],
            "interrupted": json.loads(pending.read_text()) if pending.is_file() else None}
     rows = [f"{'gen':>4} {'status':<9} {'parent':>6} {'steps':>6} {'heldout':>9} {'reference':>9}  data"]
-    key = "accuracy" if state.manifest["task"] == "classify" else "eval_loss"
+    key = "accuracy" if state.manifest.task == "classify" else "eval_loss"
     for g in data["generations"]:
         m = g.get("metrics", {}).get("candidate", {})
         fmt = lambda split: f"{m[split][key]:.4f}" if split in m else "-"  # noqa: E731
@@ -135,8 +135,8 @@ def eval_(bundle, state_dir, data, generation, as_json):
     state = open_state(bundle, state_dir)
     model, tokenizer = predictor(state, generation)
     m = state.manifest
-    rows = load_task_rows(data, m["task"], m["labels"])
-    encoded = encode_rows(rows, m["task"], tokenizer, m["labels"], m["max_seq_len"], where=str(data), warn=lambda s: click.echo(s, err=True))
+    rows = load_task_rows(data, m.task, m.labels)
+    encoded = encode_rows(rows, m.task, tokenizer, m.labels, m.max_seq_len, where=str(data), warn=lambda s: click.echo(s, err=True))
     gen = state.current if generation is None else generation
     out = {"generation": gen, **model.evaluate(encoded)}
     emit(out, as_json, "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()))
@@ -154,7 +154,7 @@ def predict(bundle, state_dir, texts, data, generation, as_json):
     from ..errors import DataError, UsageError
 
     state = open_state(bundle, state_dir)
-    if state.manifest["task"] != "classify":
+    if state.manifest.task != "classify":
         raise UsageError("predict is for classify bundles", "use `edgeft device generate` for causal-lm bundles")
     texts = list(texts)
     if data:
@@ -187,7 +187,7 @@ def generate(bundle, state_dir, prompt, max_new_tokens, temperature, top_k, top_
     from ..errors import UsageError
 
     state = open_state(bundle, state_dir)
-    if state.manifest["task"] != "causal-lm":
+    if state.manifest.task != "causal-lm":
         raise UsageError("generate is for causal-lm bundles", "use `edgeft device predict` for classify bundles")
     if not 0 < top_p <= 1 or top_k < 0 or temperature < 0 or max_new_tokens < 1:
         raise UsageError("need 0 < --top-p <= 1, --top-k >= 0, --temperature >= 0, --max-new-tokens >= 1", "e.g. --temperature 0.7 --top-p 0.9")
@@ -219,4 +219,4 @@ def verify(bundle, as_json):
     from ..bundle import verify_bundle
 
     m = verify_bundle(bundle)
-    emit({"bundle": str(bundle), "files": len(m["files"]), "ok": True}, as_json, f"{bundle}: all {len(m['files'])} files match the manifest")
+    emit({"bundle": str(bundle), "files": len(m.files), "ok": True}, as_json, f"{bundle}: all {len(m.files)} files match the manifest")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import Manifest
 from ..encode import IGNORE, Encoded, collate
 from ..metrics import classification_metrics
 from .runtime import inference_session
@@ -28,12 +29,12 @@ def token_log_probs(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
 class Predictor:
     """The inference graph with one generation's adapter weights swapped in."""
 
-    def __init__(self, bundle: Path, manifest: dict, params: dict, tokenizer, want_cuda: bool | None = None):
+    def __init__(self, bundle: Path, manifest: Manifest, params: dict, tokenizer, want_cuda: bool | None = None):
         self.session = inference_session(bundle, manifest, params, want_cuda)
-        self.task, self.labels, self.tokenizer = manifest["task"], manifest["labels"], tokenizer
-        self.seq = manifest["max_seq_len"]
+        self.task, self.labels, self.tokenizer = manifest.task, manifest.labels, tokenizer
+        self.seq = manifest.max_seq_len
         # a causal LM's logits are (batch x seq x vocabulary): evaluate at the training batch
-        self.eval_batch = 16 if self.task == "classify" else manifest["train_shape"]["batch"]
+        self.eval_batch = 16 if self.task == "classify" else manifest.train_shape.batch
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]

@@ -7,8 +7,12 @@ import os
 import sys
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import RuntimeMismatch  # defined in errors.py (the one exit-code table)
+
+if TYPE_CHECKING:
+    from ..bundle import Manifest
 
 
 def _version_tuple(v: str) -> tuple[int, ...]:
@@ -56,10 +60,10 @@ def check_inference():
     return ort
 
 
-def training_api(manifest: dict):
+def training_api(manifest: Manifest):
     """onnxruntime.training.api without torch (see _register_training_package)."""
     ort = onnxruntime()
-    want = manifest.get("onnxruntime", {}).get("training", "1.19.2")
+    want = manifest.onnxruntime.get("training", "1.19.2")
     from onnxruntime.capi import _pybind_state as C
 
     if not hasattr(C, "CheckpointState"):
@@ -74,10 +78,10 @@ def training_api(manifest: dict):
     return api
 
 
-def providers(ort, manifest: dict, want_cuda: bool | None = None) -> list[str]:
+def providers(ort, manifest: Manifest, want_cuda: bool | None = None) -> list[str]:
     """The target's execution providers that this ONNX Runtime has, CPU always last."""
     available = set(ort.get_available_providers())
-    wanted = list(manifest.get("target", {}).get("execution_providers") or [])
+    wanted = list(manifest.target.get("execution_providers") or [])
     chosen = [p for p in wanted if p in available and p != "CPUExecutionProvider"]
     if want_cuda is False:
         chosen = [p for p in chosen if p != "CUDAExecutionProvider"]
@@ -118,15 +122,15 @@ def plan_for_training(options) -> None:
     options.enable_mem_pattern = False
 
 
-def threads(manifest: dict) -> int:
+def threads(manifest: Manifest) -> int:
     """The target's thread count, never more than this machine has (EDGEFT_THREADS overrides)."""
     if os.environ.get("EDGEFT_THREADS"):
         return int(os.environ["EDGEFT_THREADS"])
     cores = os.cpu_count() or 1
-    return min(int(manifest.get("target", {}).get("threads") or cores), cores)
+    return min(int(manifest.target.get("threads") or cores), cores)
 
 
-def training_session(manifest: dict):
+def training_session(manifest: Manifest):
     """(device, SessionOptions) for the training Module: CUDA where the target lists it and ORT has it."""
     ort = onnxruntime()
     options = ort.SessionOptions()
@@ -136,7 +140,7 @@ def training_session(manifest: dict):
     return ("cuda" if "CUDAExecutionProvider" in providers(ort, manifest) else "cpu"), options
 
 
-def inference_session(bundle: Path, manifest: dict, params: dict, want_cuda: bool | None = None):
+def inference_session(bundle: Path, manifest: Manifest, params: dict, want_cuda: bool | None = None):
     """The bundle's inference graph with `params` (a generation's trainable weights) in place of
     the exported ones; stock ONNX Runtime is enough."""
     ort = check_inference()
@@ -147,7 +151,7 @@ def inference_session(bundle: Path, manifest: dict, params: dict, want_cuda: boo
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in params.values()]
     for name, value in zip(params, values):
         options.add_initializer(name, value)
-    info = manifest.get("inference", {})
+    info = manifest.inference
     session = ort.InferenceSession(str(Path(bundle) / info.get("file", "inference_model.onnx")), options,
                                    providers=providers(ort, manifest, want_cuda),
                                    disabled_optimizers=info.get("disabled_optimizers", []))

@@ -21,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..bundle import Manifest
 from ..errors import OutputError, StateError  # defined in errors.py (the one exit-code table)
 from ..fsutil import atomic_write_bytes, atomic_write_json
 
@@ -66,7 +67,7 @@ def writing(what: str):
 
 
 class DeviceState:
-    def __init__(self, folder: Path, bundle: Path, manifest: dict):
+    def __init__(self, folder: Path, bundle: Path, manifest: Manifest):
         self.folder, self.bundle, self.manifest = Path(folder), Path(bundle), manifest
         self.job_dir = self.folder / "job"
         self._data = None
@@ -109,7 +110,7 @@ class DeviceState:
         from safetensors.numpy import load_file
 
         peft = load_file(str(self.bundle / "adapter" / "adapter_model.safetensors"))
-        return {onnx: peft[key] for onnx, key in self.manifest["trainable"].items()}
+        return {onnx: peft[key] for onnx, key in self.manifest.trainable.items()}
 
     def replay_rows(self) -> list[dict]:
         from ..fsutil import read_jsonl

@@ -9,26 +9,93 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..basemodel import BaseId, check_base
 from ..errors import ModelError
 
 
 def read_adapter_meta(adapter_dir: str | Path) -> dict:
-    """edgeft.json beside a PEFT adapter; for adapters from other tools, what adapter_config.json says."""
+    """edgeft.json beside a PEFT adapter; for adapters from other tools, what adapter_config.json says.
+
+    The base model is not a path here: `base` is its name and fingerprint (edgeft adapters),
+    and `resolve_base` finds and checks the folder."""
     adapter_dir = Path(adapter_dir)
+    run_dir = None
     if (adapter_dir / "adapter" / "adapter_config.json").is_file():
-        adapter_dir = adapter_dir / "adapter"  # a run directory
+        run_dir, adapter_dir = adapter_dir, adapter_dir / "adapter"  # a run directory
     config = adapter_dir / "adapter_config.json"
     if not config.is_file():
         raise ModelError(f"no PEFT adapter in {adapter_dir} (adapter_config.json missing)", "pass a run directory or a folder written by save_pretrained")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
         raise ModelError(f"{adapter_dir} has no adapter_model.safetensors", "edgeft only reads safetensors adapters")
     meta_file = adapter_dir / "edgeft.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        peft_cfg = json.loads(config.read_text())
+    except (ValueError, OSError) as e:
+        raise ModelError(f"cannot read the adapter's metadata in {adapter_dir} ({e})", "copy the adapter again") from None
     meta["adapter_dir"] = str(adapter_dir)
-    peft_cfg = json.loads(config.read_text())
-    meta.setdefault("base_model", peft_cfg.get("base_model_name_or_path"))
+    meta["run_dir"] = str(run_dir) if run_dir else None
+    meta["peft_base"] = peft_cfg.get("base_model_name_or_path")
+    if isinstance(meta.get("base_model"), str):  # older edgeft recorded the base by its absolute path
+        meta["legacy_base_path"] = meta.pop("base_model")
     meta.setdefault("task", "classify" if peft_cfg.get("task_type") == "SEQ_CLS" else "causal-lm")
     return meta
+
+
+def _base_candidates(meta: dict):
+    """Where the base may be, in order: the run's config.json (paths relative to the run, or,
+    for older runs, to the working directory), the adapter's path hint, an older edgeft's
+    recorded path, and PEFT's base_model_name_or_path when it names a local folder."""
+    if meta.get("run_dir") and (Path(meta["run_dir"]) / "config.json").is_file():
+        try:
+            model = json.loads((Path(meta["run_dir"]) / "config.json").read_text()).get("model")
+        except (ValueError, OSError):
+            model = None
+        if model:
+            yield Path(meta["run_dir"]) / model
+            yield Path(model)
+    hint = (meta.get("base") or {}).get("path_hint") if isinstance(meta.get("base"), dict) else None
+    if hint:
+        yield Path(meta["adapter_dir"]) / hint
+    if meta.get("legacy_base_path"):
+        yield Path(meta["legacy_base_path"])
+    if meta.get("peft_base"):
+        yield Path(meta["peft_base"])
+
+
+def resolve_base(meta: dict, explicit: str | Path | None = None) -> tuple[Path, BaseId]:
+    """The base model folder for an adapter, and its identity. `explicit` (--model) always wins;
+    otherwise the first folder found (see _base_candidates) whose fingerprint is the adapter's.
+    A folder that is not the adapter's base is a ModelError naming both."""
+    expected = BaseId.from_dict(meta.get("base"))
+    what = f"the adapter {meta['adapter_dir']}"
+    if explicit is not None:
+        inspect_folder(explicit)
+        return Path(explicit), check_base(explicit, expected, what)
+    mismatch = None
+    seen = set()
+    for folder in _base_candidates(meta):
+        key = str(folder.resolve()) if folder.exists() else str(folder)
+        if key in seen or not (folder / "config.json").is_file():
+            continue
+        seen.add(key)
+        try:
+            return folder, check_base(folder, expected, what)
+        except ModelError as e:
+            mismatch = mismatch or e
+    if mismatch:
+        raise mismatch
+    name = f"base {expected.short()}" if expected else f"base {meta.get('peft_base') or '(unnamed)'}"
+    raise ModelError(f"cannot find the base model of {meta['adapter_dir']}: it was made for {name}",
+                     "pass --model with that base model's folder")
+
+
+def inspect_folder(path: str | Path) -> None:
+    """A plain message for a --model that is not a model folder (before any fingerprinting)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"model folder not found: {path}" if not path.exists() else f"{path} is a file, not a model folder",
+                         "pass a local Hugging Face model folder (config.json + *.safetensors) with --model")
 
 
 def check_adapter_file(adapter_dir) -> None:
@@ -69,7 +136,7 @@ def load_adapted(adapter_dir, scheme, device: str = "cpu", base_model: str | Non
     from .load import inspect_model_dir, load_base
 
     meta = read_adapter_meta(adapter_dir)
-    base_path = base_model or meta.get("base_model")
+    base_path, base_id = resolve_base(meta, base_model)
     task = meta["task"]
     labels = labels or meta.get("labels") or None
     if task == "classify" and not labels:
@@ -81,23 +148,25 @@ def load_adapted(adapter_dir, scheme, device: str = "cpu", base_model: str | Non
     except (ValueError, RuntimeError, OSError) as e:
         raise ModelError(f"cannot load adapter {meta['adapter_dir']}: {e}".splitlines()[0], "is the adapter corrupt, or made for another base model?") from None
     model.eval()
+    for config in model.peft_config.values():  # the adapter names its base; PEFT's own checks want the folder in hand
+        config.base_model_name_or_path = str(base_path)
     tok_dir = meta["adapter_dir"] if (Path(meta["adapter_dir"]) / "tokenizer_config.json").is_file() else base_path
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    meta.update(task=task, labels=labels or [], base_model=base_path)
+    meta.update(task=task, labels=labels or [], base_model=str(base_path), base=base_id.to_dict())
     return model, tokenizer, meta
 
 
 def evaluate_adapter(adapter_dir, data: str, scheme, device: str = "cpu", max_seq_len: int | None = None, batch_size: int = 32,
-                     text_field: str = "text", label_field: str = "label") -> dict:
+                     text_field: str = "text", label_field: str = "label", base_model: str | Path | None = None) -> dict:
     """Validation metrics of an adapter on `data`, over a base quantized by `scheme`."""
     from .. import datasets
     from ..errors import DataError
     from ..encode import collate, encode_causal, encode_classify
     from .objective import evaluate, make_objective
 
-    model, tokenizer, meta = load_adapted(adapter_dir, scheme, device)
+    model, tokenizer, meta = load_adapted(adapter_dir, scheme, device, base_model)
     max_len = max_seq_len or meta.get("max_seq_len") or 256
     if meta["task"] == "classify":
         texts, labels = datasets.load_classify(data, text_field, label_field)

@@ -211,13 +211,13 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
     from ..bundle import write_manifest
     from ..fsutil import atomic_dir, check_output
     from ..plan import check_plan, device_shape, plan_memory
-    from .adapters import check_adapter_file, read_adapter_meta
+    from .adapters import check_adapter_file, read_adapter_meta, resolve_base
 
     out = Path(out)
     check_output(out, overwrite)
     meta = read_adapter_meta(adapter_dir)
     check_adapter_file(meta["adapter_dir"])
-    base_model = base_model or meta.get("base_model")
+    base_model = str(resolve_base(meta, base_model)[0])  # --model, else found and fingerprint-checked
     scheme = target.scheme
     if meta.get("scheme") and meta["scheme"] != scheme.name:
         log(f"warning: the adapter was trained against {meta['scheme']}, the device base is {scheme.name}; "
@@ -272,6 +272,9 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         base_bytes = sum(p.nbytes for p in packed)
         shutil.rmtree(work)
         model.save_pretrained(str(tmp / "adapter"))
+        from ..basemodel import set_peft_base_name
+
+        set_peft_base_name(tmp / "adapter", meta["base"]["name"])  # a name, not the workstation's path
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         if retained:
             (tmp / REFERENCE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in retained), encoding="utf-8")
@@ -288,8 +291,8 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
             "parity": parity,
         }
         write_manifest(tmp, {
-            "edgeft_version": __version__, "task": task, "labels": labels, "target": target.to_dict(), "scheme": scheme.name,
-            "model_type": model.get_base_model().config.model_type, "base_model": meta["base_model"],
+            "edgeft_version": __version__, "task": task, "labels": labels, "target": target.to_dict(source=False), "scheme": scheme.name,
+            "model_type": model.get_base_model().config.model_type, "base": meta["base"],  # name + fingerprint, no path
             "trainable": {n: peft_key(n) for n in trainable},
             "inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"], "labels": ["batch"] if task == "classify" else ["batch", "seq"]},
             "train_shape": {"batch": batch, "seq": seq}, "max_seq_len": seq,

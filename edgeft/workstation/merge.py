@@ -41,6 +41,8 @@ def merge_adapter(adapter_dir, out: Path, overwrite: bool = False, base_model: s
     with atomic_dir(out) as tmp:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / "edgeft.json").write_text(json.dumps({"merged_from": str(adapter_dir), "base_model": meta["base_model"], "scheme": scheme.name,
+        # the adapter by folder name and the base by name + fingerprint: no workstation path
+        merged_from = {"adapter": Path(adapter_dir).resolve().name, "source": meta.get("source")}
+        (tmp / "edgeft.json").write_text(json.dumps({"merged_from": merged_from, "base": meta["base"], "scheme": scheme.name,
                                                      "task": meta["task"], "labels": meta["labels"]}, indent=2) + "\n")
     return {"model": str(out), "scheme": scheme.name, "task": meta["task"], "logits_rel": rel}

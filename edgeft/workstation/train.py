@@ -135,11 +135,12 @@ def adopt_adapter(cfg: TrainConfig, names: list[str]) -> list[str]:
     """Continuing from an adapter fixes its shape (rank, alpha, modules) and, for classify, its label order."""
     import json
 
-    from .adapters import read_adapter_meta
+    from .adapters import read_adapter_meta, resolve_base
 
     meta = read_adapter_meta(cfg.init_adapter)
     if meta["task"] != cfg.task:
         raise UsageError(f"{cfg.init_adapter} is a {meta['task']} adapter, not {cfg.task}", f"pass --task {meta['task']}")
+    resolve_base(meta, cfg.model)  # --model must be the base the adapter was made for (fingerprint)
     peft = json.loads((Path(meta["adapter_dir"]) / "adapter_config.json").read_text())
     cfg.lora_r, cfg.lora_alpha = int(peft["r"]), float(peft["lora_alpha"])
     modules = peft.get("target_modules")
@@ -285,15 +286,18 @@ class Trainer:
     # -- outputs -------------------------------------------------------------
     def save_adapter(self, metrics: dict, step: int) -> None:
         from .. import __version__
+        from ..basemodel import identify, path_hint, set_peft_base_name
 
+        base = identify(self.cfg.model)  # by name and fingerprint; the path only as a hint relative to the adapter
         with atomic_dir(self.out / "adapter") as tmp:
             self.model.save_pretrained(str(tmp))
             self.tokenizer.save_pretrained(str(tmp))
+            set_peft_base_name(tmp, base.name)
             atomic_write_json(
                 tmp / "edgeft.json",
                 {"edgeft_version": __version__, "task": self.cfg.task, "labels": self.cfg.labels, "scheme": self.cfg.scheme,
-                 "target": self.cfg.target, "base_model": str(Path(self.cfg.model).resolve()), "step": step, "metrics": metrics,
-                 "max_seq_len": self.cfg.max_seq_len},
+                 "target": self.cfg.target, "base": {**base.to_dict(), "path_hint": path_hint(self.cfg.model, self.out / "adapter")},
+                 "step": step, "metrics": metrics, "max_seq_len": self.cfg.max_seq_len},
             )
 
     def better(self, value: float, best: float | None) -> bool:

@@ -69,7 +69,9 @@ def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable
     # the portable step (standard ops, stock ORT) against the same torch step
     from ..device.backends import AdamW, Layout, PortableBackend
 
-    manifest = {"portable": portable, "trainable": dict.fromkeys(trainable)}
+    from types import SimpleNamespace
+
+    manifest = SimpleNamespace(portable=portable, trainable=dict.fromkeys(trainable), target={})  # what the engines read; no manifest yet
     step = PortableBackend(bundle, manifest)
     start = {n: np.array(state.parameters[n].data) for n in trainable}
     step.set_params(start)
