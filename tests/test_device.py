@@ -236,7 +236,11 @@ def test_eval_predict_and_export_adapter_match_the_workstation(tmp_path, cls_bun
     r, s = device("train", "--bundle", cls_bundle, "--state", state, "--data", data, "--max-steps", 4, "--lr", "5e-3", "--tolerance", "1", "--json", "--quiet")
     assert r.exit_code == 0 and s["promoted"], r.output
     r, ev = device("eval", "--bundle", cls_bundle, "--state", state, "--data", data, "--json")
-    assert r.exit_code == 0 and ev["generation"] == 1 and 0 <= ev["accuracy"] <= 1 and ev["rows"] == len(cls_rows())
+    assert r.exit_code == 0 and ev["generation"] == 1 and ev["rows"] == len(cls_rows()), r.output
+    r, every = device("predict", "--bundle", cls_bundle, "--state", state, "--data", data, "--json")
+    assert r.exit_code == 0 and len(every) == len(cls_rows()), r.output
+    right = [p["label"] == row["label"] for p, row in zip(every, cls_rows())]
+    assert ev["accuracy"] == pytest.approx(sum(right) / len(right), abs=1e-4)  # eval scores exactly what predict answers
     r, preds = device("predict", "--bundle", cls_bundle, "--state", state, "--text", "i loved it", "--text", "sad movie", "--json")
     assert r.exit_code == 0 and [p["text"] for p in preds] == ["i loved it", "sad movie"], r.output
     assert all(set(p["probabilities"]) == {"neg", "pos"} and abs(sum(p["probabilities"].values()) - 1) < 1e-5 for p in preds)
