@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -74,8 +73,12 @@ def targets_show(name, as_json):
 @click.option("--target", help="Target profile name or .toml path: sets the base quantization, batch and sequence length.")
 @click.option("--quant", help="Base quantization scheme (nf4, int8, int4-g128, int3-g32...); overrides the target's.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory to create.")
-@click.option("--resume", "resume_dir", type=click.Path(path_type=Path), help="Continue the run in this directory from its last checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once input is validated).")
+@click.option("--resume", "resume_dir", type=click.Path(path_type=Path),
+              help="Continue the run in this directory from its last checkpoint (from any working directory); "
+                   "after an interrupted --overwrite, continue the new run.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace --out if it exists. The new run trains in .NAME.new beside it and replaces it only when training "
+                   "ends; if it fails, the old run stays.")
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--max-steps", type=int, help="Optimizer steps; overrides --epochs.")
 @click.option("--batch-size", type=int, help="Per-process batch (default: the target's, else 8).")
@@ -93,6 +96,9 @@ def targets_show(name, as_json):
 @click.option("--text-field", default="text", show_default=True)
 @click.option("--label-field", default="label", show_default=True)
 @click.option("--eval-every", type=int, help="Evaluate every N steps (default: about 5 times per run).")
+@click.option("--checkpoint-every", type=int,
+              help="Save resume state every N steps, and at each evaluation (default: every 50 steps or every tenth of the run, "
+                   "whichever is more often).")
 @click.option("--no-eval-before", is_flag=True, help="Skip the validation pass before training.")
 @click.option("--patience", type=int, help="Stop after N evaluations without improvement.")
 @click.option("--metric", type=click.Choice(["accuracy", "macro_f1", "eval_loss"]), help="Metric that picks the best adapter.")
@@ -107,7 +113,7 @@ def targets_show(name, as_json):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(model, data, eval_data, val_fraction, task, target, quant, out, resume_dir, overwrite, epochs, max_steps, batch_size,
           grad_accum, max_seq_len, lr, weight_decay, warmup_ratio, schedule, max_grad_norm, lora_r, lora_alpha, lora_dropout,
-          target_modules, text_field, label_field, eval_every, no_eval_before, patience, metric, reference_data, seed, device,
+          target_modules, text_field, label_field, eval_every, checkpoint_every, no_eval_before, patience, metric, reference_data, seed, device,
           precision, gradient_checkpointing, trust_remote_code, init_adapter, as_json, quiet):
     """Fine-tune a local model with quantization-aware QLoRA.
 
@@ -119,13 +125,16 @@ def train(model, data, eval_data, val_fraction, task, target, quant, out, resume
     from .workstation.train import Trainer, TrainConfig
 
     if resume_dir:
-        cfg_file = resume_dir / "config.json"
-        if not cfg_file.is_file():
+        from .workstation.rundir import read_run_config, resume_folder
+
+        folder = resume_folder(resume_dir)
+        if folder is None:
             raise UsageError(f"{resume_dir} is not a run directory (no config.json)", "pass the --out folder of an earlier edgeft train")
-        cfg = TrainConfig(**json.loads(cfg_file.read_text()))
-        cfg.out = str(resume_dir)
+        cfg = TrainConfig(**read_run_config(resume_dir, folder))
         if max_steps:
             cfg.max_steps = max_steps
+        if checkpoint_every:
+            cfg.checkpoint_every = checkpoint_every  # saving more or less often does not change the trajectory
     else:
         missing = [n for n, v in (("--model", model), ("--data", data), ("--task", task), ("--out", out)) if not v]
         if missing:
@@ -146,7 +155,7 @@ def train(model, data, eval_data, val_fraction, task, target, quant, out, resume
             max_steps=max_steps, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, schedule=schedule,
             max_grad_norm=max_grad_norm, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             target_modules=[m.strip() for m in target_modules.split(",")] if target_modules else None, eval_every=eval_every,
-            eval_before=not no_eval_before, patience=patience, metric=metric,
+            checkpoint_every=checkpoint_every, eval_before=not no_eval_before, patience=patience, metric=metric,
             reference_data=str(reference_data) if reference_data else None, seed=seed, device=device, precision=precision,
             gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
             init_adapter=str(init_adapter) if init_adapter else None,
@@ -226,7 +235,9 @@ def export(run, adapter, model, labels, target, out, batch, seq, overwrite, forc
     profile = load_target(target)
     quiet_libraries()
     if reference_data is None and run and (Path(run) / "config.json").is_file():
-        reference_data = json.loads((Path(run) / "config.json").read_text()).get("eval_data")
+        from .workstation.rundir import read_run_config
+
+        reference_data = read_run_config(Path(run)).get("eval_data")  # config.json paths are relative to the run
         if reference_data and not Path(reference_data).is_file():
             click.echo(f"note: the run's validation data {reference_data} is not here; the bundle carries no reference rows", err=True)
             reference_data = None

@@ -1,9 +1,17 @@
-"""Crash-safe file writes: temp file or folder, fsync, rename into place. Torch-free."""
+"""Crash-safe file writes: temp file or folder, fsync, rename into place. Torch-free.
+
+Names beside a published folder NAME (all hidden, so recovery can tell them apart):
+  .NAME.XXXXXXXX.tmp   a temp being written (mkdtemp/mkstemp); never complete for sure: deleted
+  .NAME.old            the previous NAME, moved aside for the two-rename swap: restored when NAME
+                       is missing (the new one never landed), deleted when NAME is there
+  .NAME.new            a run being trained to replace NAME (workstation/rundir.py); left alone here
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -63,6 +71,76 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def old_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def _temp_leftovers(path: Path) -> list[Path]:
+    """Temps that mkdtemp/mkstemp made for `path` (8 random characters): a crash left them half-written."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        return []
+    return [p for p in parent.iterdir() if pattern.fullmatch(p.name)]
+
+
+def _settle_old(path: Path) -> str | None:
+    """A `.NAME.old` outliving its swap: put it back when NAME never landed, else drop it."""
+    old = old_name(path)
+    if not (old.exists() or old.is_symlink()):
+        return None
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        return f"removed {old.name}, left by a replacement of {path} that had finished"
+    os.replace(old, path)
+    _fsync_dir(path.parent)
+    return f"restored {path} from {old.name}: its replacement was cut short"
+
+
+def recover_swap(path: str | Path) -> str | None:
+    """Settle what a crash left around the folder `path`, before anything reads or writes it.
+
+    The swap (`swap_in`) is two renames, NAME -> .NAME.old then temp -> NAME; a kill between them
+    leaves no NAME. The old folder was complete, the temp may not be, so the old one comes back;
+    temps are deleted. Returns a sentence for the log when it changed something, else None.
+    Not safe against another process writing `path` at the same moment (nothing here is).
+    """
+    path = Path(path)
+    did = _settle_old(path)
+    for leftover in _temp_leftovers(path):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    return did
+
+
+def swap_in(src: str | Path, path: str | Path) -> None:
+    """Replace folder `path` by the complete folder `src` (same parent).
+
+    A directory cannot be renamed over a non-empty one, so this takes two renames; `recover_swap`
+    knows the state between them. A stale .NAME.old from an earlier crash is settled first, so it
+    is never mistaken for this swap's.
+    """
+    src, path = Path(src), Path(path)
+    _settle_old(path)
+    old = None
+    if path.exists():
+        old = old_name(path)
+        os.replace(path, old)
+    os.replace(src, path)
+    _fsync_dir(path.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fsync_tree(path: Path) -> None:
+    for f in Path(path).rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
 @contextmanager
 def atomic_dir(path: str | Path):
     """Yield a temp folder beside `path`; on success it replaces `path` whole, on failure it vanishes."""
@@ -71,19 +149,8 @@ def atomic_dir(path: str | Path):
     os.chmod(tmp, _umask_mode(0o777))
     try:
         yield tmp
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_tree(tmp)
+        swap_in(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

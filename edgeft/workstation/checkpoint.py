@@ -1,7 +1,13 @@
-"""Resume state for a run: trainable tensors, AdamW state and counters, as safetensors + JSON.
+"""Resume state for a run: everything a bit-exact resume needs, as safetensors + JSON.
 
-Never pickle: optimizer tensors are flattened to `state.{param}.{key}` safetensors
-entries, the rest is JSON. The learning rate is recomputed from the step.
+trainable.safetensors  the trainable tensors (LoRA, and a classification head)
+optimizer.safetensors  AdamW state flattened to `state.{param}.{key}`, and the RNG states
+                       (`rng.cpu`, `rng.cuda`: LoRA dropout draws from them)
+state.json             counters (step, best, best_step, bad_evals, elapsed, last_eval...),
+                       AdamW param groups, and the fp16 GradScaler state when there is one
+
+Never pickle. Batches and the learning rate follow from the step, so they need no state.
+The folder is replaced atomically (fsutil.atomic_dir): a crash leaves the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 from ..fsutil import atomic_dir
 
 
-def save_checkpoint(path: Path, model, optimizer, counters: dict) -> None:
+def save_checkpoint(path: Path, model, optimizer, counters: dict, scaler=None) -> None:
     from safetensors.torch import save_file
 
     trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -29,10 +35,11 @@ def save_checkpoint(path: Path, model, optimizer, counters: dict) -> None:
     with atomic_dir(path) as tmp:
         save_file(trainable, str(tmp / "trainable.safetensors"))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"counters": counters, "param_groups": opt["param_groups"]}, indent=2))
+        meta = {"counters": counters, "param_groups": opt["param_groups"], "scaler": scaler.state_dict() if scaler else None}
+        (tmp / "state.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_checkpoint(path: Path, model, optimizer) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scaler=None) -> dict:
     from safetensors.torch import load_file
 
     trainable = load_file(str(path / "trainable.safetensors"))
@@ -51,4 +58,6 @@ def load_checkpoint(path: Path, model, optimizer) -> dict:
     torch.set_rng_state(tensors["rng.cpu"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
     return meta["counters"]

@@ -4,10 +4,17 @@ periodic eval, early stopping on the best adapter, resume, and DDP under torchru
 Run directory layout:
   config.json       resolved configuration (what --resume reads back)
   adapter/          best adapter, PEFT format, + tokenizer + edgeft.json
-  checkpoint/       resume state (safetensors + JSON), replaced atomically
+  checkpoint/       resume state (safetensors + JSON), replaced atomically every
+                    --checkpoint-every steps and at each evaluation
   metrics.jsonl     one JSON line per logged step and per evaluation
   report.md, *.png  written at the end
   summary.json      the final summary
+How the folder survives crashes and --overwrite: rundir.py.
+
+Resume is bit-exact: the checkpoint holds the trainable tensors, AdamW state, RNG states, the
+GradScaler state and the counters; batches and the learning rate follow from the step alone.
+The checkpoint at an evaluation step is written before the adapter it may publish, so the
+adapter is never ahead of a checkpoint; a crash between the two is repaired on resume.
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import DataError, OutputError, TrainingDiverged, UsageError
-from ..fsutil import append_jsonl, atomic_dir, atomic_write_json, read_jsonl
+from ..errors import DataError, TrainingDiverged, UsageError
+from ..fsutil import append_jsonl, atomic_dir, atomic_write_json, read_jsonl, swap_in
+from .rundir import config_for_disk, plan_run_dir, start_run_dir, truncate_metrics
 
 
 @dataclass
@@ -52,6 +60,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     target_modules: list[str] | None = None
     eval_every: int | None = None
+    checkpoint_every: int | None = None  # default: min(50, ceil(total / 10)) steps
     eval_before: bool = True
     patience: int | None = None
     metric: str | None = None
@@ -69,6 +78,9 @@ class TrainConfig:
             raise UsageError(f"--task must be classify or causal-lm, got {self.task!r}")
         for name in ("lora_r", "batch_size", "grad_accum", "max_seq_len"):
             if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise UsageError(f"--max-steps must be >= 1, got {self.max_steps}")
@@ -95,16 +107,10 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return schedule_lr(step, total, cfg.lr, cfg.schedule, cfg.warmup_ratio)
 
 
-def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Checked before any work, so a bad invocation never touches an earlier run."""
-    if resume:
-        if not (out / "config.json").is_file() or not (out / "checkpoint").is_dir():
-            raise OutputError(f"{out} is not a resumable run (no config.json or checkpoint/)", "start a new run with --out")
-    elif out.exists() and not overwrite:
-        raise OutputError(f"output folder {out} already exists", "pick another --out, pass --overwrite to replace it, or --resume to continue it")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    if not resume and not os.access(parent if parent.exists() else Path("."), os.W_OK):
-        raise OutputError(f"cannot write to {parent}", "choose an --out in a writable folder")
+def default_checkpoint_every(total_steps: int) -> int:
+    """Every 50 steps or every tenth of the run, whichever is more often: a crash costs little
+    time, and a LoRA checkpoint (adapter-sized) is cheap to write."""
+    return max(1, min(50, math.ceil(total_steps / 10)))
 
 
 def load_data(cfg: TrainConfig):
@@ -159,7 +165,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, overwrite: bool = False, progress: bool = True, log=None):
         self.cfg, self.resume, self.overwrite, self.progress = cfg, resume, overwrite, progress
         self.log = log or (lambda message: print(message, file=sys.stderr))
-        self.out = Path(cfg.out)
+        self.final = Path(cfg.out)  # the run folder the user named
+        self.out = self.final  # where this run writes: `final`, or its staging twin under --overwrite (rundir.py)
 
     # -- setup ---------------------------------------------------------------
     def setup(self) -> None:
@@ -175,11 +182,12 @@ class Trainer:
         from .load import inspect_model_dir, resolve_device
 
         cfg = self.cfg
-        prepare_out_dir(self.out, self.resume, self.overwrite)
+        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+        self.run_dir = plan_run_dir(self.final, self.resume, self.overwrite, main=self.main, log=self.log)
+        self.out = self.run_dir.work
         info = inspect_model_dir(cfg.model, cfg.task)
         train_rows, val_rows, names = load_data(cfg)
         cfg.labels = adopt_adapter(cfg, names) if cfg.init_adapter else names
-        self.world, self.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
         device = resolve_device(cfg.device)
         if self.world > 1:
             import torch.distributed as dist
@@ -214,6 +222,7 @@ class Trainer:
         steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
         self.total_steps = total_steps(self.batches_per_epoch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
         self.eval_every = cfg.eval_every or max(1, min(steps_per_epoch, math.ceil(self.total_steps / 5)))
+        self.checkpoint_every = cfg.checkpoint_every or default_checkpoint_every(self.total_steps)
         self.info = info
 
     def build_model(self) -> None:
@@ -309,13 +318,14 @@ class Trainer:
 
         cfg = self.cfg
         created = False
-        if self.main and not self.resume:
-            if self.out.exists():
-                shutil.rmtree(self.out)  # --overwrite, and only now that input has been validated
-            self.out.mkdir(parents=True)
-            created = True
-            atomic_write_json(self.out / "config.json", asdict(cfg))
-        counters = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "elapsed": 0.0, "initial": None, "reference_before": None}
+        if self.main:
+            if not self.resume:
+                start_run_dir(self.run_dir, log=self.log)  # only now that input has been validated
+                created = True
+            # paths relative to the run folder (rundir.py); rewritten on resume, whose --max-steps may differ
+            atomic_write_json(self.out / "config.json", config_for_disk(asdict(cfg), self.out))
+        counters = {"step": 0, "best": None, "best_step": None, "bad_evals": 0, "elapsed": 0.0, "initial": None, "reference_before": None,
+                    "stopped_early": False}
         try:
             if self.resume:
                 counters = self._resume_counters(counters)
@@ -325,22 +335,56 @@ class Trainer:
             if self.reference_set is not None and counters["reference_before"] is None:
                 counters["reference_before"] = self.evaluate(self.reference_set)["eval_loss"]
             result = self._loop(counters)
-        except BaseException:
-            # Nothing worth keeping before the first checkpoint: leave no half-made run behind.
-            if created and not (self.out / "checkpoint").exists():
-                shutil.rmtree(self.out, ignore_errors=True)
+        except BaseException as exc:
+            if created and self.main:
+                self._abandon(exc)
             raise
         finally:
             if self.world > 1 and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
         return result
 
+    def _abandon(self, exc: BaseException) -> None:
+        """A new run that failed. Nothing worth keeping before its first checkpoint: no half-made run
+        is left behind. Under --overwrite the previous run stays; the new one is deleted unless it
+        was interrupted (Ctrl-C) after a checkpoint, when --resume can finish it."""
+        if self.run_dir.staged:
+            if isinstance(exc, KeyboardInterrupt) and (self.out / "checkpoint").exists():
+                self.log(f"interrupted: {self.final} is unchanged; `edgeft train --resume {self.final}` finishes the new run kept in {self.out}")
+                return
+            shutil.rmtree(self.out, ignore_errors=True)
+            self.log(f"{self.final} is unchanged: the failed new run was removed")
+        elif not (self.out / "checkpoint").exists():
+            shutil.rmtree(self.out, ignore_errors=True)
+
     def _resume_counters(self, counters: dict) -> dict:
         from .checkpoint import load_checkpoint
 
-        loaded = load_checkpoint(self.out / "checkpoint", self.model, self.optimizer)
-        self.log(f"resuming {self.out} at step {loaded['step']}/{self.total_steps}")
-        return {**counters, **loaded}
+        loaded = load_checkpoint(self.out / "checkpoint", self.model, self.optimizer, self.scaler)
+        counters = {**counters, **loaded}
+        if self.main:
+            dropped = truncate_metrics(self.out / "metrics.jsonl", counters["step"])
+            if dropped:
+                self.log(f"dropped {dropped} metrics.jsonl rows written after the checkpoint; they are trained again")
+            self._republish_best(counters)
+        self.log(f"resuming {self.final} at step {counters['step']}/{self.total_steps}")
+        return counters
+
+    def _republish_best(self, counters: dict) -> None:
+        """adapter/ must hold the checkpoint's best. It can lag only when the run died between the
+        checkpoint of a new best and publishing it; then the best is the checkpoint's own weights."""
+        import json
+
+        best_step = counters.get("best_step")
+        if best_step is None or best_step != counters["step"]:
+            return
+        try:
+            published = json.loads((self.out / "adapter" / "edgeft.json").read_text()).get("step")
+        except (OSError, ValueError):
+            published = None
+        if published != best_step:
+            self.save_adapter(counters["last_eval"], best_step)
+            self.log(f"adapter/ brought up to the checkpoint's best (step {best_step})")
 
     def _record(self, row: dict) -> None:
         """Main process only: one metrics line."""
@@ -392,9 +436,8 @@ class Trainer:
         session_start = time.perf_counter()
         t0 = session_start - counters["elapsed"]
         tokens = 0
-        stopped_early = False
         self.train_module.train()
-        for step in range(start, self.total_steps):
+        for step in range(start, start if counters["stopped_early"] else self.total_steps):
             loss_total, grad_norm, lr, n_tokens = self.train_step(step)
             tokens += n_tokens
             done = step + 1
@@ -403,38 +446,42 @@ class Trainer:
                           "epoch": round(done * cfg.grad_accum / self.batches_per_epoch, 4)})
             bar.set_postfix(loss=f"{loss_total:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
-            if done % self.eval_every == 0 or done == self.total_steps:
+            evaluated = done % self.eval_every == 0 or done == self.total_steps
+            new_best = False
+            if evaluated:
                 metrics = self.evaluate()
                 self._record({"step": done, **metrics})
                 value = metrics[cfg.metric]
-                if self.better(value, counters["best"]):
+                new_best = self.better(value, counters["best"])
+                if new_best:
                     counters.update(best=value, best_step=done, bad_evals=0)
-                    if self.main:
-                        self.save_adapter(metrics, done)
                 else:
                     counters["bad_evals"] += 1
-                counters.update(step=done, elapsed=elapsed, last_eval=metrics)
-                if self.main:
-                    save_checkpoint(self.out / "checkpoint", self.model, self.optimizer, counters)
+                counters.update(last_eval=metrics, stopped_early=bool(cfg.patience and counters["bad_evals"] >= cfg.patience))
+            counters.update(step=done, elapsed=elapsed)
+            if self.main and (evaluated or done % self.checkpoint_every == 0):
+                save_checkpoint(self.out / "checkpoint", self.model, self.optimizer, counters, self.scaler)
+            if self.main and new_best:
+                self.save_adapter(metrics, done)  # after the checkpoint: the adapter is never ahead of one
+            if evaluated:
                 self.log(f"step {done}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-                if cfg.patience and counters["bad_evals"] >= cfg.patience:
-                    stopped_early = True
-                    self.log(f"early stop: no {cfg.metric} improvement in {cfg.patience} evaluations")
-                    break
+            if counters["stopped_early"]:
+                self.log(f"early stop: no {cfg.metric} improvement in {cfg.patience} evaluations")
+                break
         bar.close()
         now = time.perf_counter()
         elapsed, session = now - t0, now - session_start
         steps_run = counters["step"] - start
         summary = {
-            "run": str(self.out), "task": cfg.task, "model": cfg.model, "target": cfg.target, "scheme": cfg.scheme,
+            "run": str(self.final), "task": cfg.task, "model": cfg.model, "target": cfg.target, "scheme": cfg.scheme,
             "device": self.device, "world_size": self.world, "steps": counters["step"], "total_steps": self.total_steps,
-            "stopped_early": stopped_early, "train_seconds": round(elapsed, 2),
+            "stopped_early": counters["stopped_early"], "train_seconds": round(elapsed, 2),
             "seconds_per_step": round(session / steps_run, 4) if steps_run else None,
             "tokens_per_second": round(tokens * self.world / session, 1) if steps_run else None,
             "trainable_params": self.trainable, "total_params": self.total_params,
             "metric": cfg.metric, "best": counters["best"], "best_step": counters["best_step"],
             "before": counters.get("initial"), "after": counters.get("last_eval"), "truncated_rows": self.truncated,
-            "adapter": str(self.out / "adapter"),
+            "adapter": str(self.final / "adapter"),  # paths as the user gave them, never made absolute here
         }
         if self.reference_set is not None:
             after = self.evaluate(self.reference_set)["eval_loss"]
@@ -443,6 +490,9 @@ class Trainer:
         if self.main:
             from ..report import write_report
 
+            if self.run_dir.staged:  # training has ended: the new run replaces the old one (rundir.py)
+                swap_in(self.out, self.final)
+                self.out = self.run_dir.work = self.final
             write_report(self.out, read_jsonl(self.out / "metrics.jsonl"), summary)
             atomic_write_json(self.out / "summary.json", summary)
         return summary
