@@ -219,7 +219,8 @@ def side_torch_curve(args) -> dict:
     import torch
 
     from edgeft.bundle import read_manifest
-    from edgeft.device.trainer import DeviceTrainConfig, DeviceTrainer, cosine_lr
+    from edgeft.device.trainer import DeviceTrainConfig, DeviceTrainer
+    from edgeft.schedule import DEFAULT, lr_at
     from edgeft.schemes import parse_scheme
     from edgeft.workstation.export import LossGraph, device_model
 
@@ -237,7 +238,8 @@ def side_torch_curve(args) -> dict:
     for i in range(args.steps):
         b = trainer.micro_batch(i, 1000 + 0)  # generation 1, seed 0: the device's batch order
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(i, args.steps, peak_lr, m.schedule.get("warmup_ratio", 0.06))
+            sched = {**DEFAULT, **(m.schedule or {})}  # as the device trainer reads it
+            g["lr"] = lr_at(i, args.steps, peak_lr, sched["name"], sched["warmup_ratio"])
         loss = graph(*(torch.from_numpy(b[k]) for k in ("input_ids", "attention_mask", "labels")))
         loss.backward()
         opt.step()

@@ -58,11 +58,6 @@ class DeviceTrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in ("force", "restart", "refuse_long", "backend")}
 
 
-def cosine_lr(step: int, total: int, peak: float, warmup_ratio: float) -> float:
-    """Kept for tools/: the shared schedule (edgeft.schedule), cosine."""
-    return lr_at(step, total, peak, "cosine", warmup_ratio)
-
-
 def file_info(path: str | Path, rows: int) -> dict:
     return {"file": str(path), "sha256": sha256(Path(path)), "rows": rows}
 
