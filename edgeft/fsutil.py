@@ -75,6 +75,14 @@ def old_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.old")
 
 
+def _remove(path: Path) -> None:
+    """A folder, a file or a link, whichever it is; what cannot be removed stays (best effort)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _temp_leftovers(path: Path) -> list[Path]:
     """Temps that mkdtemp/mkstemp made for `path` (8 random characters): a crash left them half-written."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
@@ -90,7 +98,7 @@ def _settle_old(path: Path) -> str | None:
     if not (old.exists() or old.is_symlink()):
         return None
     if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
         return f"removed {old.name}, left by a replacement of {path} that had finished"
     os.replace(old, path)
     _fsync_dir(path.parent)
@@ -108,10 +116,7 @@ def recover_swap(path: str | Path) -> str | None:
     path = Path(path)
     did = _settle_old(path)
     for leftover in _temp_leftovers(path):
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-        else:
-            leftover.unlink(missing_ok=True)
+        _remove(leftover)
     return did
 
 
@@ -131,7 +136,7 @@ def swap_in(src: str | Path, path: str | Path) -> None:
     os.replace(src, path)
     _fsync_dir(path.parent)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
 
 
 def fsync_tree(path: Path) -> None:

@@ -76,7 +76,8 @@ def plan_run_dir(final: Path, resume: bool, overwrite: bool, main: bool = True, 
             if main and staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
                 log(f"removed {staging}: the --overwrite run writing it stopped before its first checkpoint")
-            if not is_resumable(final):
+            # the main process has put a swap cut short back by now; the others may still see its .old
+            if not (is_resumable(final) or (not main and is_resumable(old_name(final)))):
                 raise OutputError(f"{final} is not a resumable run (no config.json or checkpoint/)", "start a new run with --out")
             work = final
         if main:
