@@ -81,6 +81,11 @@ def device_model(adapter_dir, scheme, keep: dict, base_model: str | None = None,
             setattr(model.get_submodule(parent), child, plain.requires_grad_(False))
         elif isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        elif hasattr(module, "_gelu_tanh_python"):
+            # transformers' GELUTanh calls F.gelu(approximate="tanh"); its opset-17 export trips ONNX Runtime's
+            # pre-training graph optimizer ("Graph::RemoveEdge ... Argument mismatch", Gemma 1-3). The same
+            # formula written out in plain ops exports cleanly.
+            module.act = module._gelu_tanh_python
     return model.eval(), tokenizer, meta
 
 

@@ -136,6 +136,29 @@ class Rewriter:
         inner = self.op("Add", [self.const(1.0), self.op("Mul", [ax, self.op("Sub", [self.const(1.0), s])])])
         self.op("Mul", [dy, self.op("Mul", [s, inner])], o[0])
 
+    def _FastGelu(self, i, o, a):
+        """x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))) / 2, written as x * sigmoid(2u): the same value."""
+        x = self.op("Add", [i[0], i[1]]) if len(i) > 1 and i[1] else i[0]
+        self.op("Mul", [x, self.op("Mul", [self.op("Add", [self.op("Tanh", [self.gelu_tanh_arg(x)]), self.const(1.0)]), self.const(0.5)])], o[0])
+
+    def gelu_tanh_arg(self, x: str) -> str:
+        cube = self.op("Mul", [self.op("Mul", [x, x]), x])
+        return self.op("Mul", [self.op("Add", [x, self.op("Mul", [cube, self.const(0.044715)])]), self.const(np.sqrt(2 / np.pi))])
+
+    def _FastGeluGrad(self, i, o, a):
+        """d/dx = (1 + t) / 2 + x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2) / 2, t = tanh(u)."""
+        dy, x = i[0], i[1]
+        t = self.op("Tanh", [self.gelu_tanh_arg(x)])
+        du = self.op("Mul", [self.op("Add", [self.op("Mul", [self.op("Mul", [x, x]), self.const(3 * 0.044715)]), self.const(1.0)]),
+                             self.const(np.sqrt(2 / np.pi))])
+        sech2 = self.op("Sub", [self.const(1.0), self.op("Mul", [t, t])])
+        grad = self.op("Add", [self.op("Add", [t, self.const(1.0)]), self.op("Mul", [self.op("Mul", [x, sech2]), du])])
+        self.op("Mul", [dy, self.op("Mul", [grad, self.const(0.5)])], o[0])
+
+    def _ReluGrad(self, i, o, a):
+        dy, y = i  # y > 0 exactly where the input was
+        self.op("Where", [self.op("Greater", [y, self.const(0.0)]), dy, self.const(0.0)], o[0])
+
     def _TanhGrad(self, i, o, a):
         dy, y = i
         self.op("Mul", [dy, self.op("Sub", [self.const(1.0), self.op("Mul", [y, y])])], o[0])
