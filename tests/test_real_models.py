@@ -103,3 +103,49 @@ def test_smollm_export_for_pi5(tmp_path):
     x = cli("export", "--run", tmp_path / "run", "--target", "raspberry-pi-5-8gb", "--out", tmp_path / "bundle", "--json")
     assert x["base_bytes_per_param"] <= 0.6
     assert x["parity"]["grad_rel"] <= 1e-5 and x["parity"]["logits_rel"] < 1e-5
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    """Gemma-3-270M (tools/prepare_assets.py --extra gemma-3-270m), built on first use: about 2 min, 3.4 GB peak."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import prepare_assets
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    return prepare_assets.ensure_extra_model("gemma-3-270m")
+
+
+def test_gemma3_trains_exports_and_keeps_training_on_a_pi5(tmp_path, gemma):
+    """A 262k-vocabulary, sliding-window, GELU-tanh model through the whole loop: workstation
+    train -> Pi 5 bundle (parity-checked) -> device train -> PEFT adapter back."""
+    rows = (GSM8K / "val.jsonl").read_text().splitlines(keepends=True)
+    val, shard, held = tmp_path / "val.jsonl", tmp_path / "shard.jsonl", tmp_path / "held.jsonl"
+    val.write_text("".join(rows[:8]))
+    shard.write_text("".join(rows[8:32]))
+    held.write_text("".join(rows[32:40]))
+    s = cli("train", "--model", gemma, "--task", "causal-lm", "--data", GSM8K / "train.jsonl", "--eval-data", val,
+            "--target", "raspberry-pi-5-8gb", "--max-seq-len", 64, "--batch-size", 2, "--max-steps", 2, "--lr", 1e-3,
+            "--no-eval-before", "--out", tmp_path / "run", "--quiet", "--json")
+    assert s["scheme"] == "int4-g128" and s["steps"] == 2
+    assert s["trainable_params"] == 18 * 16 * (2 * (640 + 1024) + 2 * (640 + 256) + 3 * (640 + 2048))  # r=16 on all 7 projections
+    x = cli("export", "--run", tmp_path / "run", "--target", "raspberry-pi-5-8gb", "--out", tmp_path / "bundle", "--json")
+    assert x["base_bytes_per_param"] <= 0.6
+    p = x["parity"]
+    assert all(v <= p["tolerance"] for k, v in p.items() if k.endswith("_rel")), p
+    t = cli("device", "train", "--bundle", tmp_path / "bundle", "--data", shard, "--eval-data", held, "--max-steps", 2,
+            "--quiet", "--json")
+    assert t["generation"] == 1 and t["steps"] == 2 and "eval_loss" in t["metrics"]["candidate"]["heldout"]
+    a = cli("device", "export-adapter", "--bundle", tmp_path / "bundle", "--generation", 1, "--out", tmp_path / "gen1", "--json")
+    assert a["generation"] == 1
+    import numpy as np
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "run/adapter/adapter_model.safetensors", "np") as f_ws, \
+            safe_open(tmp_path / "gen1/adapter_model.safetensors", "np") as f_dev:
+        assert set(f_dev.keys()) == set(f_ws.keys()) and a["tensors"] == len(f_ws.keys()) == 18 * 7 * 2
+        assert any(not np.array_equal(f_dev.get_tensor(k), f_ws.get_tensor(k)) for k in f_ws.keys())  # the device really trained
+    meta = json.loads((tmp_path / "gen1/edgeft.json").read_text())
+    assert meta["task"] == "causal-lm" and meta["source"]["device_generation"] == 1
