@@ -463,10 +463,14 @@ def rebuild_graph(models: list, frozen: set[str]):
             inputs.update({i: known[i] for i in n.input if i in known})
             inits.update({i: initializers[i] for i in n.input if i in initializers})
         parts.append((model, rest, handed))
-    graph = helper.make_graph(list(nodes.values()), "rebuild", list(inputs.values()), [], list(inits.values()))
+    # a constant may be a Constant node in one step and an initializer in the other (Gemma's `1 + norm.weight`)
+    produced = {o for n in nodes.values() for o in n.output}
+    inits = [t for name, t in inits.items() if name not in produced]
+    ordered = [n for n in nodes.values() if not n.input] + [n for n in nodes.values() if n.input]  # constants first: topological
+    graph = helper.make_graph(ordered, "rebuild", list(inputs.values()), [], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeft")
     model.ir_version = 8
-    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(model, ).graph.value_info}
     for step, rest, handed in parts:
         used = {i for n in rest for i in n.input}
         step_inputs = [i for i in step.graph.input if i.name in used] + [typed[h] for h in handed]
