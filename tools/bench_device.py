@@ -222,7 +222,7 @@ def side_torch_curve(args) -> dict:
     from edgeft.device.trainer import DeviceTrainConfig, DeviceTrainer
     from edgeft.schedule import DEFAULT, lr_at
     from edgeft.schemes import parse_scheme
-    from edgeft.workstation.export import LossGraph, device_model
+    from edgeft.workstation.device_model import LossGraph, device_model
 
     bundle = Path(args.bundle)
     m = read_manifest(bundle)

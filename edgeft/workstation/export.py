@@ -1,10 +1,11 @@
 """`edgeft export`: a device bundle that trains exactly as the workstation model did.
 
-Steps: rebuild the workstation model (quantized base + adapter) in fp32 torch,
-export a loss graph and a logits graph with the legacy exporter (parameter names
-kept), swap every frozen base weight for packed codes + a rebuilding subgraph,
-generate ONNX Runtime training artifacts (AdamW patched to torch semantics),
-then validate the bundle against torch.
+Steps: rebuild the workstation model (quantized base + adapter) in fp32 torch
+(device_model.py), export a loss graph and a logits graph with the legacy exporter
+(parameter names kept), swap every frozen base weight for packed codes + a rebuilding
+subgraph, generate ONNX Runtime training artifacts (AdamW patched to torch semantics),
+rewrite them into standard ops (portable.py), then validate the bundle against torch
+(validate.py).
 """
 
 from __future__ import annotations
@@ -19,83 +20,13 @@ import numpy as np
 import torch
 
 from ..errors import EdgeftError
-from .objective import causal_lm_loss
+from .device_model import PREFIX, LogitsGraph, LossGraph, device_model, peft_key, sample_batch
 from .onnx_base import PackedWeight, base_initializer_names, pack_int, pack_nf4, replace_initializers
 
 OPSET = 17  # ORT 1.19 reads <= 21; 17 is what the legacy exporter handles best
 IR_VERSION = 9
-PREFIX = "model."
 OPTIMIZER = {"name": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
-REFERENCE, REFERENCE_ROWS = "reference.jsonl", 256  # the export wrappers hold the PEFT model as `.model`
-
-
-class LossGraph(torch.nn.Module):
-    """(input_ids, attention_mask, labels) -> mean loss: what the device trains on."""
-
-    def __init__(self, model, task: str):
-        super().__init__()
-        self.model, self.task = model, task
-
-    def forward(self, input_ids, attention_mask, labels):
-        if self.task != "classify":  # the vocabulary projection only where a label is, as in training
-            return causal_lm_loss(self.model.get_base_model(), input_ids, attention_mask, labels)[0]
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        return torch.nn.functional.cross_entropy(logits, labels)
-
-
-class LogitsGraph(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-
-
-def peft_key(onnx_name: str) -> str:
-    """ONNX initializer name -> key in adapter_model.safetensors (PEFT drops the adapter name)."""
-    name = onnx_name.removeprefix(PREFIX)
-    return name.replace(".modules_to_save.default.", ".").replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-
-
-def device_model(adapter_dir, scheme, keep: dict, base_model: str | None = None, labels: list[str] | None = None):
-    """The workstation model as the device will run it: fp32 torch, bnb layers replaced by
-    their dequantized values, dropout off (the device graph is deterministic)."""
-    from .adapters import load_adapted
-
-    model, tokenizer, meta = load_adapted(adapter_dir, scheme, "cpu", base_model, labels, keep_codes=keep, trainable=True)
-    hf = model.get_base_model()
-    hf.set_attn_implementation("eager")  # plain ops the legacy exporter and ORT's gradient builder know
-    bnb_linear = _bnb_linear4bit()
-    for name, module in list(model.named_modules()):
-        if bnb_linear is not None and isinstance(module, bnb_linear):  # not PEFT's LoRA wrapper of the same name
-            from .quantize import bnb_dequantized_weight
-
-            keep[name.removeprefix("base_model.model.").removesuffix(".base_layer")] = (module.weight.data.clone(), module.weight.quant_state)
-            plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            with torch.no_grad():
-                plain.weight.copy_(bnb_dequantized_weight(module))
-                if module.bias is not None:
-                    plain.bias.copy_(module.bias.float())
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, plain.requires_grad_(False))
-        elif isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        elif hasattr(module, "_gelu_tanh_python"):
-            # transformers' GELUTanh calls F.gelu(approximate="tanh"); its opset-17 export trips ONNX Runtime's
-            # pre-training graph optimizer ("Graph::RemoveEdge ... Argument mismatch", Gemma 1-3). The same
-            # formula written out in plain ops exports cleanly.
-            module.act = module._gelu_tanh_python
-    return model.eval(), tokenizer, meta
-
-
-def _bnb_linear4bit():
-    try:
-        import bitsandbytes
-
-        return bitsandbytes.nn.Linear4bit
-    except ImportError:
-        return None
+REFERENCE, REFERENCE_ROWS = "reference.jsonl", 256
 
 
 def pack_base(graph_names: set[str], keep: dict, scheme) -> list[PackedWeight]:
@@ -142,20 +73,6 @@ def add_layernorm_stats(model) -> None:
     for i, node in enumerate(n for n in model.graph.node if n.op_type == "LayerNormalization"):
         while len(node.output) < 3:
             node.output.append(f"{node.output[0]}::stat{len(node.output)}_{i}")
-
-
-def sample_batch(tokenizer, task: str, labels: list[str], batch: int, seq: int, seed: int = 0) -> dict:
-    """Deterministic token batch for export and validation (real tokenizer, real vocab range)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, min(len(tokenizer), 30000), (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, seq // 2 :] = 0  # one padded row keeps masking on the checked path
-    if task == "classify":
-        y = torch.randint(0, len(labels), (batch,), generator=g)
-    else:
-        y = ids.clone()
-        y[mask == 0] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": y}
 
 
 @contextlib.contextmanager

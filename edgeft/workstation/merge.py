@@ -22,7 +22,7 @@ def merge_adapter(adapter_dir, out: Path, overwrite: bool = False, base_model: s
     from ..fsutil import atomic_dir, check_output
     from ..schemes import parse_scheme
     from .adapters import check_adapter_file, read_adapter_meta
-    from .export import device_model, sample_batch
+    from .device_model import device_model, sample_batch
 
     out = Path(out)
     check_output(out, overwrite)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
+from .device_model import LogitsGraph, LossGraph, sample_batch
 
 TOLERANCE = 1e-4
 # Constant folding would expand every packed weight to fp32 at session start (SmolLM2-135M:
@@ -30,8 +31,6 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable: list[str], batch: int, seq: int, portable: dict) -> dict:
     import onnxruntime as ort
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
-
-    from .export import LogitsGraph, LossGraph, sample_batch
 
     ort.set_default_logger_severity(3)  # the training session warns about each unused exporter constant
     s = sample_batch(tokenizer, task, labels, batch, seq, seed=1)
