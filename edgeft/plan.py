@@ -24,7 +24,7 @@ RUNTIME_MIB = 160  # measured: python + onnxruntime + numpy + tokenizers, idle
 # Below this fp32 size the base is rebuilt once per session and held (MiniLM, 87 MiB: rebuilding
 # it in every step is time a small model notices); above it, rebuilt where each weight is used,
 # in the step and again in its backward pass (SmolLM2, 513 MiB: otherwise the largest item of
-# the step's peak). See edgeft.workstation.portable.
+# the step's peak). See edgeft.workstation.portable_memory.
 HOLD_BASE_MIB = 256
 MIB = 1 << 20
 

@@ -1,0 +1,145 @@
+"""Where the portable step's memory goes: what the backward pass computes again, and what
+is rebuilt once per session (see portable.py, and edgeft.plan for which one a bundle gets).
+
+The step's peak is set by what the forward pass leaves alive for the backward pass. ORT's
+graph keeps every fp32 weight rebuilt from packed codes, and every forward result the
+backward pass reads. For a large base `recompute_for_backward` rebuilds each weight (and
+cheap elementwise results) again where the backward pass needs it; for a small one
+`rebuild_graph` moves rebuilding the base out of the step into `rebuild.onnx`, run once per
+session. Both only move or copy nodes of the rewritten graph: the computed values are unchanged.
+"""
+
+from __future__ import annotations
+
+from .portable_ops import OPSET, check_standard
+
+
+def constant_names(initializers, nodes: list) -> set[str]:
+    return {i.name for i in initializers} | {o for n in nodes if not n.input for o in n.output}  # + Constant nodes
+
+
+def rebuilds_base(node, base: set[str], constants: set[str]) -> bool:
+    """Whether `node` is part of rebuilding the base: only frozen-derived inputs and constants."""
+    return bool(node.input) and any(i in base for i in node.input) and all(i in base or i in constants or not i for i in node.input)
+
+
+# Elementwise ops cheap enough to run again in the backward pass rather than keep their output
+CHEAP = {"Add", "Sub", "Mul", "Div", "Neg", "Sigmoid", "Tanh", "Exp", "Sqrt", "Reciprocal", "Pow", "Cast", "Identity", "Relu", "Erf"}
+
+
+def recompute_for_backward(nodes: list, frozen: set[str], constants: set[str], loss: str) -> list:
+    """The backward pass computes again, right where it needs them, two kinds of forward tensors:
+
+    - each quantized weight rebuilt from its packed codes. In ORT's graph the fp32 weight
+      rebuilt for the forward matmul stays alive until the backward matmul that needs it: the
+      whole base in fp32 (SmolLM2: ~540 MiB) at the step's peak;
+    - cheap elementwise results whose inputs the backward pass keeps anyway (SiLU(gate) and
+      SiLU(gate) * up beside gate and up, the normalized hidden state beside the residual and
+      its inverse RMS): a few elementwise passes instead of holding them from the forward.
+
+    Only for a large base (see edgeft.plan.HOLD_BASE_MIB): a small model's step is quicker holding them.
+    Forward is what the loss needs; every other node is backward, wherever ORT listed it.
+    Clones are placed before their first backward use; ORT's common-subexpression pass must be
+    off for this graph (see portable.DISABLED_OPTIMIZERS)."""
+    producer = {o: n for n in nodes for o in n.output if o}
+    forward, todo = set(), [loss]
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and id(n) not in forward:
+            forward.add(id(n))
+            todo.extend(i for i in n.input if i)
+    kept = {i for n in nodes if id(n) not in forward for i in n.input}  # what backward reads
+    again, base = set(), set(frozen)
+    for n in nodes:
+        if id(n) not in forward or not n.input:
+            continue
+        if rebuilds_base(n, base, constants):
+            base.update(o for o in n.output if o)
+        elif n.op_type in CHEAP and all(i in kept or i in constants or i in base or i in again or not i for i in n.input):
+            again.update(o for o in n.output if o)
+    derived = (base - set(frozen)) | again
+    clones: dict[str, str] = {}
+    out = []
+    for n in nodes:
+        if id(n) not in forward:
+            for name in n.input:
+                if name in derived and name not in clones:
+                    out.extend(_clone_chain(name, producer, derived, clones))
+            n.input[:] = [clones.get(i, i) for i in n.input]
+        out.append(n)
+    return out
+
+
+def _clone_chain(name: str, producer: dict, derived: set[str], clones: dict) -> list:
+    """Copies of the nodes computing `name` from what stays alive, in order, with fresh output names."""
+    from onnx import NodeProto
+
+    node = producer[name]
+    made = []
+    for i in node.input:
+        if i in derived and i not in clones:
+            made.extend(_clone_chain(i, producer, derived, clones))
+    copy = NodeProto()
+    copy.CopyFrom(node)
+    copy.name = f"{node.name or node.op_type}::bwd{len(clones)}"
+    copy.input[:] = [clones.get(i, i) for i in node.input]
+    for o in node.output:
+        if o:
+            clones[o] = o + "::bwd"
+    copy.output[:] = [clones.get(o, o) for o in node.output]
+    return made + [copy]
+
+
+def split_base(model, frozen: set[str]):
+    """(the step's other nodes, the nodes rebuilding the base, the fp32 tensors handed over)."""
+    nodes = model.graph.node
+    constant_nodes = {o: n for n in nodes if not n.input for o in n.output}
+    constants = constant_names(model.graph.initializer, nodes)
+    base, rebuild = set(frozen), []
+    for n in nodes:
+        if rebuilds_base(n, base, constants):
+            base.update(o for o in n.output if o)
+            rebuild.append(n)
+    made = base - set(frozen)
+    rest = [n for n in nodes if not set(n.output) & made]
+    handed = sorted({i for n in rest for i in n.input} & made)
+    needed = [constant_nodes[i] for i in dict.fromkeys(i for n in rebuild for i in n.input) if i in constant_nodes]
+    return rest, needed + rebuild, handed
+
+
+def rebuild_graph(models: list, frozen: set[str]):
+    """For a base small enough to hold: the weights are the same every step, so the device
+    rebuilds them once per session with this graph, (packed base) -> (fp32 weights), and the
+    steps in `models` (changed in place) take those weights as inputs."""
+    import onnx
+    from onnx import helper
+
+    nodes, inputs, inits, parts = {}, {}, {}, []
+    for model in models:
+        rest, rebuild, handed = split_base(model, frozen)
+        known = {i.name: i for i in model.graph.input}
+        initializers = {i.name: i for i in model.graph.initializer}
+        for n in rebuild:
+            nodes.setdefault(n.output[0], n)  # both steps rebuild the base with the same names
+            inputs.update({i: known[i] for i in n.input if i in known})
+            inits.update({i: initializers[i] for i in n.input if i in initializers})
+        parts.append((model, rest, handed))
+    # a constant may be a Constant node in one step and an initializer in the other (Gemma's `1 + norm.weight`)
+    produced = {o for n in nodes.values() for o in n.output}
+    inits = [t for name, t in inits.items() if name not in produced]
+    ordered = [n for n in nodes.values() if not n.input] + [n for n in nodes.values() if n.input]  # constants first: topological
+    graph = helper.make_graph(ordered, "rebuild", list(inputs.values()), [], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeft")
+    model.ir_version = 8
+    typed = {v.name: v for v in onnx.shape_inference.infer_shapes(model, ).graph.value_info}
+    for step, rest, handed in parts:
+        used = {i for n in rest for i in n.input}
+        step_inputs = [i for i in step.graph.input if i.name in used] + [typed[h] for h in handed]
+        del step.graph.node[:]
+        step.graph.node.extend(rest)
+        del step.graph.input[:]
+        step.graph.input.extend(step_inputs)
+        check_standard(step)
+    model.graph.output.extend(typed[h] for h in sorted({h for _, _, handed in parts for h in handed}))
+    check_standard(model)
+    return model
