@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .clibase import EdgeftGroup, emit
+from .cli_errors import EdgeftGroup
+from .cli_output import emit
 
 
 @click.group(cls=EdgeftGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -7,7 +7,7 @@ ResourceError, exit 7), with the technical detail (the traceback, and the tail o
 stderr where it was captured) in a log file whose path the message gives. EdgeftErrors pass
 through unchanged: they already are a message for the user.
 
-The CLI's last resort (clibase.EdgeftGroup) does the same for any other command: one line
+The CLI's last resort (cli_errors.EdgeftGroup) does the same for any other command: one line
 "internal error ...", exit 1, and a log file (`write_log` with no folder: the user's cache).
 
 EDGEFT_DEBUG=1 turns both off (the original exception propagates, after the log is written):
@@ -89,7 +89,7 @@ def one_line(error: BaseException) -> str:
 
 
 def _is_missing_extra(error: BaseException) -> bool:
-    from .clibase import EXTRAS
+    from .cli_errors import EXTRAS
 
     return isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in EXTRAS
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..clibase import EdgeftGroup, emit
+from ..cli_errors import EdgeftGroup
+from ..cli_output import emit
 
 
 def bundle_options(f):

@@ -1,8 +1,13 @@
-"""Click plumbing shared by the workstation and device command groups. Torch-free."""
+"""How a command fails: the Click group both CLIs use maps every exception to one line and an exit code.
+
+An EdgeftError becomes its message, hint and exit code (edgeft/errors.py); a missing optional
+library names the extra that installs it (EXTRAS); anything unexpected becomes one line that
+points at a log file with the traceback (edgeft.stages), never a traceback on the terminal.
+Shared by the workstation and device command groups, so torch-free.
+"""
 
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -60,7 +65,3 @@ def unexpected(e: Exception) -> EdgeftError:
     if debug():
         raise e
     return InternalError(f"internal error: {one_line(e)}", f"this is a bug in edgeft; please report it with the log {e.edgeft_log}")
-
-
-def emit(data: dict, as_json: bool, human: str) -> None:
-    click.echo(json.dumps(data, indent=2, default=str) if as_json else human)
