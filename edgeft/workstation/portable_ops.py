@@ -149,6 +149,16 @@ class Rewriter:
         dot = self.op("ReduceSum", [self.op("Mul", [dy, y]), axes], keepdims=1)
         self.op("Mul", [y, self.op("Sub", [dy, dot])], o[0])
 
+    def _LogSoftmaxGrad_13(self, i, o, a):
+        dy, y = i  # y = log softmax: dx = dy - softmax * sum(dy)
+        total = self.op("ReduceSum", [dy, self.const([a.get("axis", -1)], np.int64)], keepdims=1)
+        self.op("Sub", [dy, self.op("Mul", [self.op("Exp", [y]), total])], o[0])
+
+    def _GatherElementsGrad(self, i, o, a):
+        dy, shape, index = i  # every gathered gradient added back where it came from
+        zeros = self.op("ConstantOfShape", [shape], value=self.nh.from_array(np.zeros(1, np.float32)))
+        self.op("ScatterElements", [zeros, index, dy], o[0], axis=a.get("axis", 0), reduction="add")
+
     def _SimplifiedLayerNormalization(self, i, o, a):
         if a.get("axis", -1) != -1:
             raise NotImplementedError("SimplifiedLayerNormalization over more than the last axis")
