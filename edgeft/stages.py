@@ -10,6 +10,10 @@ through unchanged: they already are a message for the user.
 The CLI's last resort (cli_errors.EdgeftGroup) does the same for any other command: one line
 "internal error ...", exit 1, and a log file (`write_log` with no folder: the user's cache).
 
+EDGEFT_PROFILE=1 logs, on stderr, each stage's wall time and the process's resident memory:
+its peak while the stage ran (sampled every 20 ms) and what it holds at the stage's end
+(`profile_mark` marks finer steps inside a stage; export's validation uses it).
+
 EDGEFT_DEBUG=1 turns both off (the original exception propagates, after the log is written):
 for developers, and for the test suite, whose CLI helper fails on any exception, so a test
 can never pass on an internal error that was turned into a tidy exit code.
@@ -94,6 +98,51 @@ def _is_missing_extra(error: BaseException) -> bool:
     return isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] in EXTRAS
 
 
+class _Profiler:
+    """RSS sampled in a thread; `mark(name)` closes the previous step's line and opens the next."""
+
+    def __init__(self):
+        import threading
+
+        self.name, self.t0, self.peak, self.lock = None, time.perf_counter(), 0, threading.Lock()
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _sample(self) -> None:
+        while True:
+            rss = self.rss()
+            with self.lock:
+                self.peak = max(self.peak, rss)
+            time.sleep(0.02)
+
+    def mark(self, name: str | None) -> None:
+        import sys
+
+        now, rss = time.perf_counter(), self.rss()
+        with self.lock:
+            peak, self.peak = max(self.peak, rss), rss
+        if self.name is not None:
+            print(f"profile: {now - self.t0:7.1f} s  peak {peak / 2**30:6.2f} GiB  end {rss / 2**30:6.2f} GiB  {self.name}", file=sys.stderr, flush=True)
+        self.name, self.t0 = name, now
+
+
+_PROFILER: _Profiler | None = None
+
+
+def profile_mark(name: str | None) -> None:
+    """Under EDGEFT_PROFILE=1: end the current profiled step and start `name` (None: just end it)."""
+    global _PROFILER
+    if os.environ.get("EDGEFT_PROFILE", "") in ("", "0") or not os.path.exists("/proc/self/statm"):
+        return
+    if _PROFILER is None:
+        _PROFILER = _Profiler()
+    _PROFILER.mark(name)
+
+
 class Stages:
     """Which stage a job is in: `stages("exporting the ONNX graphs", "hint")` marks the next one."""
 
@@ -103,6 +152,7 @@ class Stages:
 
     def __call__(self, name: str, hint: str) -> None:
         self.name, self.hint = name, hint
+        profile_mark(name)
 
 
 @contextlib.contextmanager
@@ -112,6 +162,7 @@ def stages(job: str, model, log_folder: Path | None = None):
     tracker = Stages(job, str(model), log_folder)
     try:
         yield tracker
+        profile_mark(None)
     except (EdgeftError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except Exception as e:

@@ -149,7 +149,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
     plan = plan_memory(Path(base_model), Path(meta["adapter_dir"]), target, meta["task"], batch, seq)
     check_plan(plan, force, log)
     t0 = time.perf_counter()
-    from ..stages import LOG_FOLDER, stages
+    from ..stages import LOG_FOLDER, profile_mark, stages
 
     with atomic_dir(out) as tmp, stages("export", Path(base_model).name, out.parent / LOG_FOLDER) as stage:
         # an unexpected failure in any stage: one message naming it, the details in a log file
@@ -167,12 +167,14 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
               "train with fewer --target-modules, or report the model with the log")
         export_graph(LossGraph(model, task), (sample["input_ids"], sample["attention_mask"], sample["labels"]), work / "loss.onnx",
                      ["input_ids", "attention_mask", "labels"], ["loss"], {**axes, "labels": label_axes}, training=True)
+        profile_mark("  torch.onnx.export: logits graph")
         export_graph(LogitsGraph(model), (sample["input_ids"], sample["attention_mask"]), tmp / "inference_model.onnx",
                      ["input_ids", "attention_mask"], ["logits"], {**axes, "logits": {0: "batch"}}, training=False)
         stage("packing the quantized base", "try a target with another quantization scheme, or report the model with the log")
         packed, base_names = _quantize_graphs([work / "loss.onnx", tmp / "inference_model.onnx"], LossGraph(model, task), keep, scheme)
         import onnx
 
+        profile_mark("  onnx.load of the packed loss graph")
         graph = onnx.load(str(work / "loss.onnx"))
         # Packed base tensors are frozen params, so they live once in the checkpoint (shared by the
         # training and eval graphs) and stay graph inputs: ORT's training transformers would
@@ -191,6 +193,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
 
         stage("rewriting the training step into standard ops (portable/)", "report the model with the log")
         portable = write_portable(tmp, OPTIMIZER, recompute=not plan.holds_base)
+        profile_mark("  adapter, tokenizer, reference rows")
         base_bytes = sum(p.nbytes for p in packed)
         shutil.rmtree(work)
         model.save_pretrained(str(tmp / "adapter"))
@@ -206,6 +209,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         stage("validating the bundle against torch", "report the model and target with the log")
         parity = validate_bundle(tmp, model, task, tokenizer, labels, trainable, batch=min(batch, 4), seq=min(seq, 64), portable=portable)
         base_params = sum(int(np.prod(p.shape)) for p in packed)
+        profile_mark("  manifest (hashing every file)")
         summary = {
             "bundle": str(out), "target": target.name, "scheme": scheme.name, "task": task,
             "export_seconds": round(export_seconds, 1), "base_params": base_params, "base_bytes": base_bytes,

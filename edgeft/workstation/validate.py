@@ -32,20 +32,25 @@ def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable
     import onnxruntime as ort
     from onnxruntime.training.api import CheckpointState, Module, Optimizer
 
+    from ..stages import profile_mark
+
     ort.set_default_logger_severity(3)  # the training session warns about each unused exporter constant
     s = sample_batch(tokenizer, task, labels, batch, seq, seed=1)
     feeds = {k: v.numpy() for k, v in s.items()}
     # inference graph on stock-ORT API
+    profile_mark("  validate: inference session + logits")
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the exporter leaves unused shape constants; ORT warns about each
     session = ort.InferenceSession(str(bundle / "inference_model.onnx"), options, providers=["CPUExecutionProvider"],
                                    disabled_optimizers=INFERENCE_DISABLED_OPTIMIZERS)
     logits_ort = session.run(None, {k: feeds[k] for k in ("input_ids", "attention_mask")})[0]
+    profile_mark("  validate: torch logits")
     with torch.no_grad():
         logits_torch = LogitsGraph(model)(s["input_ids"], s["attention_mask"]).numpy()
     result = {"logits_max_abs": float(np.abs(logits_ort - logits_torch).max()), "logits_rel": _rel(logits_ort, logits_torch)}
 
     # training artifacts: eval loss, one train step's gradients, AdamW update
+    profile_mark("  validate: ORT training Module, eval + train step")
     state = CheckpointState.load_checkpoint(str(bundle / "checkpoint"))
     module = Module(str(bundle / "training_model.onnx"), state, str(bundle / "eval_model.onnx"), device="cpu")
     optimizer = Optimizer(str(bundle / "optimizer_model.onnx"), module)
@@ -55,6 +60,7 @@ def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable
     loss_train = float(module(feeds["input_ids"], feeds["attention_mask"], feeds["labels"]))
     grads_ort = {n: np.array(state.parameters[n].grad) for n in trainable}
 
+    profile_mark("  validate: torch forward + backward")
     graph = LossGraph(model, task).train()
     params = dict(graph.named_parameters())
     loss_torch = graph(s["input_ids"], s["attention_mask"], s["labels"])
@@ -70,6 +76,7 @@ def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable
 
     from types import SimpleNamespace
 
+    profile_mark("  validate: portable step")
     manifest = SimpleNamespace(portable=portable, trainable=dict.fromkeys(trainable), target={})  # what the engines read; no manifest yet
     step = PortableBackend(bundle, manifest)
     start = {n: np.array(state.parameters[n].data) for n in trainable}
@@ -80,6 +87,7 @@ def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable
     adamw.update(flat_ort_grads, LR)
     del step
 
+    profile_mark("  validate: AdamW (ORT, torch)")
     # The optimizer is checked on ORT's own gradients: Adam divides by |g|, so comparing after
     # torch's gradients would amplify 1e-10 gradient noise on near-zero entries into the update.
     optimizer.set_learning_rate(LR)
