@@ -118,6 +118,7 @@ def gemma():
     return prepare_assets.ensure_extra_model("gemma-3-270m")
 
 
+@pytest.mark.ci
 def test_gemma3_trains_exports_and_keeps_training_on_a_pi5(tmp_path, gemma):
     """A 262k-vocabulary, sliding-window, GELU-tanh model through the whole loop: workstation
     train -> Pi 5 bundle (parity-checked) -> device train -> PEFT adapter back."""
@@ -133,8 +134,9 @@ def test_gemma3_trains_exports_and_keeps_training_on_a_pi5(tmp_path, gemma):
     assert s["trainable_params"] == 18 * 16 * (2 * (640 + 1024) + 2 * (640 + 256) + 3 * (640 + 2048))  # r=16 on all 7 projections
     x = cli("export", "--run", tmp_path / "run", "--target", "raspberry-pi-5-8gb", "--out", tmp_path / "bundle", "--json")
     assert x["base_bytes_per_param"] <= 0.6
-    p = x["parity"]
-    assert all(v <= p["tolerance"] for k, v in p.items() if k.endswith("_rel")), p
+    p = x["parity"]  # ORT's fused softmax cross-entropy over 262k words once put gradients 1.3e-4 off
+    steps = ("step_rel", "portable_step_rel")  # one AdamW step, relative to the learning rate
+    assert all(v <= 1e-5 for k, v in p.items() if k.endswith("_rel") and k not in steps) and all(p[k] < 1e-4 for k in steps), p
     t = cli("device", "train", "--bundle", tmp_path / "bundle", "--data", shard, "--eval-data", held, "--max-steps", 2,
             "--quiet", "--json")
     assert t["generation"] == 1 and t["steps"] == 2 and "eval_loss" in t["metrics"]["candidate"]["heldout"]

@@ -3,9 +3,11 @@
 
 Each export runs as its own `edgeft export` process under /usr/bin/time -v, so the
 peak RSS is the export's alone. Needs trained runs (the quickstart makes the MiniLM
-one; --smollm-run names a SmolLM2 run).
+one; --smollm-run names a SmolLM2 run; --run NAME=DIR adds any other causal-LM run, e.g.
+Gemma-3-270M, exported at int4-g128 as SmolLM2 is; BENCHMARKS.md gives the train commands).
 
     .venv/bin/python tools/bench_export.py --minilm-run runs/quickstart-sentiment --smollm-run runs/smollm-pi5
+    .venv/bin/python tools/bench_export.py --schemes --run gemma-3-270m=runs/gemma-270m-pi5
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minilm-run", default=str(ROOT / "runs/quickstart-sentiment"))
     ap.add_argument("--smollm-run", help="a SmolLM2 run directory (edgeft train --task causal-lm)")
-    ap.add_argument("--schemes", nargs="+", default=["int8", "int4-g128", "int4-g32", "nf4", "int3-g32", "int2-g32"])
+    ap.add_argument("--run", action="append", default=[], metavar="NAME=DIR", help="another run to export at int4-g128")
+    ap.add_argument("--schemes", nargs="*", default=["int8", "int4-g128", "int4-g32", "nf4", "int3-g32", "int2-g32"])
     ap.add_argument("--out", default=str(ROOT / "bench-results/export.json"))
     args = ap.parse_args()
     rows = []
@@ -69,6 +72,7 @@ def main() -> None:
         jobs = [("all-MiniLM-L6-v2", args.minilm_run, s) for s in args.schemes]
         if args.smollm_run:
             jobs.append(("SmolLM2-135M", args.smollm_run, "int4-g128"))
+        jobs += [(*spec.split("=", 1), "int4-g128") for spec in args.run]
         for model, run, scheme in jobs:
             s = export(run, scheme, Path(work))
             rows.append({"model": model, **{k: s[k] for k in ("scheme", "wall_seconds", "peak_rss_mib", "export_seconds", "base_params",
