@@ -25,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import DataError, TrainingDiverged, UsageError
@@ -33,132 +33,7 @@ from ..fsutil import append_jsonl, atomic_dir, atomic_write_json, read_jsonl, sw
 from .rundir import config_for_disk, plan_run_dir, start_run_dir, truncate_metrics
 
 
-@dataclass
-class TrainConfig:
-    model: str
-    data: str
-    task: str  # "classify" | "causal-lm"
-    out: str
-    eval_data: str | None = None
-    val_fraction: float = 0.1
-    target: str | None = None
-    scheme: str = "nf4"
-    text_field: str = "text"
-    label_field: str = "label"
-    max_seq_len: int = 256
-    batch_size: int = 8
-    grad_accum: int = 1
-    epochs: float = 1.0
-    max_steps: int | None = None
-    lr: float | None = None
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.06
-    schedule: str = "cosine"
-    max_grad_norm: float = 1.0
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
-    target_modules: list[str] | None = None
-    eval_every: int | None = None
-    checkpoint_every: int | None = None  # default: min(50, ceil(total / 10)) steps
-    eval_before: bool = True
-    patience: int | None = None
-    metric: str | None = None
-    reference_data: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    init_adapter: str | None = None  # continue from these LoRA (and head) weights, e.g. a device's
-    labels: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        if self.task not in ("classify", "causal-lm"):
-            raise UsageError(f"--task must be classify or causal-lm, got {self.task!r}")
-        for name in ("lora_r", "batch_size", "grad_accum", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise UsageError(f"--max-steps must be >= 1, got {self.max_steps}")
-        if self.epochs <= 0:
-            raise UsageError(f"--epochs must be > 0, got {self.epochs}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise UsageError(f"--schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.reference_data and self.task != "causal-lm":
-            raise UsageError("--reference-data (the forgetting check) applies to --task causal-lm only")
-        if self.lr is None:
-            self.lr = 1e-3 if self.task == "classify" else 2e-4
-        if self.metric is None:
-            self.metric = "accuracy" if self.task == "classify" else "eval_loss"
-
-    @property
-    def higher_is_better(self) -> bool:
-        return self.metric in ("accuracy", "macro_f1")
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """The one schedule the device uses too (edgeft.schedule)."""
-    from ..schedule import lr_at as schedule_lr
-
-    return schedule_lr(step, total, cfg.lr, cfg.schedule, cfg.warmup_ratio)
-
-
-def default_checkpoint_every(total_steps: int) -> int:
-    """Every 50 steps or every tenth of the run, whichever is more often: a crash costs little
-    time, and a LoRA checkpoint (adapter-sized) is cheap to write."""
-    return max(1, min(50, math.ceil(total_steps / 10)))
-
-
-def load_data(cfg: TrainConfig):
-    """Parsed rows for train and validation (explicit file or seeded split)."""
-    from .. import datasets
-
-    if cfg.task == "classify":
-        texts, labels = datasets.load_classify(cfg.data, cfg.text_field, cfg.label_field)
-        names = datasets.label_names(labels)
-        rows = list(zip(texts, labels))
-        if cfg.eval_data:
-            vt, vl = datasets.load_classify(cfg.eval_data, cfg.text_field, cfg.label_field)
-            unknown = sorted(set(vl) - set(names))
-            if unknown:
-                raise DataError(f"{cfg.eval_data} has labels not in the training data: {', '.join(unknown[:5])}", "every label must appear in --data")
-            val = list(zip(vt, vl))
-        else:
-            rows, val = datasets.split(rows, cfg.val_fraction, cfg.seed)
-        return rows, val, names
-    rows = datasets.load_causal(cfg.data)
-    val = datasets.load_causal(cfg.eval_data) if cfg.eval_data else None
-    if val is None:
-        rows, val = datasets.split(rows, cfg.val_fraction, cfg.seed)
-    return rows, val, []
-
-
-def adopt_adapter(cfg: TrainConfig, names: list[str]) -> list[str]:
-    """Continuing from an adapter fixes its shape (rank, alpha, modules) and, for classify, its label order."""
-    import json
-
-    from .adapters import read_adapter_meta, resolve_base
-
-    meta = read_adapter_meta(cfg.init_adapter)
-    if meta["task"] != cfg.task:
-        raise UsageError(f"{cfg.init_adapter} is a {meta['task']} adapter, not {cfg.task}", f"pass --task {meta['task']}")
-    resolve_base(meta, cfg.model)  # --model must be the base the adapter was made for (fingerprint)
-    peft = json.loads((Path(meta["adapter_dir"]) / "adapter_config.json").read_text())
-    cfg.lora_r, cfg.lora_alpha = int(peft["r"]), float(peft["lora_alpha"])
-    modules = peft.get("target_modules")
-    cfg.target_modules = sorted(modules) if isinstance(modules, list) else cfg.target_modules
-    if cfg.task != "classify":
-        return names
-    known = meta.get("labels") or []
-    unknown = sorted(set(names) - set(known))
-    if unknown:
-        raise DataError(f"{cfg.data} has labels the adapter was not trained with: {', '.join(unknown[:5])}",
-                        f"the adapter knows: {', '.join(known)}; start a fresh run to add classes")
-    return list(known)
+from .train_config import TrainConfig, adopt_adapter, default_checkpoint_every, load_data, lr_at  # noqa: F401  (re-exported)
 
 
 class Trainer:
