@@ -16,7 +16,7 @@ from .basemodel import BaseId
 
 from .errors import BundleError  # defined in errors.py (the one exit-code table)
 
-SCHEMA_VERSION = 2  # 2: the base is named and fingerprinted (`base`), never a path
+SCHEMA_VERSION = 3  # 2: the base is named and fingerprinted (`base`), never a path; 3: the frozen base stored once (`frozen`)
 MANIFEST = "manifest.json"
 ORT_TRAINING = "1.19.2"  # the last onnxruntime-training release; the artifacts are made with it
 
@@ -50,6 +50,7 @@ class Manifest:
     edgeft_version: str | None = None
     onnxruntime: dict = field(default_factory=lambda: {"training": ORT_TRAINING, "inference": ">=1.19"})
     portable: dict | None = None  # the standard-op training step (see workstation/portable.py)
+    frozen: str | None = None  # the frozen base (packed codes, scales; fp32 norms, biases): one file every graph reads as inputs
     schedule: dict = field(default_factory=dict)  # learning-rate schedule of the run: name, warmup_ratio
     inference: dict = field(default_factory=dict)  # {"file", "disabled_optimizers"}
     parity: dict = field(default_factory=dict)

@@ -50,7 +50,7 @@ def test_no_absolute_path_in_a_run_a_bundle_or_a_device_adapter(tmp_path, tmp_pa
     bundle = copy_bundle(cls_bundle, tmp_path / "b")
     assert assert_no_paths(bundle, roots) >= 3
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["schema_version"] == 2 and "source" not in manifest["target"] and manifest["target"]["name"]
+    assert manifest["schema_version"] == 3 and "source" not in manifest["target"] and manifest["target"]["name"]
     assert manifest["base"]["name"] == "tiny-bert" and manifest["base"]["fingerprint"].startswith("sha256:")
     data = write_jsonl(tmp_path / "d.jsonl", ROWS)
     r, _ = device("train", "--bundle", bundle, "--data", data, "--max-steps", 2, "--quiet")

@@ -14,7 +14,7 @@ def test_classify_bundle_is_complete_verified_and_matches_torch(tmp_path, cls_ru
     r = run("export", "--run", cls_run, "--target", target(tmp_path), "--out", out, "--json")
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
-    for f in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "inference_model.onnx",
+    for f in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "inference_model.onnx", "base.safetensors",
               "manifest.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "tokenizer/tokenizer.json"):
         assert (out / f).is_file(), f
     p = s["parity"]
@@ -35,12 +35,36 @@ def test_classify_bundle_is_complete_verified_and_matches_torch(tmp_path, cls_ru
     for f in ("training_model.onnx", "eval_model.onnx", "inference_model.onnx", "optimizer_model.onnx"):
         m = onnx.load(str(out / f), load_external_data=False)
         assert m.ir_version <= 10 and all(o.version <= 21 for o in m.opset_import if o.domain in ("", "ai.onnx"))
+    assert_base_stored_once(out, manifest)
     # tampering is caught, by file name
-    data = bytearray((out / "checkpoint").read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (out / "checkpoint").write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="checkpoint"):
-        verify_bundle(out)
+    for name in ("checkpoint", "base.safetensors"):
+        data = bytearray((out / name).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (out / name).write_bytes(bytes(data))
+        with pytest.raises(BundleError, match=name):
+            verify_bundle(out)
+        data[len(data) // 2] ^= 0xFF
+        (out / name).write_bytes(bytes(data))
+
+
+def assert_base_stored_once(bundle, manifest):
+    """Every graph takes the frozen base as inputs, from base.safetensors; no graph and no checkpoint
+    holds a copy, nor a copy of the trainable tensors (the adapter holds those)."""
+    import onnx
+    from safetensors import safe_open
+
+    assert manifest.frozen == "base.safetensors" and "base.safetensors" in manifest.files
+    with safe_open(str(bundle / "base.safetensors"), "np") as f:
+        frozen = set(f.keys())
+    assert any(k.endswith("::q.codes") for k in frozen) and not frozen & set(manifest.trainable)
+    graphs = ["training_model.onnx", "eval_model.onnx", "inference_model.onnx", "portable/train_step.onnx", "portable/eval_step.onnx"]
+    for f in graphs + (["portable/rebuild.onnx"] if (bundle / "portable/rebuild.onnx").exists() else []):
+        g = onnx.load(str(bundle / f)).graph
+        inits = {i.name: i for i in g.initializer}
+        assert not inits.keys() & (frozen | set(manifest.trainable)), f
+        assert sum(len(i.raw_data) for i in inits.values()) < 64 * 1024, f  # the rebuilding subgraphs' small constants only
+        assert frozen & {i.name for i in g.input}, f
+    assert (bundle / "checkpoint").stat().st_size < 64 * 1024  # ORT's nominal checkpoint: names and shapes
 
 
 @pytest.mark.parametrize("scheme,hold", [("int3-g32", False), ("nf4", True)])
@@ -65,7 +89,7 @@ def assert_backward_recomputes(bundle, holds_base: bool):
     from safetensors.numpy import load_file
 
     graph = onnx.load(str(bundle / "portable" / "train_step.onnx")).graph
-    frozen = set(load_file(str(bundle / "portable" / "frozen.safetensors")))
+    frozen = set(load_file(str(bundle / "base.safetensors")))
     producer = {o: n for n in graph.node for o in n.output}
     forward, todo = set(), ["loss"]
     while todo:

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from edgeft.workstation.onnx_base import pack_int, pack_nf4, replace_initializers
+from edgeft.workstation.onnx_base import pack_int, pack_nf4, replace_initializers, replace_with_packed
 
 
-def rebuild_with_ort(p, dequantize_linear=True):
+def rebuild_with_ort(p, as_inputs=False):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -14,9 +14,12 @@ def rebuild_with_ort(p, dequantize_linear=True):
     graph = helper.make_graph([helper.make_node("Identity", [p.name], ["w_out"])], "g", [], [out])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
-    replace_initializers(model, [p], dequantize_linear)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {})[0]
+    if not as_inputs:
+        replace_initializers(model, [p])
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    data = replace_with_packed(model, [p])  # the bundle's way: packed tensors are inputs, fed from one file
+    assert {i.name for i in model.graph.input} == set(data) and not any(i.name in data for i in model.graph.initializer)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, data)[0]
 
 
 @pytest.mark.parametrize("bits, group, symmetric, shape", [
@@ -33,7 +36,7 @@ def test_int_codes_rebuild_exactly(bits, group, symmetric, shape):
     zero = None if symmetric else torch.from_numpy(rng.integers(0, 2**bits, (out_f, n_groups)).astype(np.uint8))
     p = pack_int("w", codes, scale, zero, group, bits, symmetric)
     assert np.array_equal(rebuild_with_ort(p), p.dequantize())
-    assert np.array_equal(rebuild_with_ort(p, dequantize_linear=False), p.dequantize())
+    assert np.array_equal(rebuild_with_ort(p, as_inputs=True), p.dequantize())
 
 
 def test_nf4_codes_rebuild_exactly():
@@ -41,3 +44,4 @@ def test_nf4_codes_rebuild_exactly():
     codebook = np.sort(rng.standard_normal(16)).astype(np.float32)
     p = pack_nf4("w", (8, 64), rng.integers(0, 16, 8 * 64), rng.random(8).astype(np.float32), codebook, 64)
     assert np.array_equal(rebuild_with_ort(p), p.dequantize())
+    assert np.array_equal(rebuild_with_ort(p, as_inputs=True), p.dequantize())

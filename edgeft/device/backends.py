@@ -5,7 +5,8 @@
 - `portable`: stock ONNX Runtime (any platform, >= 1.19) runs the bundle's `portable/`
   step, the same graph rewritten into standard ops (see edgeft.workstation.portable).
 
-Both return the loss and the summed gradients of a micro-batch; AdamW is one graph of
+Both read the frozen base from the bundle's one file (`manifest.frozen`) and feed it to their
+graphs as inputs. Both return the loss and the summed gradients of a micro-batch; AdamW is one graph of
 standard ops over the trainable parameters as a flat vector, run by whichever ORT is
 installed. So a checkpoint is the same few flat arrays on either engine, and a device can
 resume a job on the other one.
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import BundleError, Manifest
-from .runtime import check_inference, configure_session, plan_for_training, providers, threads, training_api, training_session
+from .runtime import check_inference, configure_session, onnxruntime, plan_for_training, providers, threads, training_api, training_session
 from .state import StateError
 
 
@@ -102,24 +103,44 @@ class AdamW:
         self.step = step
 
 
+def load_frozen(bundle: Path, manifest: Manifest) -> dict:
+    """The frozen base (packed codes, scales, zero points; fp32 norms and biases) by input name."""
+    from safetensors.numpy import load_file
+
+    if not getattr(manifest, "frozen", None):
+        raise BundleError("this bundle names no frozen base file (it was exported by an older edgeft)", "re-export it with `edgeft export`")
+    return load_file(str(Path(bundle) / manifest.frozen))
+
+
 class OrtTrainingBackend:
     name = "onnxruntime-training"
 
     def __init__(self, bundle: Path, manifest: Manifest):
         api = training_api(manifest)
+        ort = onnxruntime()
         b = Path(bundle)
+        self.ortvalue = ort.OrtValue.ortvalue_from_numpy
+        # the frozen base is the graphs' user inputs, not ORT parameters: wrapped once, without a copy
+        self.frozen = {k: self.ortvalue(v) for k, v in load_frozen(b, manifest).items()}
         self.state = api.CheckpointState.load_checkpoint(str(b / "checkpoint"))
         device, options = training_session(manifest)
         self.module = api.Module(str(b / "training_model.onnx"), self.state, str(b / "eval_model.onnx"), device=device, session_options=options)
+        # the checkpoint is nominal (names and shapes): give the parameters storage before any is set by name
+        size = self.module.get_parameters_size(False)
+        self.module.copy_buffer_to_parameters(self.ortvalue(np.zeros(size, np.float32))._ortvalue, False)
         self.names = list(manifest.trainable)
 
     def set_params(self, params: dict) -> None:
         for name in self.names:
             self.state.parameters[name] = np.ascontiguousarray(params[name], dtype=np.float32)
 
+    def _run(self, batch: dict, training: bool) -> float:
+        self.module.train(training)
+        inputs = [self.frozen[n] if n in self.frozen else self.ortvalue(np.ascontiguousarray(batch[n])) for n in self.module.input_names()]
+        return float(self.module(*inputs).numpy())
+
     def forward_backward(self, batch: dict) -> float:
-        self.module.train()
-        return float(self.module(batch["input_ids"], batch["attention_mask"], batch["labels"]))
+        return self._run(batch, True)
 
     def take_grads(self) -> np.ndarray:
         grads = np.concatenate([np.asarray(self.state.parameters[n].grad, np.float32).ravel() for n in self.names])
@@ -127,21 +148,18 @@ class OrtTrainingBackend:
         return grads
 
     def eval_loss(self, batch: dict) -> float:
-        self.module.eval()
-        return float(self.module(batch["input_ids"], batch["attention_mask"], batch["labels"]))
+        return self._run(batch, False)
 
 
 class PortableBackend:
     name = "portable"
 
     def __init__(self, bundle: Path, manifest: Manifest):
-        from safetensors.numpy import load_file
-
         entry = portable_entry(manifest)
         ort = check_inference()
         b = Path(bundle)
         self.params: dict = {}
-        self.frozen = load_file(str(b / entry["frozen"]))  # one copy, fed to both graphs
+        self.frozen = load_frozen(b, manifest)  # one copy, fed to both graphs
         if entry.get("rebuild"):  # a small base: rebuilt in fp32 once, here, not in every step
             rebuild = _session(ort, b / entry["rebuild"], manifest)
             names = [o.name for o in rebuild.get_outputs()]

@@ -140,23 +140,44 @@ def training_session(manifest: Manifest):
     return ("cuda" if "CUDAExecutionProvider" in providers(ort, manifest) else "cpu"), options
 
 
-def inference_session(bundle: Path, manifest: Manifest, params: dict, want_cuda: bool | None = None):
-    """The bundle's inference graph with `params` (a generation's trainable weights) in place of
-    the exported ones; stock ONNX Runtime is enough."""
+class InferenceGraph:
+    """An inference session with its constant inputs bound: the frozen base and a generation's
+    trainable weights (graph inputs, so the bundle stores the base once and any generation's
+    weights run without rebuilding the session). `run` takes the batch alone."""
+
+    def __init__(self, session, bound: dict):
+        self.session, self.bound = session, bound
+
+    def run(self, output_names, feeds: dict):
+        return self.session.run(output_names, {**self.bound, **feeds})
+
+    def get_inputs(self):
+        return [i for i in self.session.get_inputs() if i.name not in self.bound]
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+
+def inference_session(bundle: Path, manifest: Manifest, params: dict, want_cuda: bool | None = None) -> InferenceGraph:
+    """The bundle's inference graph fed `params` (a generation's trainable weights) and the frozen
+    base from the bundle's one base file; stock ONNX Runtime is enough."""
+    import numpy as np
+
+    from .backends import load_frozen
+
     ort = check_inference()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)
     configure_session(ort, options)
-    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in params.values()]
-    for name, value in zip(params, values):
-        options.add_initializer(name, value)
     info = manifest.inference
     session = ort.InferenceSession(str(Path(bundle) / info.get("file", "inference_model.onnx")), options,
                                    providers=providers(ort, manifest, want_cuda),
                                    disabled_optimizers=info.get("disabled_optimizers", []))
-    session._edgeft_keepalive = values  # ORT borrows initializer buffers; they must outlive the session
-    return session
+    wanted = {i.name for i in session.get_inputs()}
+    bound = {k: v for k, v in load_frozen(bundle, manifest).items() if k in wanted}
+    bound.update({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in params.items() if k in wanted})
+    return InferenceGraph(session, bound)
 
 
 def peak_rss_mib() -> float:

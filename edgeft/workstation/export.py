@@ -2,15 +2,22 @@
 
 Steps: rebuild the workstation model (quantized base + adapter) in fp32 torch
 (device_model.py), export a loss graph and a logits graph with the legacy exporter
-(parameter names kept), swap every frozen base weight for packed codes + a rebuilding
-subgraph, generate ONNX Runtime training artifacts (AdamW patched to torch semantics),
-rewrite them into standard ops (portable.py), then validate the bundle against torch
-(validate.py).
+(parameter names kept, no weights), compute the torch reference validation compares with,
+pack the base, then let the torch model go: what follows holds the base packed. Every graph
+takes the frozen base as inputs, rebuilt by a small subgraph per weight, and reads it from
+ONE file, `base.safetensors`; ONNX Runtime training artifacts (AdamW patched to torch
+semantics, a nominal checkpoint: the trainable tensors' names and shapes) are generated from
+the small graph, rewritten into standard ops (portable.py), and the bundle is validated
+against the reference (validate.py), one ONNX Runtime session at a time.
+
+Memory therefore follows the fp32 model (loading, tracing) and then the packed base plus the
+largest session, never the model several times over.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import shutil
 import time
@@ -21,26 +28,34 @@ import torch
 
 from ..errors import EdgeftError
 from .device_model import PREFIX, LogitsGraph, LossGraph, device_model, peft_key, sample_batch
-from .onnx_base import PackedWeight, base_initializer_names, pack_int, pack_nf4, replace_initializers
+from .onnx_base import PackedWeight, pack_int, pack_nf4, packed_tensors, replace_with_packed
 
 OPSET = 17  # ORT 1.19 reads <= 21; 17 is what the legacy exporter handles best
 IR_VERSION = 9
 OPTIMIZER = {"name": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
 REFERENCE, REFERENCE_ROWS = "reference.jsonl", 256
+FROZEN = "base.safetensors"  # the frozen base (packed codes, scales, zero points; fp32 norms and biases)
 
 
-def pack_base(graph_names: set[str], keep: dict, scheme) -> list[PackedWeight]:
-    """Packed codes for every quantized tensor that appears in the exported graph."""
+def pack_base(graph_names: set[str], keep: dict, scheme, weights: dict | None = None) -> list[PackedWeight]:
+    """Packed codes for every quantized tensor that appears in the exported graph. Each entry of
+    `keep` is dropped once packed; with `weights` (graph name -> the torch tensor) each packed
+    tensor is proven to decode to the workstation's weight bit for bit."""
     packed = []
-    for module_name, codes in keep.items():
+    for module_name in list(keep):
+        codes = keep.pop(module_name)
         candidates = [f"{PREFIX}base_model.model.{module_name}.{suffix}" for suffix in ("base_layer.weight", "weight")]
         name = next((c for c in candidates if c in graph_names), None)
         if name is None:
             continue  # a tied weight exported under its other name
         if isinstance(codes, tuple):  # nf4: (packed bytes, bnb QuantState)
-            packed.append(_pack_bnb(name, *codes))
+            p = _pack_bnb(name, *codes)
         else:
-            packed.append(pack_int(name, codes.codes, codes.scale, codes.zero, codes.group_size, scheme.bits, scheme.symmetric))
+            p = pack_int(name, codes.codes, codes.scale, codes.zero, codes.group_size, scheme.bits, scheme.symmetric)
+        del codes
+        if weights is not None and not np.array_equal(p.dequantize(), weights[name].numpy()):
+            raise EdgeftError(f"internal: packed {name} does not decode to the workstation weight", "please report this")
+        packed.append(p)
     return packed
 
 
@@ -101,14 +116,21 @@ def quiet_native_stderr():
             os.close(saved)
 
 
-def generate(loss_path: Path, out: Path, trainable: list[str], frozen: list[str], weight_decay: float) -> None:
-    """ORT training artifacts; AdamW patched to torch.optim.AdamW semantics (adam_mode 0, eps 1e-8)."""
+def generate(loss_path: Path, out: Path, trainable: list[str], weight_decay: float) -> None:
+    """ORT training artifacts; AdamW patched to torch.optim.AdamW semantics (adam_mode 0, eps 1e-8).
+
+    The frozen base is none of ORT's parameters: the loss graph takes it as inputs (user inputs of
+    the training and eval graphs, fed by the device from the bundle's one base file; as inputs ORT's
+    training transformers cannot constant-fold them into fp32 weights either). The checkpoint is
+    ORT's nominal one: the trainable tensors' names and shapes, no values (a device fills them
+    from the adapter, see edgeft.device.backends)."""
     import onnx
     from onnxruntime.training import artifacts
 
     with quiet_native_stderr():
-        artifacts.generate_artifacts(str(loss_path), requires_grad=trainable, frozen_params=frozen, loss=None,
-                                     optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out))
+        artifacts.generate_artifacts(str(loss_path), requires_grad=trainable, frozen_params=[], loss=None,
+                                     optimizer=artifacts.OptimType.AdamW, artifact_directory=str(out), nominal_checkpoint=True)
+    (out / "nominal_checkpoint").replace(out / "checkpoint")
     opt_path = out / "optimizer_model.onnx"
     opt = onnx.load(str(opt_path))
     for node in opt.graph.node:
@@ -168,62 +190,72 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         export_graph(LossGraph(model, task), (sample["input_ids"], sample["attention_mask"], sample["labels"]), work / "loss.onnx",
                      ["input_ids", "attention_mask", "labels"], ["loss"], {**axes, "labels": label_axes}, training=True)
         profile_mark("  torch.onnx.export: logits graph")
-        export_graph(LogitsGraph(model), (sample["input_ids"], sample["attention_mask"]), tmp / "inference_model.onnx",
+        export_graph(LogitsGraph(model), (sample["input_ids"], sample["attention_mask"]), work / "logits.onnx",
                      ["input_ids", "attention_mask"], ["logits"], {**axes, "logits": {0: "batch"}}, training=False)
+        from .validate import INFERENCE_DISABLED_OPTIMIZERS, torch_reference, validate_bundle
+
+        stage("running the workstation model once (the reference for validation)", "report the model with the log")
+        expected = torch_reference(model, task, tokenizer, labels, trainable, batch=min(batch, 4), seq=min(seq, 64))
+        model.save_pretrained(str(tmp / "adapter"))
+        from ..basemodel import set_peft_base_name
+
+        set_peft_base_name(tmp / "adapter", meta["base"]["name"])  # a name, not the workstation's path
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        _compact_json(tmp / "tokenizer" / "tokenizer.json")
+        if retained:
+            (tmp / REFERENCE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in retained), encoding="utf-8")
         stage("packing the quantized base", "try a target with another quantization scheme, or report the model with the log")
-        packed, base_names = _quantize_graphs([work / "loss.onnx", tmp / "inference_model.onnx"], LossGraph(model, task), keep, scheme)
+        model_type = model.get_base_model().config.model_type
+        trainable_params = sum(int(np.prod(p.shape)) for n, p in model.named_parameters() if p.requires_grad)
+        packed, frozen = _pack_and_release(model, task, keep, scheme, trainable, [work / "loss.onnx", work / "logits.onnx"])
+        del model  # from here on the base is held packed: never the fp32 model again
+        gc.collect()
+        profile_mark("  graphs: the base as inputs, rebuilt by standard ops")
+        base_names = _base_as_inputs(work / "loss.onnx", work / "loss.onnx", packed, {n: expected["start"][n] for n in trainable})
+        _base_as_inputs(work / "logits.onnx", tmp / "inference_model.onnx", packed, {})
+        frozen.update({name: value for p in packed for name, value in packed_tensors(p).items()})
+        _save_frozen(frozen, tmp / FROZEN)
+        base_bytes = sum(p.nbytes for p in packed)
+        base_params = sum(int(np.prod(p.shape)) for p in packed)
+        del packed, frozen
+        gc.collect()
         import onnx
 
-        profile_mark("  onnx.load of the packed loss graph")
-        graph = onnx.load(str(work / "loss.onnx"))
-        # Packed base tensors are frozen params, so they live once in the checkpoint (shared by the
-        # training and eval graphs) and stay graph inputs: ORT's training transformers would
-        # otherwise constant-fold them back into fp32 weights.
-        frozen = [i.name for i in graph.graph.initializer if i.name not in set(trainable)]
+        graph = onnx.load(str(work / "loss.onnx"))  # the graph only: the base is its inputs, the adapter a few MB
         from .preflight import explain_generation_error, preflight
 
         stage("generating the training graph (onnxruntime-training)", "check `edgeft doctor` (export needs onnxruntime-training "
               "1.19.2), train with fewer --target-modules, or report the model with the log")
         preflight(graph, trainable)
         try:
-            generate(work / "loss.onnx", tmp, trainable, frozen, weight_decay=OPTIMIZER["weight_decay"])
+            generate(work / "loss.onnx", tmp, trainable, weight_decay=OPTIMIZER["weight_decay"])
         except RuntimeError as e:
             raise explain_generation_error(e, graph, trainable) or e
+        del graph
         from .portable import write_portable
 
         stage("rewriting the training step into standard ops (portable/)", "report the model with the log")
-        portable = write_portable(tmp, OPTIMIZER, recompute=not plan.holds_base)
-        profile_mark("  adapter, tokenizer, reference rows")
-        base_bytes = sum(p.nbytes for p in packed)
+        portable = write_portable(tmp, OPTIMIZER, base_names, recompute=not plan.holds_base)
         shutil.rmtree(work)
-        model.save_pretrained(str(tmp / "adapter"))
-        from ..basemodel import set_peft_base_name
-
-        set_peft_base_name(tmp / "adapter", meta["base"]["name"])  # a name, not the workstation's path
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        if retained:
-            (tmp / REFERENCE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in retained), encoding="utf-8")
         export_seconds = time.perf_counter() - t0
-        from .validate import INFERENCE_DISABLED_OPTIMIZERS, validate_bundle
 
         stage("validating the bundle against torch", "report the model and target with the log")
-        parity = validate_bundle(tmp, model, task, tokenizer, labels, trainable, batch=min(batch, 4), seq=min(seq, 64), portable=portable)
-        base_params = sum(int(np.prod(p.shape)) for p in packed)
+        parity = validate_bundle(tmp, expected, trainable, portable=portable, frozen=FROZEN)
         profile_mark("  manifest (hashing every file)")
         summary = {
             "bundle": str(out), "target": target.name, "scheme": scheme.name, "task": task,
             "export_seconds": round(export_seconds, 1), "base_params": base_params, "base_bytes": base_bytes,
-            "base_bytes_per_param": round(base_bytes / max(base_params, 1), 4), "trainable_params": sum(int(np.prod(p.shape)) for n, p in model.named_parameters() if p.requires_grad),
+            "base_bytes_per_param": round(base_bytes / max(base_params, 1), 4), "trainable_params": trainable_params,
             "parity": parity,
         }
         write_manifest(tmp, {
             "edgeft_version": __version__, "task": task, "labels": labels, "target": target.to_dict(source=False), "scheme": scheme.name,
-            "model_type": model.get_base_model().config.model_type, "base": meta["base"],  # name + fingerprint, no path
+            "model_type": model_type, "base": meta["base"],  # name + fingerprint, no path
             "trainable": {n: peft_key(n) for n in trainable},
             "inputs": {"input_ids": ["batch", "seq"], "attention_mask": ["batch", "seq"], "labels": ["batch"] if task == "classify" else ["batch", "seq"]},
             "train_shape": {"batch": batch, "seq": seq}, "max_seq_len": seq,
             "tokenizer": sorted(f"tokenizer/{f.name}" for f in (tmp / "tokenizer").iterdir()),
-            "optimizer": OPTIMIZER, "portable": portable,
+            "optimizer": OPTIMIZER, "portable": portable, "frozen": FROZEN,
             "schedule": _run_schedule(meta["adapter_dir"]),
             "inference": {"file": "inference_model.onnx", "disabled_optimizers": INFERENCE_DISABLED_OPTIMIZERS},
             "parity": parity, "base_bytes_per_param": summary["base_bytes_per_param"], "memory_plan": plan.to_dict(),
@@ -261,38 +293,59 @@ def _reference_rows(path: Path | None, meta: dict, labels: list[str] | None) -> 
     return sample_rows(load_task_rows(path, meta["task"], labels or meta.get("labels")), REFERENCE_ROWS)
 
 
-def _quantize_graphs(paths: list[Path], wrapper: torch.nn.Module, keep: dict, scheme) -> tuple[list[PackedWeight], list[str]]:
-    """Give each graph its weights: packed codes for the quantized base (proven to decode to
-    the torch weight bit for bit), plain tensors for everything else."""
+def _pack_and_release(model, task: str, keep: dict, scheme, trainable: list[str], graphs: list[Path]) -> tuple[list[PackedWeight], dict]:
+    """(packed base tensors, the other frozen tensors as fp32 numpy), for every parameter the
+    exported graphs read. Each weight's codes are packed, proven to decode to the torch weight bit
+    for bit, and dropped; `keep` is empty afterwards."""
+    import onnx
+
+    state = {k: v.detach() for k, v in LossGraph(model, task).state_dict(keep_vars=True).items()}
+    used = set()
+    for path in graphs:
+        used.update(i.name for i in onnx.load(str(path)).graph.input if i.name in state)
+    packed = pack_base(used, keep, scheme, state)
+    keep.clear()
+    done = {p.name for p in packed} | set(trainable)
+    frozen = {n: state[n].numpy().copy() for n in sorted(used - done)}
+    return packed, frozen
+
+
+def _base_as_inputs(source: Path, target: Path, packed: list[PackedWeight], initial: dict) -> list[str]:
+    """An exported graph (every parameter an input, export_params=False) made into a bundle graph:
+    the parameters in `initial` (the trainable ones, for ORT's training artifacts) become initializers,
+    each packed weight a subgraph rebuilding it from its packed tensors, which like every other
+    frozen tensor stay inputs. Returns the frozen input names (what base.safetensors holds)."""
     import onnx
     from onnx import numpy_helper
 
-    state = {k: v.detach() for k, v in wrapper.state_dict(keep_vars=True).items()}
-    packed: list[PackedWeight] = []
-    for path in paths:
-        model = onnx.load(str(path))
-        user_inputs = [i for i in model.graph.input if i.name not in state]
-        param_names = [i.name for i in model.graph.input if i.name in state]
-        del model.graph.input[:]
-        model.graph.input.extend(user_inputs)
-        packed = pack_base(set(param_names), keep, scheme)
-        for p in packed:
-            if not np.array_equal(p.dequantize(), state[p.name].numpy()):
-                raise EdgeftError(f"internal: packed {p.name} does not decode to the workstation weight", "please report this")
-        plain = set(param_names) - {p.name for p in packed}
-        model.graph.initializer.extend(numpy_helper.from_array(state[n].numpy(), n) for n in sorted(plain))
-        replace_initializers(model, packed, dequantize_linear=path == paths[0])  # the training graph (see there)
-        add_layernorm_stats(model)
-        model.ir_version = IR_VERSION
-        save_onnx(model, path)
-    return packed, base_initializer_names(onnx.load(str(paths[0]), load_external_data=False))
+    model = onnx.load(str(source))
+    names = {i.name for i in model.graph.input}
+    inputs = [i for i in model.graph.input if i.name not in initial]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    model.graph.initializer.extend(numpy_helper.from_array(initial[n], n) for n in initial if n in names)
+    replace_with_packed(model, [p for p in packed if p.name in names])
+    add_layernorm_stats(model)
+    model.ir_version = IR_VERSION
+    onnx.save(model, str(target))
+    user = {"input_ids", "attention_mask", "labels"}
+    return [i.name for i in model.graph.input if i.name not in user]
 
 
-def save_onnx(model, path: Path) -> None:
-    """Protobuf caps a file at 2 GB: larger graphs keep their tensors in `<name>.data` beside them."""
-    import onnx
+def _compact_json(path: Path) -> None:
+    """The same JSON without indentation: tokenizer.json is written pretty-printed, which for a
+    large vocabulary is most of its size (Gemma-3: 33.4 -> 14.4 MB); `tokenizers` reads either."""
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape: keep it escaped
+            text = json.dumps(data, separators=(",", ":")).encode("utf-8")
+        path.write_bytes(text)
 
-    if model.ByteSize() > 1_900_000_000:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=path.name + ".data")
-    else:
-        onnx.save(model, str(path))
+
+def _save_frozen(tensors: dict, path: Path) -> None:
+    """The frozen base, once: every graph of the bundle reads its tensors as inputs (by name)."""
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata={"format": "edgeft-frozen-base"})

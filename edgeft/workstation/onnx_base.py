@@ -97,90 +97,118 @@ def pack_nf4(name: str, shape, indices: np.ndarray, absmax: np.ndarray, codebook
                         codebook=codebook.astype(np.float32))
 
 
-def replace_initializers(model, packed: list[PackedWeight], dequantize_linear: bool = True) -> None:
-    """Swap each fp32 initializer for its packed tensors plus the rebuilding subgraph (in place).
+# the packed tensors a graph reads as inputs (the rest of a rebuilding subgraph is small constants)
+DATA_SUFFIXES = (".codes", ".scale", ".zero")
 
-    `dequantize_linear=False` rebuilds int weights with Cast/Sub/Mul instead: ORT's inference
-    optimizers treat DequantizeLinear as a QDQ unit and then ignore SessionOptions.add_initializer
-    overrides of other weights (a generation's LoRA weights would silently not apply)."""
-    from onnx import TensorProto, helper, numpy_helper
+
+def rebuild_subgraph(p: PackedWeight) -> tuple[list, dict, dict]:
+    """(nodes, data, constants) rebuilding the fp32 tensor `p.name` from its packed tensors.
+
+    data: the packed tensors (codes, scales, zero points), what a bundle stores once and every graph
+    reads; constants: the small tensors of the subgraph itself (shift amounts, shapes, a codebook).
+    Every graph (training, eval, inference, portable) rebuilds a weight with this same subgraph."""
+    from onnx import TensorProto, helper
+
+    pre = p.name + "::q"
+    data = {f"{pre}.codes": p.codes}
+    consts: dict = {}
+    nodes = []
+    # unpack: lane k = (byte << (8 - (k+1)s)) >> (8 - s) in uint8 (the left shift drops the higher
+    # lanes), all lanes concatenated (planar layout); the per-element Div/Mod or Gather
+    # alternatives cost a third to a half of a MiniLM training step (ORT profile)
+    per, sb = 8 // p.storage_bits, p.storage_bits
+    lanes = []
+    for k in range(per):
+        lane = f"{pre}.codes"
+        for direction, amount in (("LEFT", 8 - (k + 1) * sb), ("RIGHT", 8 - sb)):
+            if amount:
+                consts[f"{pre}.s{amount}"] = np.array(amount, dtype=np.uint8)
+                nodes.append(helper.make_node("BitShift", [lane, f"{pre}.s{amount}"], [f"{pre}.l{k}{direction[0]}"], direction=direction))
+                lane = f"{pre}.l{k}{direction[0]}"
+        lanes.append(lane)
+    codes = f"{pre}.all"
+    if per > 1:
+        nodes.append(helper.make_node("Concat", lanes, [codes], axis=0))
+    else:
+        codes = lanes[0]
+    if p.codes.size * per != p.n_codes:
+        consts[f"{pre}.start"], consts[f"{pre}.n"] = np.array([0], dtype=np.int64), np.array([p.n_codes], dtype=np.int64)
+        nodes.append(helper.make_node("Slice", [codes, f"{pre}.start", f"{pre}.n"], [f"{pre}.cut"]))
+        codes = f"{pre}.cut"
+    out_f, in_f = p.shape
+    if p.kind == "nf4":
+        consts[f"{pre}.codebook"] = p.codebook
+        nodes.append(helper.make_node("Cast", [codes], [f"{pre}.idx"], to=TensorProto.INT32))
+        nodes.append(helper.make_node("Gather", [f"{pre}.codebook", f"{pre}.idx"], [f"{pre}.flat"], axis=0))
+        consts[f"{pre}.blocks"] = np.array([-1, p.group], dtype=np.int64)
+        nodes.append(helper.make_node("Reshape", [f"{pre}.flat", f"{pre}.blocks"], [f"{pre}.vb"]))
+        data[f"{pre}.scale"] = p.scale.reshape(-1, 1)
+        nodes.append(helper.make_node("Mul", [f"{pre}.vb", f"{pre}.scale"], [f"{pre}.scaled"]))
+        consts[f"{pre}.shape"] = np.array([out_f, in_f], dtype=np.int64)
+        nodes.append(helper.make_node("Reshape", [f"{pre}.scaled", f"{pre}.shape"], [p.name]))
+        return nodes, data, consts
+    # one row per group
+    n_groups = p.scale.shape[1]
+    consts[f"{pre}.grouped"] = np.array([out_f * n_groups, p.group], dtype=np.int64)
+    nodes.append(helper.make_node("Reshape", [codes, f"{pre}.grouped"], [f"{pre}.qg"]))
+    # per-axis DequantizeLinear computes float(q - zp) * scale, the workstation's (float(q) - float(zp)) * scale
+    # bit for bit, in one vectorized pass (a symmetric scheme stores its one zero point per group too: 1/g byte
+    # per parameter, cheaper than the two extra passes over fp32 weights Cast/Sub/Mul would cost every step)
+    data[f"{pre}.scale"], data[f"{pre}.zero"] = p.scale.reshape(-1), p.zero_points().reshape(-1)
+    nodes.append(helper.make_node("DequantizeLinear", [f"{pre}.qg", f"{pre}.scale", f"{pre}.zero"], [f"{pre}.scaled"], axis=0))
+    consts[f"{pre}.shape"] = np.array([out_f, n_groups * p.group], dtype=np.int64)
+    target = p.name if n_groups * p.group == in_f else f"{pre}.padded"
+    nodes.append(helper.make_node("Reshape", [f"{pre}.scaled", f"{pre}.shape"], [target]))
+    if target != p.name:
+        consts[f"{pre}.cols"] = np.array([in_f], dtype=np.int64)
+        consts[f"{pre}.zero1"] = np.array([0], dtype=np.int64)
+        consts[f"{pre}.axis1"] = np.array([1], dtype=np.int64)
+        nodes.append(helper.make_node("Slice", [target, f"{pre}.zero1", f"{pre}.cols", f"{pre}.axis1"], [p.name]))
+    return nodes, data, consts
+
+
+def packed_tensors(p: PackedWeight) -> dict:
+    """The packed tensors of `p` as a graph reads them (and the bundle stores them), by name."""
+    return rebuild_subgraph(p)[1]
+
+
+def replace_with_packed(model, packed: list[PackedWeight], as_inputs: bool = True) -> dict:
+    """Swap each fp32 weight (a graph input or an initializer) for the subgraph rebuilding it from
+    its packed tensors (in place); returns those packed tensors by name.
+
+    as_inputs: the packed tensors become graph inputs, fed at run time from the bundle's one copy
+    of the base (and ONNX Runtime cannot constant-fold them into fp32 weights); otherwise they are
+    embedded as initializers."""
+    from onnx import helper, numpy_helper
 
     by_name = {p.name: p for p in packed}
     keep = [init for init in model.graph.initializer if init.name not in by_name]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    nodes = []
+    inputs = [i for i in model.graph.input if i.name not in by_name]
+    nodes, data, consts = [], {}, {}
     for p in packed:
-        pre = p.name + "::q"
-        inits = {f"{pre}.codes": p.codes, f"{pre}.scale": p.scale}
-        # unpack: lane k = (byte << (8 - (k+1)s)) >> (8 - s) in uint8 (the left shift drops the higher
-        # lanes), all lanes concatenated (planar layout); the per-element Div/Mod or Gather
-        # alternatives cost a third to a half of a MiniLM training step (ORT profile)
-        per, sb = 8 // p.storage_bits, p.storage_bits
-        lanes = []
-        for k in range(per):
-            lane = f"{pre}.codes"
-            for direction, amount in (("LEFT", 8 - (k + 1) * sb), ("RIGHT", 8 - sb)):
-                if amount:
-                    inits[f"{pre}.s{amount}"] = np.array(amount, dtype=np.uint8)
-                    nodes.append(helper.make_node("BitShift", [lane, f"{pre}.s{amount}"], [f"{pre}.l{k}{direction[0]}"], direction=direction))
-                    lane = f"{pre}.l{k}{direction[0]}"
-            lanes.append(lane)
-        codes = f"{pre}.all"
-        if per > 1:
-            nodes.append(helper.make_node("Concat", lanes, [codes], axis=0))
-        else:
-            codes = lanes[0]
-        flat = f"{pre}.flat"
-        if p.codes.size * per != p.n_codes:
-            inits[f"{pre}.start"], inits[f"{pre}.n"] = np.array([0], dtype=np.int64), np.array([p.n_codes], dtype=np.int64)
-            nodes.append(helper.make_node("Slice", [codes, f"{pre}.start", f"{pre}.n"], [f"{pre}.cut"]))
-            codes = f"{pre}.cut"
-        if p.kind == "nf4":
-            inits[f"{pre}.codebook"] = p.codebook
-            nodes.append(helper.make_node("Cast", [codes], [f"{pre}.idx"], to=TensorProto.INT32))
-            nodes.append(helper.make_node("Gather", [f"{pre}.codebook", f"{pre}.idx"], [flat], axis=0))
-        elif dequantize_linear:
-            flat = codes  # uint8, for DequantizeLinear
-        else:
-            nodes.append(helper.make_node("Cast", [codes], [flat], to=TensorProto.FLOAT))
-        out_f, in_f = p.shape
-        if p.kind == "nf4":
-            inits[f"{pre}.blocks"] = np.array([-1, p.group], dtype=np.int64)
-            nodes.append(helper.make_node("Reshape", [flat, f"{pre}.blocks"], [f"{pre}.vb"]))
-            inits[f"{pre}.scale"] = p.scale.reshape(-1, 1)
-            nodes.append(helper.make_node("Mul", [f"{pre}.vb", f"{pre}.scale"], [f"{pre}.scaled"]))
-            inits[f"{pre}.shape"] = np.array([out_f, in_f], dtype=np.int64)
-            nodes.append(helper.make_node("Reshape", [f"{pre}.scaled", f"{pre}.shape"], [p.name]))
-        else:
-            # one row per group: per-axis DequantizeLinear computes float(q - zp) * scale, the
-            # workstation's (float(q) - float(zp)) * scale bit for bit, in one vectorized pass
-            n_groups = p.scale.shape[1]
-            inits[f"{pre}.grouped"] = np.array([out_f * n_groups, p.group], dtype=np.int64)
-            nodes.append(helper.make_node("Reshape", [flat, f"{pre}.grouped"], [f"{pre}.qg"]))
-            inits[f"{pre}.scale"] = p.scale.reshape(-1, 1)
-            inits[f"{pre}.zero"] = p.zero_points().reshape(-1, 1)
-            if dequantize_linear:
-                for k in ("scale", "zero"):
-                    inits[f"{pre}.{k}"] = inits[f"{pre}.{k}"].reshape(-1)
-                nodes.append(helper.make_node("DequantizeLinear", [f"{pre}.qg", f"{pre}.scale", f"{pre}.zero"], [f"{pre}.scaled"], axis=0))
-            else:
-                nodes.append(helper.make_node("Cast", [f"{pre}.zero"], [f"{pre}.zf"], to=TensorProto.FLOAT))
-                nodes.append(helper.make_node("Sub", [f"{pre}.qg", f"{pre}.zf"], [f"{pre}.centred"]))
-                nodes.append(helper.make_node("Mul", [f"{pre}.centred", f"{pre}.scale"], [f"{pre}.scaled"]))
-            inits[f"{pre}.shape"] = np.array([out_f, n_groups * p.group], dtype=np.int64)
-            target = p.name if n_groups * p.group == in_f else f"{pre}.padded"
-            nodes.append(helper.make_node("Reshape", [f"{pre}.scaled", f"{pre}.shape"], [target]))
-            if target != p.name:
-                inits[f"{pre}.cols"] = np.array([in_f], dtype=np.int64)
-                inits[f"{pre}.zero1"] = np.array([0], dtype=np.int64)
-                inits[f"{pre}.axis1"] = np.array([1], dtype=np.int64)
-                nodes.append(helper.make_node("Slice", [target, f"{pre}.zero1", f"{pre}.cols", f"{pre}.axis1"], [p.name]))
-        model.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in inits.items())
+        n, d, c = rebuild_subgraph(p)
+        nodes += n
+        data.update(d)
+        consts.update(c)
+    if as_inputs:
+        inputs += [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)) for k, v in data.items()]
+    else:
+        consts.update(data)
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    model.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in consts.items())
     # the rebuilt weights must exist before any node reads them
     body = list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(nodes + body)
+    return data
+
+
+def replace_initializers(model, packed: list[PackedWeight]) -> None:
+    """Swap each fp32 initializer for its packed tensors (embedded) plus the rebuilding subgraph."""
+    replace_with_packed(model, packed, as_inputs=False)
 
 
 def base_initializer_names(model) -> list[str]:

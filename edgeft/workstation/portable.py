@@ -17,11 +17,11 @@ together and writes the files under `portable/` in the bundle:
   train_step.onnx   (batch, all params) -> (loss, one gradient per trainable param)
   eval_step.onnx    (batch, all params) -> loss
   adamw.onnx        torch.optim.AdamW over the trainable params as one flat vector
-  frozen.safetensors  the frozen (packed, quantized) base, fed to both graphs as inputs
   rebuild.onnx      only for a small base: (packed base) -> fp32 weights, run once per session;
                     the steps then take the weights as inputs
-Frozen tensors are inputs, not initializers, so ORT cannot constant-fold them into fp32 and
-one copy in memory serves both graphs.
+The frozen base is not here: like every graph of the bundle, the steps take it as inputs, from
+the bundle's one base file (edgeft.workstation.export.FROZEN). As inputs, not initializers,
+ORT cannot constant-fold them into fp32, and one copy in memory serves both graphs.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .portable_memory import constant_names, rebuild_graph, recompute_for_backwa
 from .portable_ops import OPSET, Rewriter, check_standard
 
 FOLDER = "portable"
-STEP, EVAL, ADAMW, FROZEN, REBUILD = "train_step.onnx", "eval_step.onnx", "adamw.onnx", "frozen.safetensors", "rebuild.onnx"
+STEP, EVAL, ADAMW, REBUILD = "train_step.onnx", "eval_step.onnx", "adamw.onnx", "rebuild.onnx"
 # CSE would merge the backward pass's own rebuild of each weight back into the forward one
 DISABLED_OPTIMIZERS = ["CommonSubexpressionElimination"]
 
@@ -101,26 +101,22 @@ def adamw_graph(betas: tuple[float, float], eps: float, weight_decay: float):
     return model
 
 
-def write_portable(bundle: Path, optimizer: dict, recompute: bool = True) -> dict:
+def write_portable(bundle: Path, optimizer: dict, frozen: list[str], recompute: bool = True) -> dict:
     """Writes `portable/` next to ORT's artifacts; returns its manifest entry.
 
+    frozen: the names of the frozen base's tensors (inputs of ORT's graphs, and of these).
     recompute: a large base is rebuilt inside the step, where each weight is used (and again in
     the backward pass); a small one (recompute off) once per session, by `rebuild.onnx`."""
-    from onnxruntime.training import api
-    from safetensors.numpy import save
-
     from ..fsutil import atomic_write_bytes
 
     folder = Path(bundle) / FOLDER
     folder.mkdir(exist_ok=True)
-    state = api.CheckpointState.load_checkpoint(str(Path(bundle) / "checkpoint"))
-    frozen = {name: np.ascontiguousarray(p.data) for name, p in state.parameters if not p.requires_grad}
-    atomic_write_bytes(folder / FROZEN, save(frozen))
-    steps = [portable_graph(Path(bundle) / source, set(frozen), recompute) for source in ("training_model.onnx", "eval_model.onnx")]
+    frozen = set(frozen)
+    steps = [portable_graph(Path(bundle) / source, frozen, recompute) for source in ("training_model.onnx", "eval_model.onnx")]
     entry = {"folder": FOLDER, "train_step": f"{FOLDER}/{STEP}", "eval_step": f"{FOLDER}/{EVAL}", "optimizer": f"{FOLDER}/{ADAMW}",
-             "frozen": f"{FOLDER}/{FROZEN}", "opset": OPSET, "disabled_optimizers": DISABLED_OPTIMIZERS}
+             "opset": OPSET, "disabled_optimizers": DISABLED_OPTIMIZERS}
     if not recompute:
-        atomic_write_bytes(folder / REBUILD, rebuild_graph(steps, set(frozen)).SerializeToString())
+        atomic_write_bytes(folder / REBUILD, rebuild_graph(steps, frozen).SerializeToString())
         entry["rebuild"] = f"{FOLDER}/{REBUILD}"
     for model, target in zip(steps, (STEP, EVAL)):
         atomic_write_bytes(folder / target, model.SerializeToString())

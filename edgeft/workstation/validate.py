@@ -5,21 +5,25 @@ Tolerances: all graphs compute in fp32 from bit-identical weights, so only the
 order of floating-point accumulation differs (matmul blocking, fused kernels).
 That bounds relative differences near 1e-6; we fail at 1e-4, which no real
 divergence (a wrong weight, a missing op, a different optimizer) stays under.
+
+Memory: the torch side runs first (`torch_reference`, while export still holds the fp32
+model) and leaves only its numbers; the bundle is then run with the device's own engines
+(edgeft.device), one ONNX Runtime session at a time, each released before the next.
 """
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
-import torch
 
 from ..errors import ExportError
-from .device_model import LogitsGraph, LossGraph, sample_batch
 
 TOLERANCE = 1e-4
-# Constant folding would expand every packed weight to fp32 at session start (SmolLM2-135M:
-# 7 GB and 36 s); unfolded, each weight is rebuilt when used and freed after.
+# Kept off although the base is an input now (nothing left to fold into fp32 weights): folding
+# would expand any packed weight a future graph embeds at session start (SmolLM2-135M: 7 GB and 36 s).
 INFERENCE_DISABLED_OPTIMIZERS = ["ConstantFolding"]
 LR = 1e-3
 
@@ -28,76 +32,108 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-30))
 
 
-def validate_bundle(bundle: Path, model, task: str, tokenizer, labels, trainable: list[str], batch: int, seq: int, portable: dict) -> dict:
-    import onnxruntime as ort
-    from onnxruntime.training.api import CheckpointState, Module, Optimizer
+def release_memory() -> None:
+    """Collect, and hand freed heap pages back to the system (glibc keeps freed blocks under its
+    mmap threshold, up to 32 MB each, in the heap: a freed model's layers would stay resident)."""
+    gc.collect()
+    try:
+        import ctypes
 
-    from ..stages import profile_mark
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
-    ort.set_default_logger_severity(3)  # the training session warns about each unused exporter constant
+
+def torch_reference(model, task: str, tokenizer, labels, trainable: list[str], batch: int, seq: int) -> dict:
+    """What the bundle must compute, from the workstation model on a sample batch: logits, loss,
+    one step's gradients, and the trainable tensors it starts from (numpy; the model is not kept)."""
+    import torch
+
+    from .device_model import LogitsGraph, LossGraph, sample_batch
+
     s = sample_batch(tokenizer, task, labels, batch, seq, seed=1)
-    feeds = {k: v.numpy() for k, v in s.items()}
-    # inference graph on stock-ORT API
-    profile_mark("  validate: inference session + logits")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the exporter leaves unused shape constants; ORT warns about each
-    session = ort.InferenceSession(str(bundle / "inference_model.onnx"), options, providers=["CPUExecutionProvider"],
-                                   disabled_optimizers=INFERENCE_DISABLED_OPTIMIZERS)
-    logits_ort = session.run(None, {k: feeds[k] for k in ("input_ids", "attention_mask")})[0]
-    profile_mark("  validate: torch logits")
     with torch.no_grad():
-        logits_torch = LogitsGraph(model)(s["input_ids"], s["attention_mask"]).numpy()
-    result = {"logits_max_abs": float(np.abs(logits_ort - logits_torch).max()), "logits_rel": _rel(logits_ort, logits_torch)}
-
-    # training artifacts: eval loss, one train step's gradients, AdamW update
-    profile_mark("  validate: ORT training Module, eval + train step")
-    state = CheckpointState.load_checkpoint(str(bundle / "checkpoint"))
-    module = Module(str(bundle / "training_model.onnx"), state, str(bundle / "eval_model.onnx"), device="cpu")
-    optimizer = Optimizer(str(bundle / "optimizer_model.onnx"), module)
-    module.eval()
-    loss_eval = float(module(feeds["input_ids"], feeds["attention_mask"], feeds["labels"]))
-    module.train()
-    loss_train = float(module(feeds["input_ids"], feeds["attention_mask"], feeds["labels"]))
-    grads_ort = {n: np.array(state.parameters[n].grad) for n in trainable}
-
-    profile_mark("  validate: torch forward + backward")
+        logits = LogitsGraph(model)(s["input_ids"], s["attention_mask"]).numpy()
     graph = LossGraph(model, task).train()
     params = dict(graph.named_parameters())
-    loss_torch = graph(s["input_ids"], s["attention_mask"], s["labels"])
-    loss_torch.backward()
-    loss_rel = lambda loss: abs(loss - loss_torch.item()) / max(abs(loss_torch.item()), 1e-30)  # noqa: E731
+    loss = graph(s["input_ids"], s["attention_mask"], s["labels"])
+    loss.backward()
+    result = {"feeds": {k: v.numpy() for k, v in s.items()}, "logits": logits, "loss": float(loss.item()),
+              "grads": np.concatenate([params[n].grad.numpy().ravel() for n in trainable]),
+              "start": {n: params[n].detach().numpy().copy() for n in trainable}}
+    for n in trainable:
+        params[n].grad = None
+    model.eval()
+    return result
+
+
+def _adamw_torch(start: dict, grads: dict, trainable: list[str]) -> np.ndarray:
+    """torch.optim.AdamW's first step from `start` with the given gradients, flat."""
+    import torch
+
+    params = [torch.nn.Parameter(torch.from_numpy(start[n].copy())) for n in trainable]
+    for p, n in zip(params, trainable):
+        p.grad = torch.from_numpy(np.ascontiguousarray(grads[n]))
+    torch.optim.AdamW(params, lr=LR, eps=1e-8, weight_decay=0.0).step()
+    return np.concatenate([p.detach().numpy().ravel() for p in params])
+
+
+def validate_bundle(bundle: Path, expected: dict, trainable: list[str], portable: dict, frozen: str) -> dict:
+    """Run the bundle as a device does (edgeft.device's engines) and compare with `expected`
+    (torch_reference). Raises ExportError over TOLERANCE."""
+    from ..bundle import ORT_TRAINING
+    from ..device.backends import AdamW, Layout, OrtTrainingBackend, PortableBackend
+    from ..device.runtime import inference_session
+    from ..stages import profile_mark
+
+    bundle = Path(bundle)
+    feeds, start = expected["feeds"], expected["start"]
+    # what the engines read; there is no manifest yet
+    manifest = SimpleNamespace(portable=portable, trainable=dict.fromkeys(trainable), target={}, frozen=frozen,
+                               onnxruntime={"training": ORT_TRAINING}, inference={"file": "inference_model.onnx",
+                                                                                   "disabled_optimizers": INFERENCE_DISABLED_OPTIMIZERS})
+    loss_rel = lambda loss: abs(loss - expected["loss"]) / max(abs(expected["loss"]), 1e-30)  # noqa: E731
+
+    profile_mark("  validate: inference graph")
+    session = inference_session(bundle, manifest, start, want_cuda=False)
+    logits = session.run(None, {k: feeds[k] for k in ("input_ids", "attention_mask")})[0]
+    result = {"logits_max_abs": float(np.abs(logits - expected["logits"]).max()), "logits_rel": _rel(logits, expected["logits"])}
+    del session, logits
+    release_memory()
+
+    # training artifacts: eval loss, one train step's gradients, and ORT's own AdamW step
+    profile_mark("  validate: ORT training artifacts")
+    from onnxruntime.training.api import Optimizer
+
+    engine = OrtTrainingBackend(bundle, manifest)
+    engine.set_params(start)
+    result["loss_rel"] = loss_rel(engine.eval_loss(feeds))
+    result["train_loss_rel"] = loss_rel(engine.forward_backward(feeds))
+    grads_ort = {n: np.array(engine.state.parameters[n].grad) for n in trainable}
     flat_ort_grads = np.concatenate([grads_ort[n].ravel() for n in trainable])
-    torch_grads = np.concatenate([params[n].grad.numpy().ravel() for n in trainable])
-    result["loss_rel"], result["train_loss_rel"] = loss_rel(loss_eval), loss_rel(loss_train)
-    result["grad_rel"] = _rel(flat_ort_grads, torch_grads)
-
-    # the portable step (standard ops, stock ORT) against the same torch step
-    from ..device.backends import AdamW, Layout, PortableBackend
-
-    from types import SimpleNamespace
-
-    profile_mark("  validate: portable step")
-    manifest = SimpleNamespace(portable=portable, trainable=dict.fromkeys(trainable), target={})  # what the engines read; no manifest yet
-    step = PortableBackend(bundle, manifest)
-    start = {n: np.array(state.parameters[n].data) for n in trainable}
-    step.set_params(start)
-    result["portable_loss_rel"] = loss_rel(step.forward_backward(feeds))
-    result["portable_grad_rel"] = _rel(step.take_grads(), torch_grads)
-    adamw = AdamW(bundle, manifest, Layout({n: v.shape for n, v in start.items()}), start)
-    adamw.update(flat_ort_grads, LR)
-    del step
-
-    profile_mark("  validate: AdamW (ORT, torch)")
-    # The optimizer is checked on ORT's own gradients: Adam divides by |g|, so comparing after
-    # torch's gradients would amplify 1e-10 gradient noise on near-zero entries into the update.
+    result["grad_rel"] = _rel(flat_ort_grads, expected["grads"])
+    optimizer = Optimizer(str(bundle / "optimizer_model.onnx"), engine.module)
     optimizer.set_learning_rate(LR)
     optimizer.step()
-    with torch.no_grad():
-        for n in trainable:
-            params[n].grad.copy_(torch.from_numpy(grads_ort[n]))
-    torch.optim.AdamW([params[n] for n in trainable], lr=LR, eps=1e-8, weight_decay=0.0).step()
-    after_ort = np.concatenate([np.array(state.parameters[n].data).ravel() for n in trainable])
-    after_torch = np.concatenate([params[n].detach().numpy().ravel() for n in trainable])
+    after_ort = np.concatenate([np.array(engine.state.parameters[n].data).ravel() for n in trainable])
+    del optimizer, engine
+    release_memory()
+
+    # the portable step (standard ops, stock ORT)
+    profile_mark("  validate: portable step")
+    step = PortableBackend(bundle, manifest)
+    step.set_params(start)
+    result["portable_loss_rel"] = loss_rel(step.forward_backward(feeds))
+    result["portable_grad_rel"] = _rel(step.take_grads(), expected["grads"])
+    del step
+    release_memory()
+
+    # The optimizer is checked on ORT's own gradients: Adam divides by |g|, so comparing after
+    # torch's gradients would amplify 1e-10 gradient noise on near-zero entries into the update.
+    profile_mark("  validate: AdamW (ORT's, portable, torch)")
+    adamw = AdamW(bundle, manifest, Layout({n: v.shape for n, v in start.items()}), start)
+    adamw.update(flat_ort_grads, LR)
+    after_torch = _adamw_torch(start, grads_ort, trainable)
     result["step_max_abs"] = float(np.abs(after_ort - after_torch).max())
     result["step_rel"] = float(np.abs(after_ort - after_torch).max() / LR)  # relative to the size of one update
     result["portable_step_rel"] = float(np.abs(adamw.params - after_torch).max() / LR)
