@@ -214,8 +214,10 @@ def _export_source(run, model, adapter):
 @click.option("--adapter", type=click.Path(path_type=Path), help="A PEFT adapter folder made by any tool (with --model).")
 @click.option("--model", type=click.Path(path_type=Path), help="Base model folder (default: the run's, or one the adapter points to); must match the base the adapter was made for.")
 @click.option("--labels", help="Comma-separated label names, for classify adapters made outside edgeft.")
-@click.option("--target", required=True, help="Target profile name or .toml path.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to create.")
+@click.option("--target", help="Target profile name or .toml path (with --update-for: the bundle's, so not needed).")
+@click.option("--update-for", "update_for", type=click.Path(path_type=Path),
+              help="A bundle a device already holds: write only an adapter update for it (a few MB, seconds), not a bundle.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder to create (with --update-for: the update folder).")
 @click.option("--batch", type=int, help="Device training batch (default: the target's).")
 @click.option("--seq", type=int, help="Device sequence length (default: the target's, capped by training's).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -223,16 +225,26 @@ def _export_source(run, model, adapter):
 @click.option("--reference-data", type=click.Path(path_type=Path),
               help="Rows the device keeps to check updates for forgetting (default: the run's validation data; 256 at most).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
-def export(run, adapter, model, labels, target, out, batch, seq, overwrite, force, reference_data, as_json):
+def export(run, adapter, model, labels, target, update_for, out, batch, seq, overwrite, force, reference_data, as_json):
     """Write a device bundle: ONNX Runtime training artifacts, inference model, adapters, manifest.
 
     \b
     edgeft export --run runs/sentiment --target raspberry-pi-5-8gb --out bundles/sentiment
+    edgeft export --run runs/sentiment-v2 --update-for bundles/sentiment --out updates/v2   # adapter only
     """
+    from .errors import UsageError
     from .targets import load_target
     from .workstation.export import export_bundle
 
     source, base = _export_source(run, model, adapter)
+    if update_for:
+        given = [n for n, v in (("--batch", batch), ("--seq", seq), ("--force", force), ("--reference-data", reference_data)) if v]
+        if given:
+            raise UsageError(f"{', '.join(given)} do not apply to --update-for: an update keeps everything of the bundle but the adapter",
+                             "leave them out, or export a new bundle with --target")
+        return _export_update(source, update_for, out, overwrite, base, labels, target, as_json)
+    if not target:
+        raise UsageError("missing --target", "name a target profile (`edgeft targets list`), or pass --update-for BUNDLE for an adapter update")
     profile = load_target(target)
     quiet_libraries()
     if reference_data is None and run and (Path(run) / "config.json").is_file():
@@ -253,6 +265,22 @@ def export(run, adapter, model, labels, target, out, batch, seq, overwrite, forc
         f"AdamW step max abs {p['step_max_abs']:.1e} (tolerance {p['tolerance']:g})",
         f"device memory plan: {s['memory_plan']['total_mib']:.0f} MiB of {s['memory_plan']['budget_mib']} MiB budget",
         f"exported in {s['export_seconds']} s",
+    ]))
+
+
+def _export_update(source, bundle, out, overwrite, base, labels, target, as_json):
+    from .workstation.update import make_update
+
+    quiet_libraries()
+    s = make_update(source, bundle, out, overwrite=overwrite, base_model=base, labels=labels.split(",") if labels else None,
+                    target=target, log=lambda m: click.echo(m, err=True))
+    p = s["parity"]
+    emit(s, as_json, "\n".join([
+        f"update: {s['update']} ({s['update_bytes'] / 2**20:.2f} MiB, {s['tensors']} tensors, {s['trainable_params']:,} params) "
+        f"for {s['bundle']} ({s['bundle_bytes'] / 2**20:.1f} MiB)",
+        f"base: {s['base']['name']} ({s['base']['fingerprint'].removeprefix('sha256:')[:12]}), {s['scheme']}, target {s['target']}",
+        f"bundle's inference graph with the update vs torch: logits rel {p['logits_rel']:.1e} (tolerance {p['tolerance']:g})",
+        f"made in {s['seconds']} s; on the device: edgeft device apply-update --bundle BUNDLE {s['update']}",
     ]))
 
 

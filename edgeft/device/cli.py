@@ -99,7 +99,8 @@ def status(bundle, state_dir, as_json):
         m = g.get("metrics", {}).get("candidate", {})
         fmt = lambda split: f"{m[split][key]:.4f}" if split in m else "-"  # noqa: E731
         mark = "*" if g["id"] == data["current"] else " "
-        seen = f"{g['data']['file']} ({g['data']['rows']} rows)" if g.get("data") else g.get("source", "")
+        seen = f"{g['data']['file']} ({g['data']['rows']} rows)" if g.get("data") else \
+            f"update {g['update']['folder']} (run {g['update']['source'].get('name', '?')})" if g.get("update") else g.get("source", "")
         rows.append(f"{mark}{g['id']:>3} {g['status']:<9} {g['parent'] if g['parent'] is not None else '-':>6} {g.get('steps', '-'):>6} "
                     f"{fmt('heldout'):>9} {fmt('reference'):>9}  {seen}")
     if out["interrupted"]:
@@ -195,6 +196,41 @@ def generate(bundle, state_dir, prompt, max_new_tokens, temperature, top_k, top_
     model, _ = predictor(state, generation)
     out = model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat=not raw)
     emit(out, as_json, out["completion"])
+
+
+@device.command("apply-update")
+@click.argument("update", type=click.Path(path_type=Path))
+@bundle_options
+@click.option("--check", is_flag=True, help="Promote only if it does not regress on the reference and replay rows (as device train does).")
+@click.option("--eval-data", type=click.Path(path_type=Path), help="With --check: held-out rows to compare on as well.")
+@click.option("--tolerance", type=float, default=0.01, show_default=True, help="With --check: allowed regression, as for device train.")
+@click.option("--discard-interrupted", is_flag=True, help="Drop an interrupted `device train` generation instead of refusing.")
+@click.option("--dry-run", is_flag=True, help="Check the update against this bundle and say what would happen; change nothing.")
+@click.option("--json", "as_json", is_flag=True)
+def apply_update_cmd(update, bundle, state_dir, check, eval_data, tolerance, discard_interrupted, dry_run, as_json):
+    """Apply an adapter update (`edgeft export --update-for`) as a new generation.
+
+    \b
+    edgeft device apply-update --bundle bundles/sentiment updates/v2
+    Every file is checked against its sha256, and the update against this bundle's base
+    fingerprint, task, labels, scheme and tensor shapes, before anything changes. The update
+    becomes current (its parent stays one `edgeft device rollback` away); --check gates it on
+    the device's reference rows as `device train` is.
+    """
+    from .apply import apply_update
+
+    state = open_state(bundle, state_dir, verify=False)  # the update's files are hashed; the bundle's are when it is used
+    s = apply_update(state, update, check=check, eval_data=eval_data, tolerance=tolerance, discard_interrupted=discard_interrupted,
+                     dry_run=dry_run, log=lambda m: click.echo(m, err=True))
+    if s["already_applied"]:
+        text = f"{update} is already generation {s['generation']} ({s['status']}); current is {s['current']}; nothing changed"
+    elif s.get("dry_run"):
+        text = f"{update} fits this bundle: it would become generation {s['generation']}, {'promoted' if s['promoted'] else 'not promoted'} ({s['reason']}); nothing changed"
+    else:
+        text = (f"generation {s['generation']}: {'PROMOTED' if s['promoted'] else 'not promoted'} ({s['reason']}); current is {s['current']}"
+                f"\nupdate {s['bytes'] / 2**20:.2f} MiB, {s['tensors']} tensors, applied in {s['seconds']} s; "
+                f"`edgeft device rollback {s['previous']}` undoes it")
+    emit(s, as_json, text)
 
 
 @device.command("export-adapter")

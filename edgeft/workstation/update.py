@@ -1,0 +1,148 @@
+"""`edgeft export --update-for OLD_BUNDLE`: a new adapter for a bundle a device already holds.
+
+No ONNX export and no ONNX Runtime artifacts: the bundle's graphs already compute any adapter of
+the same shapes, so the update is the trainable tensors under the bundle's ONNX names plus a
+manifest (edgeft/update.py). Seconds, not minutes, and a few MB.
+
+Order: everything that can refuse is checked before anything is written. The old bundle's hashes,
+then what the run says about itself (base fingerprint, task, labels, scheme, LoRA configuration,
+tensor names and shapes) against the bundle's manifest, then the base folder against its
+fingerprint. Last, the proof that the device will compute what the workstation does: the adapter
+on the quantized base in torch (device_model.py, as export validation builds it) against the
+bundle's own inference graph in ONNX Runtime with the update's weights swapped in (the device's
+Predictor), on a sample batch, within export validation's tolerance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ExportError, ModelError, UsageError
+
+
+def make_update(source, old_bundle, out: Path, overwrite: bool = False, base_model: str | None = None,
+                labels: list[str] | None = None, target: str | None = None, log=print) -> dict:
+    from .. import __version__
+    from ..bundle import verify_bundle
+    from ..fsutil import atomic_dir, check_output
+    from ..update import WEIGHTS, bundle_identity, bundle_shapes, mismatches, read_lora_signature, tensor_shapes, update_bytes, write_update_manifest
+    from .adapters import check_adapter_file, read_adapter_meta, resolve_base
+
+    t0 = time.perf_counter()
+    out, old_bundle = Path(out), Path(old_bundle)
+    check_output(out, overwrite)
+    manifest = verify_bundle(old_bundle)  # its graphs are what the device runs: they must be the ones it was shipped
+    if target is not None:
+        from ..targets import load_target
+
+        profile = load_target(target)
+        if profile.name != manifest.target_name or profile.scheme.name != manifest.scheme:
+            raise UsageError(f"--target {profile.name} ({profile.scheme.name}) is not the target of {old_bundle} "
+                             f"({manifest.target_name}, {manifest.scheme})", "leave out --target: an update is for the bundle's target")
+    meta = read_adapter_meta(source)
+    adapter_dir = Path(meta["adapter_dir"])
+    check_adapter_file(adapter_dir)
+    from ..basemodel import BaseId
+
+    task = meta["task"]
+    labels = labels or meta.get("labels") or (manifest.labels if task == "classify" else [])  # other tools record none
+    bundle_lora = read_lora_signature(old_bundle / "adapter")
+    peft_shapes = tensor_shapes(adapter_dir / "adapter_model.safetensors")
+    key_to_onnx = {key: name for name, key in manifest.trainable.items()}
+    shapes = {key_to_onnx.get(k, k): s for k, s in peft_shapes.items()}  # by ONNX name where the bundle has one
+    want = bundle_shapes(old_bundle, manifest)
+    base_id = BaseId.from_dict(meta.get("base"))
+    reasons = mismatches(base=base_id, task=task, labels=labels, scheme=meta.get("scheme"), lora=read_lora_signature(adapter_dir),
+                         shapes=shapes, manifest=manifest, bundle_shapes=want, bundle_lora=bundle_lora)
+    if reasons:
+        raise ModelError(f"{source} cannot update {old_bundle}: " + "; ".join(reasons),
+                         f"train against the bundle's base ({manifest.base.name}) and target ({manifest.target_name}) with the same "
+                         "LoRA options, or export a new bundle with --target")
+    theirs, ours = adapter_dir / "tokenizer.json", old_bundle / "tokenizer" / "tokenizer.json"
+    if theirs.is_file() and ours.is_file() and theirs.read_bytes() != ours.read_bytes():
+        log(f"warning: {source}'s tokenizer.json differs from the bundle's; the device tokenizes with the bundle's")
+    if not meta.get("scheme"):
+        log(f"note: {source} does not say which base quantization it was trained against; the device's base is {manifest.scheme}")
+    base_path, base_id = resolve_base(meta, base_model)  # the folder, checked against the adapter's fingerprint
+    if base_id.fingerprint != manifest.base.fingerprint:  # an adapter from another tool records no base: its folder decides
+        raise ModelError(f"{source} cannot update {old_bundle}: its base {base_path} is {base_id.short()}, "
+                         f"the bundle holds base {manifest.base.short()}", "pass --model with the bundle's base model folder")
+
+    from safetensors.numpy import load_file
+
+    peft = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    weights = {name: np.ascontiguousarray(peft[key], dtype=np.float32) for name, key in manifest.trainable.items()}
+    if not all(np.isfinite(w).all() for w in weights.values()):
+        raise ModelError(f"{source}: the adapter holds NaN or infinite values", "retrain it (lower --lr)")
+    parity = check_parity(source, old_bundle, manifest, weights, str(base_path), labels)
+    check_seconds = parity.pop("seconds")
+
+    source_meta = {"name": (Path(meta["run_dir"]) if meta.get("run_dir") else adapter_dir).name, "step": meta.get("step"),
+                   "metrics": meta.get("metrics") or {}}
+    with atomic_dir(out) as tmp:
+        from safetensors.numpy import save_file
+
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "edgeft-update", "base": manifest.base.fingerprint})
+        (tmp / "adapter").mkdir()
+        shutil.copy2(adapter_dir / "adapter_config.json", tmp / "adapter" / "adapter_config.json")
+        from ..basemodel import set_peft_base_name
+
+        set_peft_base_name(tmp / "adapter", manifest.base.name)
+        record = {k: v for k, v in meta.items() if k not in ("adapter_dir", "run_dir", "peft_base", "legacy_base_path")}
+        record["base"] = manifest.base.to_dict()  # the name + fingerprint, never the workstation's path hint
+        (tmp / "adapter" / "edgeft.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written = write_update_manifest(tmp, {
+            "edgeft_version": __version__, "base": manifest.base.to_dict(),
+            "bundle": {"manifest_sha256": bundle_identity(old_bundle), "target": manifest.target_name, "created": manifest.created},
+            "task": task, "labels": labels if task == "classify" else [], "scheme": manifest.scheme,
+            "trainable": {n: {"peft_key": manifest.trainable[n], "shape": list(w.shape), "dtype": "float32"} for n, w in weights.items()},
+            "lora": bundle_lora, "source": source_meta, "parity": parity,
+        })
+        size = update_bytes(tmp)
+    bundle_size = sum(e["bytes"] for e in manifest.files.values())
+    return {"update": str(out), "bundle": str(old_bundle), "base": manifest.base.to_dict(), "target": manifest.target_name,
+            "scheme": manifest.scheme, "task": task, "tensors": len(weights), "trainable_params": int(sum(w.size for w in weights.values())),
+            "update_bytes": size, "bundle_bytes": bundle_size, "ratio": round(size / max(bundle_size, 1), 5),
+            "files": written.files, "parity": parity, "check_seconds": round(check_seconds, 2), "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def check_parity(source, bundle: Path, manifest, weights: dict, base_model: str, labels: list[str]) -> dict:
+    """The workstation model (adapter on the quantized base, fp32 torch) against the bundle's inference
+    graph with the update's weights, on export validation's sample batch and tolerance."""
+    import torch
+
+    from ..device.infer import Predictor
+    from ..schemes import parse_scheme
+    from .device_model import LogitsGraph, LossGraph, device_model, sample_batch
+    from .validate import TOLERANCE, _rel
+
+    t0 = time.perf_counter()
+    model, tokenizer, meta = device_model(source, parse_scheme(manifest.scheme), {}, base_model, labels or None)
+    names = {n for n, p in LossGraph(model, manifest.task).named_parameters() if p.requires_grad}
+    if names != set(manifest.trainable):  # what the graph names its parameters, independently of the PEFT file
+        odd = sorted(names ^ set(manifest.trainable))
+        raise ModelError(f"{source}: the model's trainable parameters are not the bundle's ({len(odd)} differ, first: {odd[0]})",
+                         "train with the LoRA options the bundle was exported with")
+    batch, seq = min(manifest.train_shape.batch, 4), min(manifest.max_seq_len, 64)
+    s = sample_batch(tokenizer, manifest.task, manifest.labels, batch, seq, seed=1)
+    with torch.no_grad():
+        want = LogitsGraph(model)(s["input_ids"], s["attention_mask"]).numpy()
+        state = dict(LossGraph(model, manifest.task).named_parameters())
+        loaded = max(float(np.abs(state[n].detach().numpy() - w).max()) for n, w in weights.items())
+    del model
+    predictor = Predictor(bundle, manifest, weights, tokenizer=None, want_cuda=False)
+    got = predictor.logits(s["input_ids"].numpy(), s["attention_mask"].numpy())
+    del predictor
+    result = {"logits_rel": _rel(got, want), "logits_max_abs": float(np.abs(got - want).max()), "weights_max_abs": loaded,
+              "batch": batch, "seq": seq, "tolerance": TOLERANCE}
+    if not result["logits_rel"] <= TOLERANCE or loaded != 0.0:
+        raise ExportError(f"the bundle's inference graph with this adapter does not compute what torch does: logits rel "
+                          f"{result['logits_rel']:.2e} (tolerance {TOLERANCE:g}), weights max abs {loaded:.2e}; nothing was written",
+                          "export a new bundle with --target instead, and report this with the run and the bundle")
+    result["seconds"] = time.perf_counter() - t0
+    return result
