@@ -8,6 +8,10 @@ Gemma-3-270M, exported at int4-g128 as SmolLM2 is; BENCHMARKS.md gives the train
 
     .venv/bin/python tools/bench_export.py --minilm-run runs/quickstart-sentiment --smollm-run runs/smollm-pi5
     .venv/bin/python tools/bench_export.py --schemes --run gemma-3-270m=runs/gemma-270m-pi5
+
+Each row also splits the bundle's bytes by what they hold (base, adapter, tokenizer, graphs, other)
+per base parameter, read from the bundle's manifest. EDGEFT_PROFILE=1 in the environment passes on
+to each export (its stage-by-stage memory goes to stderr, kept in the row as "profile").
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,9 +51,29 @@ def export(run: str, scheme: str, work: Path) -> dict:
     if proc.returncode:
         sys.exit(f"export {run} {scheme} failed:\n{proc.stderr[-3000:]}")
     summary = json.loads(proc.stdout)
+    summary["parts"] = bundle_parts(work / f"bundle-{scheme}", summary["base_params"])
+    summary["profile"] = [line for line in proc.stderr.splitlines() if line.startswith("profile:")]
+    shutil.rmtree(work / f"bundle-{scheme}")
     summary["wall_seconds"] = _time_field(proc.stderr, r"Elapsed \(wall clock\) time .*: (.+)")
     summary["peak_rss_mib"] = int(_time_field(proc.stderr, r"Maximum resident set size \(kbytes\): (\d+)")) / 1024
     return summary
+
+
+def bundle_parts(bundle: Path, base_params: int) -> dict:
+    """Bytes per base parameter by what the files hold (manifest's file list)."""
+    files = json.loads((bundle / "manifest.json").read_text())["files"]
+    parts = dict.fromkeys(("base", "adapter", "tokenizer", "graphs", "other"), 0)
+    for name, entry in files.items():
+        if name in ("base.safetensors", "checkpoint", "portable/frozen.safetensors") or name.endswith(".onnx.data"):
+            key = "base"  # (older bundles: the checkpoint and the portable copy held the base too)
+        elif name.startswith(("adapter/", "tokenizer/")):
+            key = name.split("/")[0]
+        elif name.endswith(".onnx"):
+            key = "graphs"
+        else:
+            key = "other"
+        parts[key] += entry["bytes"]
+    return {k: round(v / max(base_params, 1), 4) for k, v in parts.items()}
 
 
 def _time_field(text: str, pattern: str):
@@ -75,12 +100,15 @@ def main() -> None:
         jobs += [(*spec.split("=", 1), "int4-g128") for spec in args.run]
         for model, run, scheme in jobs:
             s = export(run, scheme, Path(work))
+            s["bundle_bytes_per_base_param"] = round(s["bundle_bytes"] / max(s["base_params"], 1), 4)
             rows.append({"model": model, **{k: s[k] for k in ("scheme", "wall_seconds", "peak_rss_mib", "export_seconds", "base_params",
-                                                                "base_bytes_per_param", "bundle_bytes", "parity")}})
+                                                                "base_bytes_per_param", "bundle_bytes", "bundle_bytes_per_base_param",
+                                                                "parts", "parity", "profile")}})
             p = s["parity"]
             print(f"{model:<18}{scheme:<11} wall {s['wall_seconds']:6.1f} s  RSS {s['peak_rss_mib']:6.0f} MiB  base {s['base_bytes_per_param']:.3f} B/param  "
-                  f"bundle {s['bundle_bytes'] / 2**20:6.1f} MiB  logits rel {p['logits_rel']:.1e}  grad rel {p['grad_rel']:.1e}  step {p['step_max_abs']:.1e}",
-                  flush=True)
+                  f"bundle {s['bundle_bytes'] / 2**20:6.1f} MiB = {s['bundle_bytes_per_base_param']:.3f} B/param {s['parts']}  "
+                  f"logits rel {p['logits_rel']:.1e}  grad rel {p['grad_rel']:.1e}  portable grad rel {p.get('portable_grad_rel', float('nan')):.1e}  "
+                  f"step {p['step_max_abs']:.1e}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=2))
     print(f"wrote {args.out}")

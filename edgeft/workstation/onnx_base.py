@@ -64,11 +64,13 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     blocks and one Concat (a memcpy), not a per-element gather or Div/Mod.
     """
     per = 8 // bits
-    flat = codes.reshape(-1).astype(np.uint8)
-    padded = np.zeros(-(-flat.size // per) * per, dtype=np.uint8)
-    padded[: flat.size] = flat
-    lanes = padded.reshape(per, -1).astype(np.uint16) << (np.arange(per, dtype=np.uint16) * bits)[:, None]
-    return lanes.sum(axis=0).astype(np.uint8)
+    flat = codes.reshape(-1).astype(np.uint8, copy=False)
+    m = -(-flat.size // per)
+    out = np.zeros(m, dtype=np.uint8)
+    for k in range(per):  # in uint8, lane by lane: no wider copy of the tensor
+        lane = flat[k * m : (k + 1) * m]
+        out[: lane.size] |= lane << np.uint8(k * bits)
+    return out
 
 
 def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
@@ -83,10 +85,18 @@ def pack_int(name: str, codes, scale, zero, group: int, bits: int, symmetric: bo
     out_f, in_f = codes.shape
     n_groups = scale.shape[1]
     offset = 2 ** (bits - 1) if symmetric else 0
-    full = np.full((out_f, n_groups * group), offset, dtype=np.int32)  # pad decodes to exactly 0
-    if zero is not None:
-        full[:] = np.repeat(zero.numpy().astype(np.int32), group, axis=1)
-    full[:, :in_f] = codes.astype(np.int32) + offset
+    if codes.dtype == np.int8:  # the workstation's symmetric codes: offset in int8 (wrapping), read as uint8
+        stored = (codes + np.int8(offset - 256 if offset > 127 else offset)).view(np.uint8)
+    elif offset == 0:
+        stored = codes.astype(np.uint8, copy=False)
+    else:
+        stored = (codes.astype(np.int16) + offset).astype(np.uint8)
+    full = stored
+    if n_groups * group != in_f:  # a ragged last group is padded with codes that decode to exactly 0
+        full = np.full((out_f, n_groups * group), offset, dtype=np.uint8)
+        if zero is not None:
+            full[:] = np.repeat(zero.numpy().astype(np.uint8), group, axis=1)
+        full[:, :in_f] = stored
     sb = storage_bits(bits)
     return PackedWeight(name, (out_f, in_f), pack(full.astype(np.uint8), sb), sb, full.size, "int", scale.numpy().astype(np.float32),
                         group, zero.numpy() if zero is not None else None, offset)
