@@ -37,17 +37,20 @@ REFERENCE, REFERENCE_ROWS = "reference.jsonl", 256
 FROZEN = "base.safetensors"  # the frozen base (packed codes, scales, zero points; fp32 norms and biases)
 
 
-def pack_base(graph_names: set[str], keep: dict, scheme, weights: dict | None = None) -> list[PackedWeight]:
+def pack_base(graph_names: set[str], keep: dict, scheme, weights: dict | None = None, tied: dict | None = None) -> list[PackedWeight]:
     """Packed codes for every quantized tensor that appears in the exported graph. Each entry of
     `keep` is dropped once packed; with `weights` (graph name -> the torch tensor) each packed
-    tensor is proven to decode to the workstation's weight bit for bit."""
+    tensor is proven to decode to the workstation's weight bit for bit. `tied`: parameter name ->
+    every name of that same tensor (a tied embedding and lm_head): the graph names it once, by
+    whichever name the exporter met first, and the codes may be kept under the other."""
     packed = []
     for module_name in list(keep):
         codes = keep.pop(module_name)
         candidates = [f"{PREFIX}base_model.model.{module_name}.{suffix}" for suffix in ("base_layer.weight", "weight")]
+        candidates += [alias for c in candidates for alias in (tied or {}).get(c, [])]
         name = next((c for c in candidates if c in graph_names), None)
         if name is None:
-            continue  # a tied weight exported under its other name
+            continue  # not in the graphs (a classification head's original_module)
         if isinstance(codes, tuple):  # nf4: (packed bytes, bnb QuantState)
             p = _pack_bnb(name, *codes)
         else:
@@ -299,11 +302,16 @@ def _pack_and_release(model, task: str, keep: dict, scheme, trainable: list[str]
     for bit, and dropped; `keep` is empty afterwards."""
     import onnx
 
-    state = {k: v.detach() for k, v in LossGraph(model, task).state_dict(keep_vars=True).items()}
+    wrapper = LossGraph(model, task)
+    state = {k: v.detach() for k, v in wrapper.state_dict(keep_vars=True).items()}
+    names_of: dict[int, list[str]] = {}
+    for name, param in wrapper.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    tied = {n: names for names in names_of.values() if len(names) > 1 for n in names}
     used = set()
     for path in graphs:
         used.update(i.name for i in onnx.load(str(path)).graph.input if i.name in state)
-    packed = pack_base(used, keep, scheme, state)
+    packed = pack_base(used, keep, scheme, state, tied)
     keep.clear()
     done = {p.name for p in packed} | set(trainable)
     frozen = {n: state[n].numpy().copy() for n in sorted(used - done)}
