@@ -17,7 +17,6 @@ largest session, never the model several times over.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import shutil
 import time
@@ -195,7 +194,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         profile_mark("  torch.onnx.export: logits graph")
         export_graph(LogitsGraph(model), (sample["input_ids"], sample["attention_mask"]), work / "logits.onnx",
                      ["input_ids", "attention_mask"], ["logits"], {**axes, "logits": {0: "batch"}}, training=False)
-        from .validate import INFERENCE_DISABLED_OPTIMIZERS, torch_reference, validate_bundle
+        from .validate import INFERENCE_DISABLED_OPTIMIZERS, release_memory, torch_reference, validate_bundle
 
         stage("running the workstation model once (the reference for validation)", "report the model with the log")
         expected = torch_reference(model, task, tokenizer, labels, trainable, batch=min(batch, 4), seq=min(seq, 64))
@@ -212,7 +211,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         trainable_params = sum(int(np.prod(p.shape)) for n, p in model.named_parameters() if p.requires_grad)
         packed, frozen = _pack_and_release(model, task, keep, scheme, trainable, [work / "loss.onnx", work / "logits.onnx"])
         del model  # from here on the base is held packed: never the fp32 model again
-        gc.collect()
+        release_memory()
         profile_mark("  graphs: the base as inputs, rebuilt by standard ops")
         base_names = _base_as_inputs(work / "loss.onnx", work / "loss.onnx", packed, {n: expected["start"][n] for n in trainable})
         _base_as_inputs(work / "logits.onnx", tmp / "inference_model.onnx", packed, {})
@@ -221,7 +220,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         base_bytes = sum(p.nbytes for p in packed)
         base_params = sum(int(np.prod(p.shape)) for p in packed)
         del packed, frozen
-        gc.collect()
+        release_memory()
         import onnx
 
         graph = onnx.load(str(work / "loss.onnx"))  # the graph only: the base is its inputs, the adapter a few MB
