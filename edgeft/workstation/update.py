@@ -28,6 +28,7 @@ from ..errors import ExportError, ModelError, UsageError
 def make_update(source, old_bundle, out: Path, overwrite: bool = False, base_model: str | None = None,
                 labels: list[str] | None = None, target: str | None = None, log=print) -> dict:
     from .. import __version__
+    from ..basemodel import BaseId, set_peft_base_name
     from ..bundle import verify_bundle
     from ..fsutil import atomic_dir, check_output
     from ..update import WEIGHTS, bundle_identity, bundle_shapes, mismatches, read_lora_signature, tensor_shapes, update_bytes, write_update_manifest
@@ -47,8 +48,6 @@ def make_update(source, old_bundle, out: Path, overwrite: bool = False, base_mod
     meta = read_adapter_meta(source)
     adapter_dir = Path(meta["adapter_dir"])
     check_adapter_file(adapter_dir)
-    from ..basemodel import BaseId
-
     task = meta["task"]
     labels = labels or meta.get("labels") or (manifest.labels if task == "classify" else [])  # other tools record none
     bundle_lora = read_lora_signature(old_bundle / "adapter")
@@ -90,8 +89,6 @@ def make_update(source, old_bundle, out: Path, overwrite: bool = False, base_mod
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "edgeft-update", "base": manifest.base.fingerprint})
         (tmp / "adapter").mkdir()
         shutil.copy2(adapter_dir / "adapter_config.json", tmp / "adapter" / "adapter_config.json")
-        from ..basemodel import set_peft_base_name
-
         set_peft_base_name(tmp / "adapter", manifest.base.name)
         record = {k: v for k, v in meta.items() if k not in ("adapter_dir", "run_dir", "peft_base", "legacy_base_path")}
         record["base"] = manifest.base.to_dict()  # the name + fingerprint, never the workstation's path hint
