@@ -49,7 +49,12 @@ def export(run: str, scheme: str, work: Path) -> dict:
            "--out", str(work / f"bundle-{scheme}"), "--overwrite", "--json", "--force"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
-        sys.exit(f"export {run} {scheme} failed:\n{proc.stderr[-3000:]}")
+        print(f"export {run} {scheme} failed:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
+        shutil.rmtree(work / f"bundle-{scheme}", ignore_errors=True)
+        return {"failed": next((line for line in proc.stderr.splitlines() if line.startswith("Error")), f"exit {proc.returncode}"),
+                "wall_seconds": _time_field(proc.stderr, r"Elapsed \(wall clock\) time .*: (.+)"),
+                "peak_rss_mib": int(_time_field(proc.stderr, r"Maximum resident set size \(kbytes\): (\d+)")) / 1024,
+                "profile": [line for line in proc.stderr.splitlines() if line.startswith("profile:")]}
     summary = json.loads(proc.stdout)
     summary["parts"] = bundle_parts(work / f"bundle-{scheme}", summary["base_params"])
     summary["profile"] = [line for line in proc.stderr.splitlines() if line.startswith("profile:")]
@@ -100,6 +105,11 @@ def main() -> None:
         jobs += [(*spec.split("=", 1), "int4-g128") for spec in args.run]
         for model, run, scheme in jobs:
             s = export(run, scheme, Path(work))
+            print("\n".join(s["profile"]), flush=True)
+            if "failed" in s:
+                rows.append({"model": model, "scheme": scheme, **s})
+                print(f"{model:<18}{scheme:<11} FAILED after {s['wall_seconds']:.1f} s, peak RSS {s['peak_rss_mib']:.0f} MiB: {s['failed']}", flush=True)
+                continue
             s["bundle_bytes_per_base_param"] = round(s["bundle_bytes"] / max(s["base_params"], 1), 4)
             rows.append({"model": model, **{k: s[k] for k in ("scheme", "wall_seconds", "peak_rss_mib", "export_seconds", "base_params",
                                                                 "base_bytes_per_param", "bundle_bytes", "bundle_bytes_per_base_param",

@@ -55,7 +55,7 @@ def pack_base(graph_names: set[str], keep: dict, scheme, weights: dict | None = 
         else:
             p = pack_int(name, codes.codes, codes.scale, codes.zero, codes.group_size, scheme.bits, scheme.symmetric)
         del codes
-        if weights is not None and not np.array_equal(p.dequantize(), weights[name].numpy()):
+        if weights is not None and not p.matches(weights[name].numpy()):
             raise EdgeftError(f"internal: packed {name} does not decode to the workstation weight", "please report this")
         packed.append(p)
     return packed
@@ -194,10 +194,11 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         profile_mark("  torch.onnx.export: logits graph")
         export_graph(LogitsGraph(model), (sample["input_ids"], sample["attention_mask"]), work / "logits.onnx",
                      ["input_ids", "attention_mask"], ["logits"], {**axes, "logits": {0: "batch"}}, training=False)
-        from .validate import INFERENCE_DISABLED_OPTIMIZERS, release_memory, torch_reference, validate_bundle
+        from .validate import BATCH, INFERENCE_DISABLED_OPTIMIZERS, SEQ, release_memory, torch_reference, validate_bundle
 
         stage("running the workstation model once (the reference for validation)", "report the model with the log")
-        expected = torch_reference(model, task, tokenizer, labels, trainable, batch=min(batch, 4), seq=min(seq, 64))
+        expected = torch_reference(model, task, tokenizer, labels, trainable, batch=min(batch, BATCH), seq=min(seq, SEQ))
+        release_memory()  # the backward pass's buffers
         model.save_pretrained(str(tmp / "adapter"))
         from ..basemodel import set_peft_base_name
 

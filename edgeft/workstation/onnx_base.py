@@ -52,6 +52,31 @@ class PackedWeight:
         zero = self.zero.astype(np.float32)[..., None] if self.zero is not None else np.float32(self.zero_scalar)
         return ((qf - zero) * self.scale[..., None]).reshape(out_f, n_groups * self.group)[:, :in_f]
 
+    def matches(self, weight: np.ndarray, chunk: int = 1 << 22) -> bool:
+        """Whether the packed tensor decodes to `weight` bit for bit, as `dequantize` computes it but
+        a few million values at a time (a whole vocabulary in fp32, three times over, is a memory peak)."""
+        out_f, in_f = self.shape
+        if self.kind == "nf4":
+            flat, step = weight.reshape(-1), max(self.group, chunk // self.group * self.group)
+            for a in range(0, flat.size, step):
+                b = min(flat.size, a + step)
+                q = unpack_range(self.codes, self.storage_bits, a, b)
+                v = (self.codebook[q].reshape(-1, self.group) * self.scale[a // self.group : b // self.group, None]).reshape(-1)
+                if not np.array_equal(v, flat[a:b]):
+                    return False
+            return True
+        n_groups = self.scale.shape[1]
+        width = n_groups * self.group
+        rows = max(1, chunk // width)
+        for r0 in range(0, out_f, rows):
+            r1 = min(out_f, r0 + rows)
+            q = unpack_range(self.codes, self.storage_bits, r0 * width, r1 * width).reshape(r1 - r0, n_groups, self.group).astype(np.float32)
+            q -= self.zero[r0:r1, :, None].astype(np.float32) if self.zero is not None else np.float32(self.zero_scalar)
+            q *= self.scale[r0:r1, :, None]
+            if not np.array_equal(q.reshape(r1 - r0, width)[:, :in_f], weight[r0:r1]):
+                return False
+        return True
+
 
 def storage_bits(bits: int) -> int:
     return 2 if bits <= 2 else 4 if bits <= 4 else 8
@@ -77,6 +102,16 @@ def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     per = 8 // bits
     shifts = (np.arange(per, dtype=np.uint8) * bits)[:, None]
     return ((packed[None, :] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:n]
+
+
+def unpack_range(packed: np.ndarray, bits: int, start: int, stop: int) -> np.ndarray:
+    """Codes start..stop-1 of a planar-packed tensor (code j: lane j // m of byte j % m)."""
+    m, mask = packed.size, (1 << bits) - 1
+    parts = []
+    for k in range(start // m, (stop - 1) // m + 1):
+        lo, hi = max(start, k * m) - k * m, min(stop, (k + 1) * m) - k * m
+        parts.append((packed[lo:hi] >> np.uint8(k * bits)) & np.uint8(mask))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def pack_int(name: str, codes, scale, zero, group: int, bits: int, symmetric: bool) -> PackedWeight:
