@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import EdgeftError
-from .device_model import PREFIX, LogitsGraph, LossGraph, device_model, peft_key, sample_batch
+from .device_model import PREFIX, LossGraph, device_model, peft_key, sample_batch
 from .onnx_base import PackedWeight, pack_int, pack_nf4, packed_tensors, replace_with_packed
 
 OPSET = 17  # ORT 1.19 reads <= 21; 17 is what the legacy exporter handles best
@@ -71,6 +71,63 @@ def _pack_bnb(name: str, data: torch.Tensor, state) -> PackedWeight:
     hi_first = np.stack([raw >> 4, raw & 15], axis=1).reshape(-1)  # bitsandbytes puts element 2i in the high nibble
     n = int(np.prod(state.shape))
     return pack_nf4(name, tuple(state.shape), hi_first[:n], absmax.float().numpy(), state.code.float().numpy(), state.blocksize)
+
+
+class BundleGraphs(torch.nn.Module):
+    """(loss, logits) from one pass of the model: one trace, split into the training graph's
+    forward and the inference graph (`split_graphs`), instead of tracing the model twice. The loss
+    is LossGraph's; the logits are the model's own (validation compares them with LogitsGraph)."""
+
+    def __init__(self, model, task: str):
+        super().__init__()
+        self.model, self.task = model, task
+
+    def forward(self, input_ids, attention_mask, labels):
+        if self.task == "classify":
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+            return torch.nn.functional.cross_entropy(logits, labels), logits
+        from .objective import causal_lm_loss_on_hidden, vocab_logits
+
+        hf = self.model.get_base_model()
+        hidden = hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        return causal_lm_loss_on_hidden(hf, hidden, labels)[0], vocab_logits(hf, hidden)
+
+
+def prune(graph, outputs: list[str]) -> None:
+    """Keep what `outputs` need: nodes, inputs, initializers, value_info (in place)."""
+    needed, kept = set(outputs), []
+    for node in reversed(graph.node):  # the exporter writes nodes in topological order
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    made = {o for n in kept for o in n.output}
+    for field, keep in ((graph.node, kept), (graph.input, [i for i in graph.input if i.name in needed]),
+                        (graph.output, [o for o in graph.output if o.name in outputs]),
+                        (graph.initializer, [t for t in graph.initializer if t.name in needed]),
+                        (graph.value_info, [v for v in graph.value_info if v.name in made])):
+        keep = list(keep)
+        del field[:]
+        field.extend(keep)
+
+
+def split_graphs(both: Path, loss: Path, logits: Path) -> None:
+    """The (loss, logits) trace as two graphs: the loss graph (for ORT's training artifacts) and the
+    inference graph, whose dropouts (ratio 0, traced in training mode) become Identity."""
+    import onnx
+
+    model = onnx.load(str(both))
+    inference = onnx.ModelProto()
+    inference.CopyFrom(model)
+    prune(model.graph, ["loss"])
+    onnx.save(model, str(loss))
+    used = {i for n in inference.graph.node for i in n.input}
+    for node in inference.graph.node:
+        if node.op_type == "Dropout" and not (len(node.output) > 1 and node.output[1] in used):
+            node.op_type = "Identity"
+            del node.input[1:], node.output[1:], node.attribute[:]
+    prune(inference.graph, ["logits"])
+    onnx.save(inference, str(logits))
 
 
 def export_graph(module, args, path: Path, inputs: list[str], outputs: list[str], dynamic: dict, training: bool) -> None:
@@ -189,11 +246,10 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"}}
         stage("exporting the ONNX graphs (torch.onnx)", "the ONNX exporter could not trace this architecture; "
               "train with fewer --target-modules, or report the model with the log")
-        export_graph(LossGraph(model, task), (sample["input_ids"], sample["attention_mask"], sample["labels"]), work / "loss.onnx",
-                     ["input_ids", "attention_mask", "labels"], ["loss"], {**axes, "labels": label_axes}, training=True)
-        profile_mark("  torch.onnx.export: logits graph")
-        export_graph(LogitsGraph(model), (sample["input_ids"], sample["attention_mask"]), work / "logits.onnx",
-                     ["input_ids", "attention_mask"], ["logits"], {**axes, "logits": {0: "batch"}}, training=False)
+        export_graph(BundleGraphs(model, task), (sample["input_ids"], sample["attention_mask"], sample["labels"]), work / "both.onnx",
+                     ["input_ids", "attention_mask", "labels"], ["loss", "logits"],
+                     {**axes, "labels": label_axes, "logits": {0: "batch"} if task == "classify" else {0: "batch", 1: "seq"}}, training=True)
+        split_graphs(work / "both.onnx", work / "loss.onnx", work / "logits.onnx")
         from .validate import BATCH, INFERENCE_DISABLED_OPTIMIZERS, SEQ, release_memory, torch_reference, validate_bundle
 
         stage("running the workstation model once (the reference for validation)", "report the model with the log")

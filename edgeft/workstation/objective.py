@@ -17,19 +17,30 @@ from ..metrics import classification_metrics
 
 
 def causal_lm_loss(hf, input_ids, attention_mask, labels):
-    """(mean loss over labelled tokens, number of labelled tokens) of a Hugging Face causal LM.
+    """(mean loss over labelled tokens, number of labelled tokens) of a Hugging Face causal LM."""
+    hidden = hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    return causal_lm_loss_on_hidden(hf, hidden, labels)
+
+
+def vocab_logits(hf, hidden):
+    """The model's head over hidden states, as its own forward computes it (softcapping included)."""
+    logits = hf.get_output_embeddings()(hidden).float()
+    cap = getattr(hf.config, "final_logit_softcapping", None)
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+def causal_lm_loss_on_hidden(hf, hidden, labels):
+    """causal_lm_loss from the decoder's last hidden states (B, T, H).
 
     Index positions, not a boolean mask: it exports to ONNX as NonZero + Gather, whose
     gradient ONNX Runtime has, so the device graph gets the same saving."""
-    hidden = hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     target = labels[:, 1:].reshape(-1)  # token t predicts t+1
     keep = target != IGNORE
     where = torch.nonzero(keep).squeeze(1)
     picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, where)  # (N, H)
-    logits = hf.get_output_embeddings()(picked).float()  # (N, V)
-    cap = getattr(hf.config, "final_logit_softcapping", None)
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
+    logits = vocab_logits(hf, picked)  # (N, V)
     n = keep.sum()
     # log_softmax + gather rather than F.cross_entropy (the same value): ONNX Runtime's fused
     # SoftmaxCrossEntropyLoss sums exp over the vocabulary less accurately than its LogSoftmax,
