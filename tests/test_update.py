@@ -92,7 +92,8 @@ def test_update_is_small_checked_and_names_its_base_and_bundle(update, cls_bundl
     adapter = (cls_bundle / "adapter" / "adapter_model.safetensors").stat().st_size
     total = sum((out / f).stat().st_size for f in UPDATE_FILES)
     assert s["update_bytes"] == total and total < adapter * 1.05 + 16384, (total, adapter)
-    assert total * 10 < s["bundle_bytes"] == sum(e["bytes"] for e in manifest.files.values())
+    # (a tiny model: its adapter is a fifth of a bundle that stores the base once; a 0.5B model's, a twentieth)
+    assert total * 4 < s["bundle_bytes"] == sum(e["bytes"] for e in manifest.files.values())
     u = json.loads((out / "update.json").read_text())
     assert u["kind"] == "edgeft-adapter-update" and u["base"] == manifest.base.to_dict()
     assert u["bundle"]["manifest_sha256"] == "sha256:" + sha256(cls_bundle / "manifest.json")

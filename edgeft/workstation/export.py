@@ -27,10 +27,9 @@ import torch
 
 from ..errors import EdgeftError
 from .device_model import PREFIX, LossGraph, device_model, peft_key, sample_batch
-from .onnx_base import PackedWeight, pack_int, pack_nf4, packed_tensors, replace_with_packed
+from .export_graphs import IR_VERSION, OPSET, BundleGraphs, base_as_inputs, export_graph, shorten_names, split_graphs  # noqa: F401
+from .onnx_base import PackedWeight, pack_int, pack_nf4, packed_tensors
 
-OPSET = 17  # ORT 1.19 reads <= 21; 17 is what the legacy exporter handles best
-IR_VERSION = 9
 OPTIMIZER = {"name": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
 REFERENCE, REFERENCE_ROWS = "reference.jsonl", 256
 FROZEN = "base.safetensors"  # the frozen base (packed codes, scales, zero points; fp32 norms and biases)
@@ -71,82 +70,6 @@ def _pack_bnb(name: str, data: torch.Tensor, state) -> PackedWeight:
     hi_first = np.stack([raw >> 4, raw & 15], axis=1).reshape(-1)  # bitsandbytes puts element 2i in the high nibble
     n = int(np.prod(state.shape))
     return pack_nf4(name, tuple(state.shape), hi_first[:n], absmax.float().numpy(), state.code.float().numpy(), state.blocksize)
-
-
-class BundleGraphs(torch.nn.Module):
-    """(loss, logits) from one pass of the model: one trace, split into the training graph's
-    forward and the inference graph (`split_graphs`), instead of tracing the model twice. The loss
-    is LossGraph's; the logits are the model's own (validation compares them with LogitsGraph)."""
-
-    def __init__(self, model, task: str):
-        super().__init__()
-        self.model, self.task = model, task
-
-    def forward(self, input_ids, attention_mask, labels):
-        if self.task == "classify":
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            return torch.nn.functional.cross_entropy(logits, labels), logits
-        from .objective import causal_lm_loss_on_hidden, vocab_logits
-
-        hf = self.model.get_base_model()
-        hidden = hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-        return causal_lm_loss_on_hidden(hf, hidden, labels)[0], vocab_logits(hf, hidden)
-
-
-def prune(graph, outputs: list[str]) -> None:
-    """Keep what `outputs` need: nodes, inputs, initializers, value_info (in place)."""
-    needed, kept = set(outputs), []
-    for node in reversed(graph.node):  # the exporter writes nodes in topological order
-        if any(o in needed for o in node.output):
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-    kept.reverse()
-    made = {o for n in kept for o in n.output}
-    for field, keep in ((graph.node, kept), (graph.input, [i for i in graph.input if i.name in needed]),
-                        (graph.output, [o for o in graph.output if o.name in outputs]),
-                        (graph.initializer, [t for t in graph.initializer if t.name in needed]),
-                        (graph.value_info, [v for v in graph.value_info if v.name in made])):
-        keep = list(keep)
-        del field[:]
-        field.extend(keep)
-
-
-def split_graphs(both: Path, loss: Path, logits: Path) -> None:
-    """The (loss, logits) trace as two graphs: the loss graph (for ORT's training artifacts) and the
-    inference graph, whose dropouts (ratio 0, traced in training mode) become Identity."""
-    import onnx
-
-    model = onnx.load(str(both))
-    inference = onnx.ModelProto()
-    inference.CopyFrom(model)
-    prune(model.graph, ["loss"])
-    onnx.save(model, str(loss))
-    used = {i for n in inference.graph.node for i in n.input}
-    for node in inference.graph.node:
-        if node.op_type == "Dropout" and not (len(node.output) > 1 and node.output[1] in used):
-            node.op_type = "Identity"
-            del node.input[1:], node.output[1:], node.attribute[:]
-    prune(inference.graph, ["logits"])
-    onnx.save(inference, str(logits))
-
-
-def export_graph(module, args, path: Path, inputs: list[str], outputs: list[str], dynamic: dict, training: bool) -> None:
-    """The graph only: parameters come out as named inputs, and `attach_weights` supplies
-    them, so the fp32 base is never serialized just to be replaced by packed codes."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, do_constant_folding=False, export_params=False,
-                          training=torch.onnx.TrainingMode.TRAINING if training else torch.onnx.TrainingMode.EVAL,
-                          input_names=inputs, output_names=outputs, dynamic_axes=dynamic)
-
-
-def add_layernorm_stats(model) -> None:
-    """ORT's LayerNormalization gradient needs the saved mean and inv-std outputs."""
-    for i, node in enumerate(n for n in model.graph.node if n.op_type == "LayerNormalization"):
-        while len(node.output) < 3:
-            node.output.append(f"{node.output[0]}::stat{len(node.output)}_{i}")
 
 
 @contextlib.contextmanager
@@ -270,8 +193,8 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         del model  # from here on the base is held packed: never the fp32 model again
         release_memory()
         profile_mark("  graphs: the base as inputs, rebuilt by standard ops")
-        base_names = _base_as_inputs(work / "loss.onnx", work / "loss.onnx", packed, {n: expected["start"][n] for n in trainable})
-        _base_as_inputs(work / "logits.onnx", tmp / "inference_model.onnx", packed, {})
+        base_names = base_as_inputs(work / "loss.onnx", work / "loss.onnx", packed, {n: expected["start"][n] for n in trainable})
+        base_as_inputs(work / "logits.onnx", tmp / "inference_model.onnx", packed, {}, short=True)
         frozen.update({name: value for p in packed for name, value in packed_tensors(p).items()})
         _save_frozen(frozen, tmp / FROZEN)
         base_bytes = sum(p.nbytes for p in packed)
@@ -286,8 +209,13 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         stage("generating the training graph (onnxruntime-training)", "check `edgeft doctor` (export needs onnxruntime-training "
               "1.19.2), train with fewer --target-modules, or report the model with the log")
         preflight(graph, trainable)
+        short = onnx.ModelProto()
+        short.CopyFrom(graph)
+        shorten_names(short)  # ORT's graphs and the portable step derive their names from these
+        onnx.save(short, str(work / "loss-short.onnx"))
+        del short
         try:
-            generate(work / "loss.onnx", tmp, trainable, weight_decay=OPTIMIZER["weight_decay"])
+            generate(work / "loss-short.onnx", tmp, trainable, weight_decay=OPTIMIZER["weight_decay"])
         except RuntimeError as e:
             raise explain_generation_error(e, graph, trainable) or e
         del graph
@@ -372,28 +300,6 @@ def _pack_and_release(model, task: str, keep: dict, scheme, trainable: list[str]
     done = {p.name for p in packed} | set(trainable)
     frozen = {n: state[n].numpy().copy() for n in sorted(used - done)}
     return packed, frozen
-
-
-def _base_as_inputs(source: Path, target: Path, packed: list[PackedWeight], initial: dict) -> list[str]:
-    """An exported graph (every parameter an input, export_params=False) made into a bundle graph:
-    the parameters in `initial` (the trainable ones, for ORT's training artifacts) become initializers,
-    each packed weight a subgraph rebuilding it from its packed tensors, which like every other
-    frozen tensor stay inputs. Returns the frozen input names (what base.safetensors holds)."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(source))
-    names = {i.name for i in model.graph.input}
-    inputs = [i for i in model.graph.input if i.name not in initial]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
-    model.graph.initializer.extend(numpy_helper.from_array(initial[n], n) for n in initial if n in names)
-    replace_with_packed(model, [p for p in packed if p.name in names])
-    add_layernorm_stats(model)
-    model.ir_version = IR_VERSION
-    onnx.save(model, str(target))
-    user = {"input_ids", "attention_mask", "labels"}
-    return [i.name for i in model.graph.input if i.name not in user]
 
 
 def _compact_json(path: Path) -> None:
