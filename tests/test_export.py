@@ -57,8 +57,8 @@ def assert_base_stored_once(bundle, manifest):
     with safe_open(str(bundle / "base.safetensors"), "np") as f:
         frozen = set(f.keys())
     assert any(k.endswith("::q.codes") for k in frozen) and not frozen & set(manifest.trainable)
-    graphs = ["training_model.onnx", "eval_model.onnx", "inference_model.onnx", "portable/train_step.onnx", "portable/eval_step.onnx"]
-    for f in graphs + (["portable/rebuild.onnx"] if (bundle / "portable/rebuild.onnx").exists() else []):
+    graphs = {"training_model.onnx", "eval_model.onnx", "inference_model.onnx", manifest.portable["train_step"], manifest.portable["eval_step"]}
+    for f in sorted(graphs) + (["portable/rebuild.onnx"] if (bundle / "portable/rebuild.onnx").exists() else []):
         g = onnx.load(str(bundle / f)).graph
         inits = {i.name: i for i in g.initializer}
         assert not inits.keys() & (frozen | set(manifest.trainable)), f
@@ -121,8 +121,9 @@ def assert_standard_ops(bundle):
     """The portable step runs on any ONNX Runtime: only ops of the ONNX standard, at opset 17."""
     import onnx
 
-    for f in ("train_step.onnx", "eval_step.onnx", "adamw.onnx"):
-        m = onnx.load(str(bundle / "portable" / f))
+    entry = json.loads((bundle / "manifest.json").read_text())["portable"]
+    for f in (entry["train_step"], entry["eval_step"], entry["optimizer"]):  # eval_step may be ORT's eval_model.onnx itself
+        m = onnx.load(str(bundle / f))
         assert [(o.domain, o.version) for o in m.opset_import] == [("", 17)]
         assert all(n.domain == "" and onnx.defs.has(n.op_type, "") for n in m.graph.node), f
 

@@ -15,7 +15,8 @@ of holding the forward's; a small base is rebuilt once per session instead of ev
 This module is the entry point (`write_portable`, called by export): it puts the step
 together and writes the files under `portable/` in the bundle:
   train_step.onnx   (batch, all params) -> (loss, one gradient per trainable param)
-  eval_step.onnx    (batch, all params) -> loss
+  eval_step.onnx    (batch, all params) -> loss; not written when ORT's eval_model.onnx already is
+                    this graph in standard ops (the manifest then names that file)
   adamw.onnx        torch.optim.AdamW over the trainable params as one flat vector
   rebuild.onnx      only for a small base: (packed base) -> fp32 weights, run once per session;
                     the steps then take the weights as inputs
@@ -101,6 +102,17 @@ def adamw_graph(betas: tuple[float, float], eps: float, weight_decay: float):
     return model
 
 
+def _same_graph(model, path: Path) -> bool:
+    """Whether the graph at `path` computes `model` with the same nodes, inputs, outputs and
+    initializers, in standard ops only (so stock ONNX Runtime runs the file as it is)."""
+    import onnx
+
+    other = onnx.load(str(path))
+    a, b = model.graph, other.graph
+    same = all(list(getattr(a, f)) == list(getattr(b, f)) for f in ("node", "input", "output", "initializer"))
+    return same and [(o.domain, o.version) for o in other.opset_import] == [("", OPSET)] and other.ir_version <= 9
+
+
 def write_portable(bundle: Path, optimizer: dict, frozen: list[str], recompute: bool = True) -> dict:
     """Writes `portable/` next to ORT's artifacts; returns its manifest entry.
 
@@ -118,6 +130,9 @@ def write_portable(bundle: Path, optimizer: dict, frozen: list[str], recompute: 
     if not recompute:
         atomic_write_bytes(folder / REBUILD, rebuild_graph(steps, frozen).SerializeToString())
         entry["rebuild"] = f"{FOLDER}/{REBUILD}"
+    if recompute and _same_graph(steps[1], Path(bundle) / "eval_model.onnx"):
+        entry["eval_step"] = "eval_model.onnx"  # ORT's eval graph is all standard ops already: stored once
+        steps = steps[:1]
     for model, target in zip(steps, (STEP, EVAL)):
         atomic_write_bytes(folder / target, model.SerializeToString())
     adamw = adamw_graph(tuple(optimizer["betas"]), optimizer["eps"], optimizer["weight_decay"])
