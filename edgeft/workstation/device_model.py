@@ -1,7 +1,7 @@
 """The workstation model as the device sees it, and the torch graphs the device runs.
 
 export, validate and merge all need the same torch model: the quantized base rebuilt in fp32
-(bitsandbytes layers swapped for their dequantized weights), the adapter on top, dropout off,
+(packed and bitsandbytes layers swapped for their dequantized weights), the adapter on top, dropout off,
 GELU-tanh in plain ops. Export traces `LossGraph` and `LogitsGraph` of it into ONNX, validate
 runs them again as the reference the bundle must match, merge folds the adapter into it. They
 live here, in one place, so the three can never drift apart; `peft_key` and `PREFIX` are how
@@ -47,11 +47,14 @@ def peft_key(onnx_name: str) -> str:
 
 
 def device_model(adapter_dir, scheme, keep: dict, base_model: str | None = None, labels: list[str] | None = None):
-    """The workstation model as the device will run it: fp32 torch, bnb layers replaced by
-    their dequantized values, dropout off (the device graph is deterministic)."""
+    """The workstation model as the device will run it: fp32 torch, packed and bnb layers replaced
+    by plain ones holding their dequantized values (the same values, bit for bit), dropout off
+    (the device graph is deterministic). `keep` receives each quantized tensor's codes."""
     from .adapters import load_adapted
+    from .packed import unpack_model
 
     model, tokenizer, meta = load_adapted(adapter_dir, scheme, "cpu", base_model, labels, keep_codes=keep, trainable=True)
+    unpack_model(model)  # ONNX export traces plain nn.Linear / nn.Embedding; merge writes into .weight
     hf = model.get_base_model()
     hf.set_attn_implementation("eager")  # plain ops the legacy exporter and ORT's gradient builder know
     bnb_linear = _bnb_linear4bit()

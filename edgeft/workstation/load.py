@@ -1,12 +1,14 @@
 """Load a local Hugging Face model folder with its base quantized as the device will run it.
 
-nf4 goes through bitsandbytes `Linear4bit` (the QLoRA recipe). The int schemes
-replace each frozen linear weight by its dequantized device value, so training
-sees exactly what `DequantizeLinear` on the device will compute.
+nf4 goes through bitsandbytes `Linear4bit` (the QLoRA recipe). For the int schemes, and
+the embedding table under every scheme, each frozen weight is held packed (codes + scales,
+packed.py) and rebuilt as the layer runs, to exactly the values `DequantizeLinear` on the
+device will compute.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +108,7 @@ def load_base(info: ModelInfo, task: str, scheme: QuantScheme, device: str, labe
     if scheme.kind == "nf4":
         keep_bnb_trainable(model)
     quantize_frozen(model, scheme, skip=info.head, keep_codes=keep_codes)
+    own_storage(model)
     model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -120,6 +123,30 @@ def keep_bnb_trainable(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def own_storage(model) -> None:
+    """transformers maps the safetensors file into memory and the weights left unquantized (norms,
+    biases) still point into it: the whole mapping, every page read while quantizing, would stay
+    resident for the run. Copies of those few tensors let it go (ties kept: same Parameter)."""
+    import ctypes
+
+    import torch
+
+    copied: dict[int, tuple] = {}  # id -> (original, copy); the original kept alive so ids stay unique
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module._parameters.values():
+                if p is not None and p.device.type == "cpu" and p.is_floating_point() and id(p) not in copied:
+                    copied[id(p)] = (p, p)
+                    p.data = p.data.clone()
+            for key, b in module._buffers.items():
+                if b is not None and b.device.type == "cpu" and b.is_floating_point():
+                    if id(b) not in copied:
+                        copied[id(b)] = (b, b.clone())
+                    module._buffers[key] = copied[id(b)][1]
+    with contextlib.suppress(OSError, AttributeError):  # glibc keeps freed quantization temporaries otherwise
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def quantized_weight_names(model, skip: str) -> list[str]:
@@ -139,25 +166,68 @@ def quantized_weight_names(model, skip: str) -> list[str]:
 
 
 def quantize_frozen(model, scheme: QuantScheme, skip: str, keep_codes: dict | None = None) -> None:
-    """Replace each frozen weight by the exact values the device graph will compute.
+    """Replace each frozen weight by the exact values the device graph will compute, held packed.
 
-    bitsandbytes already holds its Linear4bit layers in NF4; everything else (the
-    embedding table, an untied lm_head, and every linear for the int schemes) is
-    rounded here, in place, and keeps fp32 storage. Tied weights are rounded once.
+    bitsandbytes already holds its Linear4bit layers in NF4; everything else (the embedding
+    table, an untied lm_head, and every linear for the int schemes) is quantized here, one
+    tensor at a time, and its layer becomes a packed twin (packed.py: codes + scales, the fp32
+    weight rebuilt when the layer runs). Tied weights are quantized once and share one packed copy.
     """
     import torch
 
-    from .quantize import dequantize, nf4_dequantize, nf4_quantize, quantize
+    from .packed import PackedWeight, pack_module
+    from .quantize import nf4_dequantize, nf4_quantize, quantize
 
     modules = dict(model.named_modules())
+    mapped = _mapped_weight_files()
+    # layers PEFT's modules_to_save will make trainable copies of (names ending in `skip`, and what
+    # they hold: RoBERTa's classifier.dense, DistilBERT's pre_classifier) keep fp32 storage, rounded
+    heads = [n for n, m in modules.items() if n.endswith(skip) and m is not model.get_output_embeddings()]
     seen = set()
     with torch.no_grad():
         for name in quantized_weight_names(model, skip):
-            w = modules[name].weight
-            if type(modules[name]) not in (torch.nn.Linear, torch.nn.Embedding) or id(w) in seen:
-                continue  # bnb Linear4bit, or a weight tied to one already rounded
+            w = modules[name]._parameters.get("weight")
+            if type(modules[name]) not in (torch.nn.Linear, torch.nn.Embedding) or w is None or id(w) in seen:
+                continue  # bnb Linear4bit, or a weight tied to one already quantized
             seen.add(id(w))
             codes = nf4_quantize(w) if scheme.kind == "nf4" else quantize(w, scheme)
             if keep_codes is not None:
                 keep_codes[name] = codes
-            w.copy_(nf4_dequantize(codes) if scheme.kind == "nf4" else dequantize(codes))
+            packed = PackedWeight.from_nf4(codes, tuple(w.shape)) if scheme.kind == "nf4" else PackedWeight.from_int(codes, scheme)
+            if packed is None or any(name == h or name.startswith(f"{h}.") for h in heads):  # or nf4 blocks that straddle rows
+                w.copy_(packed.dequantize() if packed is not None else nf4_dequantize(codes))
+                continue
+            for module in modules.values():
+                if module._parameters.get("weight") is w:  # the layer and any tied partner (lm_head)
+                    pack_module(module, packed)
+            _drop_file_pages(w, mapped)
+            del w, codes
+
+
+def _mapped_weight_files() -> list[tuple[int, int]]:
+    """Address ranges of the *.safetensors files mapped into this process (Linux; else none)."""
+    try:
+        with open("/proc/self/maps") as f:
+            lines = [line.split() for line in f]
+    except OSError:
+        return []
+    return [tuple(int(x, 16) for x in parts[0].split("-")) for parts in lines if len(parts) >= 6 and parts[5].endswith(".safetensors")]
+
+
+def _drop_file_pages(t, mapped: list[tuple[int, int]]) -> None:
+    """A weight just packed was read from the mapped file: its pages would stay resident (and
+    counted) until the whole mapping goes. Hand back the pages that hold only this tensor (clean
+    file pages of a read-only weight: reading them again, if anything did, refaults the file)."""
+    import ctypes
+    import mmap
+
+    if not mapped or t.device.type != "cpu":
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    if not any(a <= start and end <= b for a, b in mapped):
+        return  # a copy (e.g. converted from bf16): freed with the tensor
+    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)

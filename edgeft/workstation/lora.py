@@ -61,11 +61,13 @@ class _DropoutMatmul(torch.autograd.Function):
     def backward(ctx, grad):
         x, keep, weight = ctx.saved_tensors
         grad_x = grad_w = None
+        # under autocast (CUDA bf16) grad is bf16 while weight and x may be fp32: compute in grad's
+        # dtype, as autocast's linear does; autograd casts grad_x back to x's dtype
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ weight) * keep * ctx.scale
+            grad_x = (grad @ weight.to(grad.dtype)) * keep * ctx.scale
         if ctx.needs_input_grad[1]:
-            dropped = (x * keep * ctx.scale).reshape(-1, x.shape[-1])  # (N, in)
-            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ dropped  # (r, in)
+            dropped = (x * keep * ctx.scale).reshape(-1, x.shape[-1]).to(grad.dtype)  # (N, in)
+            grad_w = (grad.reshape(-1, grad.shape[-1]).t() @ dropped).to(weight.dtype)  # (r, in)
         return grad_x, grad_w, None
 
 
@@ -91,6 +93,8 @@ class DropoutLinear(torch.nn.Linear):
 
 
 def count_parameters(model) -> tuple[int, int]:
+    from .packed import packed_stats
+
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters()) + packed_stats(model)[0]  # a packed base holds codes, not parameters
     return trainable, total

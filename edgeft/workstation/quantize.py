@@ -23,10 +23,23 @@ class QuantizedWeight:
     group_size: int  # along the input dimension; the last group may be short
 
 
+CHUNK = 1 << 23  # elements quantized at a time: rows are independent, so chunks bound the fp32 temporaries
+
+
 def quantize(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     """w: (out, in). Groups run along `in`; a ragged last group is padded with zeros,
-    which never moves the range because zero is always representable."""
+    which never moves the range because zero is always representable. Large tensors go a
+    block of rows at a time (the same values: no group spans two rows)."""
     assert scheme.kind == "int", scheme
+    rows = max(1, CHUNK // max(1, w.shape[1]))
+    if w.shape[0] > rows:
+        parts = [_quantize(w[i : i + rows], scheme) for i in range(0, w.shape[0], rows)]
+        zero = torch.cat([p.zero for p in parts]) if parts[0].zero is not None else None
+        return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]), zero, parts[0].group_size)
+    return _quantize(w, scheme)
+
+
+def _quantize(w: torch.Tensor, scheme: QuantScheme) -> QuantizedWeight:
     w = w.detach().float()
     out_f, in_f = w.shape
     g = scheme.group_size or in_f

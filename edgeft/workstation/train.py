@@ -125,7 +125,9 @@ class Trainer:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.train_module = DistributedDataParallel(self.objective, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None)
+            # broadcast_buffers=False: the packed base (codes, scales) is buffers, frozen and equal on every rank
+            self.train_module = DistributedDataParallel(self.objective, device_ids=[torch.cuda.current_device()] if device.startswith("cuda") else None,
+                                                        broadcast_buffers=False)
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable_params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
         self.autocast, self.scaler = self._precision(torch)
