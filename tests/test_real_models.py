@@ -80,7 +80,7 @@ def test_smollm_quantized_base_is_the_device_base(scheme):
     modules = dict(model.named_modules())
     names = quantized_weight_names(model, info.head)
     assert len(names) == 30 * 7 + 2 and names[0] == "model.embed_tokens" and names[-1] == "lm_head"
-    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied: one quantized table
+    assert model.lm_head.packed is model.model.embed_tokens.packed  # tied: one quantized table, held packed
     for name in names[:15] + names[-8:-1]:
         want = fake_quantize(original[f"{name}.weight"], parse_scheme(scheme))
         assert torch.equal(modules[name].weight, want), name
