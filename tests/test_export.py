@@ -15,7 +15,7 @@ def test_classify_bundle_is_complete_verified_and_matches_torch(tmp_path, cls_ru
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     for f in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx", "checkpoint", "inference_model.onnx", "base.safetensors",
-              "manifest.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "tokenizer/tokenizer.json"):
+              "manifest.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "tokenizer/tokenizer.json.gz"):
         assert (out / f).is_file(), f
     p = s["parity"]
     assert p["logits_rel"] < 1e-5 and p["grad_rel"] < 1e-5 and p["loss_rel"] < 1e-6 and p["step_max_abs"] < 1e-6
@@ -25,7 +25,7 @@ def test_classify_bundle_is_complete_verified_and_matches_torch(tmp_path, cls_ru
     assert manifest.labels == ["neg", "pos"] and manifest.scheme == "int4-g32" and manifest.task == "classify"
     assert manifest.base.name == "tiny-bert" and "source" not in manifest.target  # by name + fingerprint; no path
     assert all(v.startswith("base_model.model.") and ".default." not in v for v in manifest.trainable.values())
-    assert "tokenizer/tokenizer.json" in manifest.tokenizer and manifest.files["tokenizer/tokenizer.json"]["sha256"]
+    assert "tokenizer/tokenizer.json.gz" in manifest.tokenizer and manifest.files["tokenizer/tokenizer.json.gz"]["sha256"]
     from safetensors import safe_open
 
     with safe_open(str(out / "adapter/adapter_model.safetensors"), "np") as f:

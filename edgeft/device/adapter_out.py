@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -27,7 +28,10 @@ def export_adapter(state: DeviceState, out: Path, gen: int | None = None, overwr
         shutil.copy2(src / "adapter_config.json", tmp / "adapter_config.json")
         set_peft_base_name(tmp, m.base.name)
         for f in m.tokenizer:
-            shutil.copy2(state.bundle / f, tmp / Path(f).name)
+            if f.endswith(".json.gz"):  # the bundle's gzipped tokenizer.json: transformers reads the plain file
+                (tmp / Path(f).name.removesuffix(".gz")).write_bytes(gzip.decompress((state.bundle / f).read_bytes()))
+            else:
+                shutil.copy2(state.bundle / f, tmp / Path(f).name)
         record = state.generation(gen)
         # the base by name and fingerprint (the manifest's): the workstation checks the folder it is given against it
         meta = {"task": m.task, "labels": m.labels, "scheme": m.scheme, "base": m.base.to_dict(),

@@ -16,12 +16,22 @@ def _token(value) -> str | None:
     return value.get("content") if isinstance(value, dict) else value
 
 
+def read_tokenizer_json(folder: Path) -> str:
+    """tokenizer.json, or the tokenizer.json.gz a bundle carries (export gzips it)."""
+    import gzip
+
+    plain = Path(folder) / "tokenizer.json"
+    if plain.is_file():
+        return plain.read_text(encoding="utf-8")
+    return gzip.decompress((Path(folder) / "tokenizer.json.gz").read_bytes()).decode("utf-8")
+
+
 class DeviceTokenizer:
     def __init__(self, folder: str | Path):
         from tokenizers import Tokenizer
 
         folder = Path(folder)
-        self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self._tok = Tokenizer.from_str(read_tokenizer_json(folder))
         self._tok.no_padding()
         self._tok.no_truncation()
         config: dict = {}

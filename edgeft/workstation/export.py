@@ -183,7 +183,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
 
         set_peft_base_name(tmp / "adapter", meta["base"]["name"])  # a name, not the workstation's path
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        _compact_json(tmp / "tokenizer" / "tokenizer.json")
+        _pack_tokenizer(tmp / "tokenizer")
         if retained:
             (tmp / REFERENCE).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in retained), encoding="utf-8")
         stage("packing the quantized base", "try a target with another quantization scheme, or report the model with the log")
@@ -302,16 +302,22 @@ def _pack_and_release(model, task: str, keep: dict, scheme, trainable: list[str]
     return packed, frozen
 
 
-def _compact_json(path: Path) -> None:
-    """The same JSON without indentation: tokenizer.json is written pretty-printed, which for a
-    large vocabulary is most of its size (Gemma-3: 33.4 -> 14.4 MB); `tokenizers` reads either."""
-    if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        try:
-            text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate escape: keep it escaped
-            text = json.dumps(data, separators=(",", ":")).encode("utf-8")
-        path.write_bytes(text)
+def _pack_tokenizer(folder: Path) -> None:
+    """tokenizer.json as tokenizer.json.gz, without indentation: written pretty-printed, a large
+    vocabulary's file is mostly whitespace and repeats (Gemma-3: 33.4 MB -> 5.0 MB, an eighth of a
+    byte per base parameter of its 270M model); edgeft.device.tokenizer reads it back."""
+    import gzip
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        return
+    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        text = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape: keep it escaped
+        text = json.dumps(data, separators=(",", ":")).encode("utf-8")
+    (folder / "tokenizer.json.gz").write_bytes(gzip.compress(text, 6, mtime=0))
+    path.unlink()
 
 
 def _save_frozen(tensors: dict, path: Path) -> None:

@@ -62,9 +62,11 @@ def make_update(source, old_bundle, out: Path, overwrite: bool = False, base_mod
         raise ModelError(f"{source} cannot update {old_bundle}: " + "; ".join(reasons),
                          f"train against the bundle's base ({manifest.base.name}) and target ({manifest.target_name}) with the same "
                          "LoRA options, or export a new bundle with --target")
-    theirs, ours = adapter_dir / "tokenizer.json", old_bundle / "tokenizer" / "tokenizer.json"
-    # compared as JSON: export writes the bundle's without indentation
-    if theirs.is_file() and ours.is_file() and theirs.read_bytes() != ours.read_bytes() and json.loads(theirs.read_bytes()) != json.loads(ours.read_bytes()):
+    from ..device.tokenizer import read_tokenizer_json
+
+    theirs, ours = adapter_dir / "tokenizer.json", old_bundle / "tokenizer"
+    # compared as JSON: the bundle's is written gzipped, without indentation
+    if theirs.is_file() and any(ours.glob("tokenizer.json*")) and json.loads(theirs.read_bytes()) != json.loads(read_tokenizer_json(ours)):
         log(f"warning: {source}'s tokenizer.json differs from the bundle's; the device tokenizes with the bundle's")
     if not meta.get("scheme"):
         log(f"note: {source} does not say which base quantization it was trained against; the device's base is {manifest.scheme}")
