@@ -11,7 +11,8 @@ The CLI's last resort (cli_errors.EdgeftGroup) does the same for any other comma
 "internal error ...", exit 1, and a log file (`write_log` with no folder: the user's cache).
 
 EDGEFT_PROFILE=1 logs, on stderr, each stage's wall time and the process's resident memory:
-its peak while the stage ran (sampled every 20 ms) and what it holds at the stage's end
+its peak while the stage ran (sampled every 20 ms; `*`: the process's peak so far was set in this
+stage, and is the figure shown, from the kernel) and what it holds at the stage's end
 (`profile_mark` marks finer steps inside a stage; export's validation uses it).
 
 EDGEFT_DEBUG=1 turns both off (the original exception propagates, after the log is written):
@@ -104,7 +105,7 @@ class _Profiler:
     def __init__(self):
         import threading
 
-        self.name, self.t0, self.peak, self.lock = None, time.perf_counter(), 0, threading.Lock()
+        self.name, self.t0, self.peak, self.high, self.lock = None, time.perf_counter(), 0, 0, threading.Lock()
         self.page = os.sysconf("SC_PAGE_SIZE")
         threading.Thread(target=self._sample, daemon=True).start()
 
@@ -120,13 +121,20 @@ class _Profiler:
             time.sleep(0.02)
 
     def mark(self, name: str | None) -> None:
+        import resource
         import sys
 
         now, rss = time.perf_counter(), self.rss()
+        # the sampler needs the GIL, which a long native call may hold: the kernel's high-water mark
+        # says exactly when a step set a new process peak
+        high = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         with self.lock:
             peak, self.peak = max(self.peak, rss), rss
+        new = high > self.high
+        peak, self.high = (max(peak, high) if new else peak), max(self.high, high)
         if self.name is not None:
-            print(f"profile: {now - self.t0:7.1f} s  peak {peak / 2**30:6.2f} GiB  end {rss / 2**30:6.2f} GiB  {self.name}", file=sys.stderr, flush=True)
+            print(f"profile: {now - self.t0:7.1f} s  peak {peak / 2**30:6.2f} GiB{'*' if new else ' '} end {rss / 2**30:6.2f} GiB  {self.name}",
+                  file=sys.stderr, flush=True)
         self.name, self.t0 = name, now
 
 
