@@ -180,3 +180,33 @@ def test_preflight_names_the_op_and_layer():
     with pytest.raises(ExportError, match=r"CastLike at /model/layers.3/CastLike \(layer 3\)"):
         preflight(helper.make_model(graph), ["lora"])
     preflight(helper.make_model(graph), ["x_unrelated"])  # no trainable upstream: nothing to report
+
+
+def test_weights_hidden_from_shape_inference_change_nothing(tmp_path, tiny_llama):
+    """export_graph keeps the weights' values from the exporter's shape inference (its cost grows with
+    the model): the graph must be the one the exporter writes with them, node for node."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.workstation import export_graphs
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    model.set_attn_implementation("eager")
+    model.requires_grad_(False)
+    ids = torch.randint(0, 200, (2, 8))
+    args, names = (ids, torch.ones_like(ids)), ["input_ids", "attention_mask"]
+    export_graphs.export_graph(Logits(model), args, tmp_path / "a.onnx", names, ["logits"], {}, training=True)
+    torch.onnx.export(Logits(model), args, str(tmp_path / "b.onnx"), dynamo=False, opset_version=export_graphs.OPSET, do_constant_folding=False,
+                      export_params=False, training=torch.onnx.TrainingMode.TRAINING, input_names=names, output_names=["logits"])
+    a, b = onnx.load(str(tmp_path / "a.onnx")).graph, onnx.load(str(tmp_path / "b.onnx")).graph
+    assert list(a.node) == list(b.node) and list(a.input) == list(b.input) and list(a.output) == list(b.output)
+    assert list(a.value_info) == list(b.value_info) and len(a.node) > 50
