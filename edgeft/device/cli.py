@@ -45,6 +45,10 @@ def device():
 @click.option("--epochs", type=float, default=1.0, show_default=True)
 @click.option("--max-steps", type=int, help="Optimizer steps; overrides --epochs.")
 @click.option("--lr", type=float, help="Peak learning rate (default 5e-4 classify, 1e-4 causal-lm).")
+@click.option("--replay-ratio", type=float, default=None,
+              help="Share of each batch replayed from the bundle's reference rows and earlier generations' data (default 0.25; 0: none).")
+@click.option("--l2-previous", type=float, default=None,
+              help="Pull toward the previous generation's adapter: adds L*(w - w_prev) to the gradient (default 0).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between crash-safe checkpoints.")
 @click.option("--tolerance", type=float, default=0.01, show_default=True,
@@ -57,7 +61,7 @@ def device():
               help="Training engine: auto uses the bundle's portable step (any onnxruntime); onnxruntime-training needs that build (x86-64).")
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
-def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, grad_accum, checkpoint_every, tolerance, seed,
+def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_ratio, l2_previous, grad_accum, checkpoint_every, tolerance, seed,
           refuse_long, restart, force, backend, quiet, as_json):
     """Train a new generation on new data; promote it only if it does not regress.
 
@@ -66,9 +70,11 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, grad_accum,
     Killed midway, the same command resumes from the last checkpoint.
     """
     from .state import default_state_dir
-    from .trainer import DeviceTrainConfig, DeviceTrainer
+    from .trainer import L2_PREVIOUS, REPLAY_RATIO, DeviceTrainConfig, DeviceTrainer
 
     cfg = DeviceTrainConfig(data=str(data), eval_data=str(eval_data) if eval_data else None, max_steps=max_steps, epochs=epochs, lr=lr,
+                            replay_ratio=REPLAY_RATIO if replay_ratio is None else replay_ratio,
+                            l2_previous=L2_PREVIOUS if l2_previous is None else l2_previous,
                             grad_accum=grad_accum, checkpoint_every=checkpoint_every, tolerance=tolerance, seed=seed,
                             refuse_long=refuse_long, restart=restart, force=force, backend=backend)
     log = lambda m: click.echo(m, err=True)  # noqa: E731

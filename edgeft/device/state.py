@@ -3,7 +3,9 @@
 Layout (under BUNDLE/state by default):
   state.json              generations and which one is current (atomic rewrite)
   generations/gNNNN.safetensors   each generation's trainable weights, by ONNX name
-  replay.jsonl            retained rows from earlier generations' data (forgetting check)
+  replay.jsonl            a sample of earlier promoted generations' training rows (rehearsal)
+  replay-check.jsonl      a sample of their held-out rows, never trained on (forgetting check)
+                          both bounded by REPLAY_ROWS rows and REPLAY_BYTES bytes (rehearsal.py)
   job/                    the generation being trained: job.json, last.safetensors, best.safetensors
   lock                    one writer at a time
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +26,8 @@ from ..bundle import Manifest
 from ..errors import OutputError, StateError  # defined in errors.py (the one exit-code table)
 from ..fsutil import atomic_write_bytes, atomic_write_json
 
-REPLAY_ROWS = 256
+REPLAY_ROWS = 256  # per file: replay.jsonl and replay-check.jsonl
+REPLAY_BYTES = 256 * 1024  # per file, whichever cap is reached first
 
 
 def save_arrays(path: Path, arrays: dict, metadata: dict | None = None) -> None:
@@ -113,9 +115,16 @@ class DeviceState:
         return {onnx: peft[key] for onnx, key in self.manifest.trainable.items()}
 
     def replay_rows(self) -> list[dict]:
+        """Earlier promoted generations' training rows, for rehearsal."""
         from ..fsutil import read_jsonl
 
         return read_jsonl(self.folder / "replay.jsonl")
+
+    def replay_check_rows(self) -> list[dict]:
+        """Earlier promoted generations' held-out rows, for the forgetting check."""
+        from ..fsutil import read_jsonl
+
+        return read_jsonl(self.folder / "replay-check.jsonl")
 
     # -- writing ---------------------------------------------------------------
     @contextlib.contextmanager
@@ -158,17 +167,36 @@ class DeviceState:
         self._save()
         return record
 
-    def retain(self, rows: list[dict], seed: int) -> None:
-        """Keep a bounded, seeded sample of everything trained on, for later forgetting checks."""
-        from ..fsutil import atomic_write_text
+    def retain(self, rows: list[dict], held: list[dict], seed: int) -> None:
+        """Keep a bounded, seeded sample of what promoted generations saw: their training rows
+        (rehearsal) and their held-out rows (forgetting check), each within the caps."""
+        for name, new in (("replay.jsonl", rows), ("replay-check.jsonl", held)):
+            self._retain(name, new, seed)
 
-        old = self.replay_rows()
-        seen = {json.dumps(r, sort_keys=True) for r in old}
-        kept = old + [r for r in rows if json.dumps(r, sort_keys=True) not in seen]  # idempotent: a resumed job may retain twice
-        if len(kept) > REPLAY_ROWS:
-            kept = random.Random(seed).sample(kept, REPLAY_ROWS)
-        with writing(self.folder / "replay.jsonl"):
-            atomic_write_text(self.folder / "replay.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
+    def _retain(self, name: str, rows: list[dict], seed: int) -> None:
+        """Bottom-k by a seeded hash of each row: the kept rows are a uniform sample of every row
+        ever offered (not biased toward the latest generation), and offering the same rows twice
+        (a resumed job) changes nothing."""
+        import hashlib
+
+        from ..fsutil import atomic_write_text, read_jsonl
+
+        path = self.folder / name
+        if not rows and not path.is_file():
+            return
+        lines = {}
+        for r in read_jsonl(path) + rows:
+            line = json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n"
+            lines.setdefault(hashlib.sha256(f"{seed}:{line}".encode("utf-8")).hexdigest(), line)
+        kept, size = [], 0
+        for key in sorted(lines):
+            n = len(lines[key].encode("utf-8"))
+            if len(kept) >= REPLAY_ROWS or size + n > REPLAY_BYTES:
+                break
+            kept.append(lines[key])
+            size += n
+        with writing(path):
+            atomic_write_text(path, "".join(kept))
 
     def next_id(self) -> int:
         return max(g["id"] for g in self.data["generations"]) + 1

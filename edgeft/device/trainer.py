@@ -5,7 +5,9 @@ checkpoint (the flat parameters and AdamW moments, plus the progress) is renamed
 every N steps, and the batches are a pure function of (generation, step). The checkpoint is
 the same on both training engines (see backends.py), so a job may resume on the other one. A rerun with the
 same data resumes at the last checkpoint. A new generation becomes current only if
-it does not regress on the held-out data and on the retained reference rows.
+it does not regress on the held-out data and on the check rows (rehearsal.py: the bundle's
+reference rows are split into rows rehearsed and rows checked, never both; earlier generations'
+training rows are rehearsed, their held-out rows checked).
 """
 
 from __future__ import annotations
@@ -28,12 +30,18 @@ from ..datasets import load_task_rows, split
 from .data import encode_rows
 from .infer import Predictor
 from .progress import ProgressLine
+from .rehearsal import disjoint, head_slices, mixed_batch_ids, mixed_micro_batches, pull_to_previous, split_reference
 from .backends import AdamW, Layout, choose_backend
 from .runtime import peak_rss_mib, rss_mib
 from .state import DeviceState, StateError, load_arrays, load_checkpoint, save_arrays, writing
 from .tokenizer import DeviceTokenizer
 
 BEST_EVAL_ROWS = 64  # rows of held-out loss at each checkpoint, to pick the best weights cheaply
+# Device defaults, measured on the domain-shift story (BENCHMARKS.md section 9, tools/bench_domain.py)
+LR = {"classify": 5e-4, "causal-lm": 1e-4}
+REPLAY_RATIO = 0.25  # share of each batch taken from replay rows
+L2_PREVIOUS = 0.0  # pull toward the previous generation's adapter
+FREEZE_HEAD = False  # keep a fully trained head (modules_to_save) at the previous generation's values
 
 
 @dataclass
@@ -43,6 +51,9 @@ class DeviceTrainConfig:
     max_steps: int | None = None
     epochs: float = 1.0
     lr: float | None = None
+    replay_ratio: float = REPLAY_RATIO
+    l2_previous: float = L2_PREVIOUS
+    freeze_head: bool = FREEZE_HEAD
     grad_accum: int = 1
     checkpoint_every: int = 20
     tolerance: float = 0.01
@@ -74,6 +85,8 @@ class DeviceTrainer:
         self.state = DeviceState(state_dir, self.bundle, self.manifest)
         if cfg.grad_accum < 1 or cfg.checkpoint_every < 1 or (cfg.max_steps is not None and cfg.max_steps < 1) or cfg.epochs <= 0:
             raise UsageError("--grad-accum, --checkpoint-every, --max-steps and --epochs must be positive", "e.g. --max-steps 50")
+        if not 0 <= cfg.replay_ratio <= 0.9 or cfg.l2_previous < 0:
+            raise UsageError("--replay-ratio must be between 0 and 0.9 and --l2-previous at least 0", f"e.g. --replay-ratio {REPLAY_RATIO}")
 
     def check_plan(self) -> None:
         from ..plan import PlanError
@@ -99,18 +112,41 @@ class DeviceTrainer:
             train_pairs, held_pairs = split(pairs, cfg.holdout_fraction, cfg.seed) if len(pairs) >= 10 else (pairs, [])
             held_rows, self.held_set = [r for r, _ in held_pairs], [e for _, e in held_pairs]
         self.train_rows, self.train_set = [r for r, _ in train_pairs], [e for _, e in train_pairs]
+        self.held_rows = held_rows
+        self.set_replay(self.replay_sources())
+        self.data_info = file_info(cfg.data, len(rows))
+        self.eval_info = file_info(cfg.eval_data, len(held_rows)) if cfg.eval_data else {"split_from_data": len(held_rows)}
+        if self.mixing:
+            self.total_steps = cfg.max_steps or max(1, math.ceil(mixed_micro_batches(len(self.train_set), self.batch, cfg.replay_ratio, cfg.epochs) / cfg.grad_accum))
+        else:
+            self.per_epoch = batches_per_epoch(len(self.train_set), self.batch)  # the workstation's rules (edgeft.schedule)
+            self.total_steps = total_steps(self.per_epoch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+
+    def replay_sources(self) -> dict:
+        """The rows rehearsed and the rows checked, as rows (rehearsal.py): the bundle's reference rows
+        split in two, earlier generations' training rows (rehearsed) and held-out rows (checked)."""
         reference = []
         if (self.bundle / "reference.jsonl").is_file():
             reference = load_task_rows(self.bundle / "reference.jsonl", self.task, self.labels)
-        self.reference_set = enc(reference + self.state.replay_rows(), "reference rows")
-        self.data_info = file_info(cfg.data, len(rows))
-        self.eval_info = file_info(cfg.eval_data, len(held_rows)) if cfg.eval_data else {"split_from_data": len(held_rows)}
-        self.per_epoch = batches_per_epoch(len(self.train_set), self.batch)  # the workstation's rules (edgeft.schedule)
-        self.total_steps = total_steps(self.per_epoch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+        ref_rehearse, ref_check = split_reference(reference)
+        earlier_check = self.state.replay_check_rows()
+        rehearse = disjoint(ref_rehearse + self.state.replay_rows(), ref_check, earlier_check)
+        return {"rehearsal": rehearse, "reference": ref_check, "earlier": earlier_check}
+
+    def set_replay(self, sources: dict) -> None:
+        enc = lambda rs, where: encode_rows(rs, self.task, self.tokenizer, self.labels, self.seq, self.cfg.refuse_long, where, self.log)  # noqa: E731
+        self.replay_rows = sources
+        self.replay_set = enc(sources["rehearsal"], "replay rows") if sources["rehearsal"] else []
+        self.check_sets = {name: enc(sources[name], f"{name} rows") for name in ("reference", "earlier") if sources[name]}
+        self.mixing = bool(self.replay_set) and self.cfg.replay_ratio > 0
 
     def micro_batch(self, index: int, seed: int) -> dict:
-        ids = micro_batch_ids(len(self.train_set), self.batch, seed, index)
-        return collate([self.train_set[i] for i in ids], self.tokenizer.pad_token_id)
+        if self.mixing:
+            new, replay = mixed_batch_ids(len(self.train_set), len(self.replay_set), self.batch, self.cfg.replay_ratio, seed, index)
+            items = [self.train_set[i] for i in new] + [self.replay_set[i] for i in replay]
+        else:
+            items = [self.train_set[i] for i in micro_batch_ids(len(self.train_set), self.batch, seed, index)]
+        return collate(items, self.tokenizer.pad_token_id)
 
     # -- the job -------------------------------------------------------------
     def open_job(self) -> tuple[dict, bool]:
@@ -122,6 +158,11 @@ class DeviceTrainer:
             if any(g["id"] == job["generation"] for g in self.state.data["generations"]):
                 self.state.clear_job()  # killed after the generation was recorded: nothing left to do
             elif same:
+                snapshot = self.state.job_dir / "replay.json"
+                if snapshot.is_file():  # the replay store may have changed since (killed after retaining)
+                    sources = json.loads(snapshot.read_text(encoding="utf-8"))
+                    if sources != self.replay_rows:
+                        self.set_replay(sources)
                 return job, True
             elif self.cfg.restart:
                 self.log(f"discarding interrupted generation {job['generation']} (trained on {job['data']['file']})")
@@ -134,6 +175,7 @@ class DeviceTrainer:
                "total_steps": self.total_steps, "seed": gen * 1000 + self.cfg.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with writing("the job file"):
             self.state.job_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.state.job_dir / "replay.json", self.replay_rows)  # before job.json: a job always has its snapshot
             atomic_write_json(path, job)
         return job, False
 
@@ -146,6 +188,8 @@ class DeviceTrainer:
         parent = self.state.params(job["parent"])
         layout = Layout({n: parent[n].shape for n in self.manifest.trainable})
         optimizer = AdamW(self.bundle, self.manifest, layout, parent)
+        anchor = layout.flatten(parent) if cfg.l2_previous or cfg.freeze_head else None
+        frozen = head_slices(layout.offsets, self.manifest.trainable) if cfg.freeze_head else []
         last = job_dir / "last.safetensors"
         if resumed and last.is_file():
             arrays, meta = load_checkpoint(last)
@@ -155,7 +199,7 @@ class DeviceTrainer:
             progress = {"step": 0, "best_loss": None, "best_step": None, "losses": []}
         engine = self.engine(self.bundle, self.manifest)
         engine.set_params(layout.views(optimizer.params))
-        lr = cfg.lr or (5e-4 if self.task == "classify" else 1e-4)
+        lr = cfg.lr or LR[self.task]
         schedule = {**SCHEDULE_DEFAULT, **(self.manifest.schedule or {})}  # the run's, recorded at export
         start = progress["step"]
         if resumed:
@@ -173,7 +217,14 @@ class DeviceTrainer:
                 raise TrainingDiverged(f"the loss became {loss} at step {step + 1} of generation {job['generation']}; "
                                        f"training stopped and the device stays on generation {self.state.current}",
                                        "lower --lr, or check the new data for broken rows")
-            optimizer.update(grads / cfg.grad_accum if cfg.grad_accum > 1 else grads, step_lr)
+            grads = grads / cfg.grad_accum if cfg.grad_accum > 1 else grads
+            for a, b in frozen:
+                grads[a:b] = 0.0
+            optimizer.update(pull_to_previous(grads, optimizer.params, anchor, cfg.l2_previous), step_lr)
+            if frozen:
+                optimizer.params = np.array(optimizer.params, np.float32)  # ORT's output may be read-only
+                for a, b in frozen:
+                    optimizer.params[a:b] = anchor[a:b]  # AdamW's weight decay moves even a zero-gradient weight
             engine.set_params(layout.views(optimizer.params))
             progress["losses"].append(round(loss, 6))
             progress["step"] = step + 1
@@ -212,10 +263,12 @@ class DeviceTrainer:
         """Both adapters on the same held-out and reference rows, through the inference graph.
         Returns (metrics, per-row correctness) so the decision can pair the rows."""
         out, rows = {}, {}
+        checks = getattr(self, "check_sets", None)  # apply.py's checker holds one reference set: nothing was trained on it
+        checks = checks if checks is not None else {"reference": self.reference_set}
         for name, params in (("baseline", base_params), ("candidate", new_params)):
             predictor = Predictor(self.bundle, self.manifest, params, self.tokenizer)
             out[name] = {}
-            for split, data in (("heldout", self.held_set), ("reference", self.reference_set)):
+            for split, data in (("heldout", self.held_set), *checks.items()):
                 if data:
                     m = predictor.evaluate(data, per_row=True)
                     rows[(name, split)] = m.pop("correct", None)
@@ -261,16 +314,25 @@ class DeviceTrainer:
             record = {"id": job["generation"], "parent": job["parent"], "status": "promoted" if promote else "rejected", "reason": reason,
                       "created": job["created"], "data": job["data"], "eval": job["eval"], "steps": result["steps"],
                       "best_step": result["best_step"], "backend": result["backend"], "metrics": metrics, "seconds": result["seconds"],
-                      "peak_rss_mib": round(peak_rss_mib(), 1), "plan_mib": self.plan_mib}
+                      "peak_rss_mib": round(peak_rss_mib(), 1), "plan_mib": self.plan_mib, "rehearsal": self.rehearsal_info(job)}
             if promote:
-                self.state.retain(self.train_rows, job["seed"])
+                self.state.retain(self.train_rows, self.held_rows, self.cfg.seed)
             self.state.add_generation(record, result["params"], promote)
             self.state.clear_job()
         return {"generation": job["generation"], "backend": result["backend"], "promoted": promote, "reason": reason, "current": self.state.current,
                 "resumed_at_step": result["resumed_at"], "steps": result["steps"], "seconds": result["seconds"],
                 "steps_per_s": result["steps_per_s"], "first_loss": (result["losses"] or [None])[0],
                 "last_loss": (result["losses"] or [None])[-1], "losses": result["losses"], "metrics": metrics, "peak_rss_mib": record["peak_rss_mib"],
-                "plan_mib": self.plan_mib, "state": str(self.state.folder)}
+                "plan_mib": self.plan_mib, "state": str(self.state.folder), "rehearsal": record["rehearsal"]}
+
+    def rehearsal_info(self, job: dict) -> dict:
+        """What this generation replayed and what it was checked on."""
+        ratio = self.cfg.replay_ratio if self.mixing else 0.0
+        micro = job["total_steps"] * self.cfg.grad_accum
+        replayed = math.floor(micro * self.batch * ratio + 1e-9)
+        return {"replay_ratio": ratio, "l2_previous": self.cfg.l2_previous, "freeze_head": self.cfg.freeze_head, "pool_rows": len(self.replay_set),
+                "replayed_rows": replayed, "new_rows": micro * self.batch - replayed if self.mixing else None,
+                "check_rows": {name: len(rows) for name, rows in self.check_sets.items()}}
 
 
 def sign_test(before: list[bool], after: list[bool]) -> float:

@@ -1,0 +1,259 @@
+"""Learning without forgetting on the device (edgeft/device/rehearsal.py): replay rows mixed into the
+batches at the configured share, check rows never trained on, a bounded replay store, the pull
+toward the previous adapter, and resume with all of it."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import device, run, target, write_jsonl
+
+POS = ["i loved it", "great result", "so happy today", "what a great movie", "happy and fine", "the movie was great"]
+NEG = ["terrible day", "sad movie", "i hate this", "awful and sad", "this is terrible", "what a terrible movie"]
+
+
+def rows(texts_pos, texts_neg, tag=""):
+    return [{"text": f"{t}{tag}", "label": "pos"} for t in texts_pos] + [{"text": f"{t}{tag}", "label": "neg"} for t in texts_neg]
+
+
+def reference_rows():
+    """24 distinct rows, none of them in the new data below."""
+    return rows(POS, NEG, " today") + rows(POS, NEG, " again")
+
+
+def new_rows(tag, n=3):
+    return [r for k in range(n) for r in rows(POS, NEG, f" {tag}{k}")]
+
+
+@pytest.fixture(scope="module")
+def ref_bundle(tmp_path_factory, cls_run):
+    """The tiny classify bundle, exported with reference rows."""
+    tmp = tmp_path_factory.mktemp("refb")
+    ref = write_jsonl(tmp / "ref.jsonl", reference_rows())
+    r = run("export", "--run", cls_run, "--target", target(tmp), "--out", tmp / "bundle", "--reference-data", ref)
+    assert r.exit_code == 0, r.output
+    return tmp / "bundle"
+
+
+def trainer(bundle, state, data, **cfg):
+    from edgeft.device.trainer import DeviceTrainConfig, DeviceTrainer
+
+    t = DeviceTrainer(bundle, state, DeviceTrainConfig(data=str(data), **cfg), log=lambda m: None, progress=False)
+    t.prepare_data()
+    return t
+
+
+# -- batch composition ----------------------------------------------------------
+
+@pytest.mark.parametrize("ratio", [0.25, 0.3, 0.5])
+def test_mixed_batches_have_the_configured_share_and_see_every_new_row(ratio):
+    from edgeft.device.rehearsal import mixed_batch_ids, mixed_micro_batches
+
+    n_new, n_replay, batch, seed = 37, 11, 4, 5
+    batches = [mixed_batch_ids(n_new, n_replay, batch, ratio, seed, i) for i in range(60)]
+    assert batches == [mixed_batch_ids(n_new, n_replay, batch, ratio, seed, i) for i in range(60)]  # a pure function of the index
+    assert batches != [mixed_batch_ids(n_new, n_replay, batch, ratio, seed + 1, i) for i in range(60)]  # and of the seed
+    for i in range(1, 61):
+        replayed = sum(len(r) for _, r in batches[:i])
+        assert abs(replayed - ratio * batch * i) < 1, (i, replayed)  # any prefix: the share to within one row
+        assert all(len(n) + len(r) == batch for n, r in batches[:i])
+    # the new rows come epoch by epoch: the first n_new of them are every new row once
+    stream = [j for n, _ in batches for j in n]
+    assert sorted(stream[:n_new]) == list(range(n_new)) and sorted(stream[n_new : 2 * n_new]) == list(range(n_new))
+    assert all(0 <= j < n_replay for _, r in batches for j in r)
+    # a generation lasts until every new row was seen `epochs` times, and no micro-batch longer
+    m = mixed_micro_batches(n_new, batch, ratio, 1.0)
+    seen = sum(len(n) for n, _ in batches[:m])
+    assert seen >= n_new and seen - len(batches[m - 1][0]) < n_new
+
+
+def test_trainer_batches_mix_replay_rows_at_the_configured_share(tmp_path, ref_bundle):
+    """The batches the trainer really feeds: each row traced back to its text."""
+    data = write_jsonl(tmp_path / "new.jsonl", new_rows("x"))
+    t = trainer(ref_bundle, tmp_path / "state", data, replay_ratio=0.25)
+    by_ids = {tuple(e.input_ids): r["text"] for r, e in zip(t.replay_rows["rehearsal"], t.replay_set)}
+    new_texts = {r["text"] for r in t.train_rows}
+    assert t.mixing and len(t.replay_set) == 12  # half of the 24 reference rows are rehearsed
+    replayed = new = 0
+    for i in range(t.total_steps):
+        b = t.micro_batch(i, seed=1000)
+        assert len(b["input_ids"]) == t.batch
+        for ids, mask in zip(b["input_ids"], b["attention_mask"]):
+            key = tuple(int(x) for x, m in zip(ids, mask) if m)
+            if key in by_ids:
+                replayed += 1
+            else:
+                new += 1
+    assert replayed == int(t.total_steps * t.batch * 0.25) and replayed > 0
+    assert new >= len(new_texts)  # every new row once per epoch
+    # --replay-ratio 0: the workstation's batching, no replay row at all
+    t0 = trainer(ref_bundle, tmp_path / "state0", data, replay_ratio=0.0)
+    assert not t0.mixing
+    for i in range(t0.total_steps):
+        b = t0.micro_batch(i, seed=1000)
+        assert not any(tuple(int(x) for x, m in zip(ids, mask) if m) in by_ids for ids, mask in zip(b["input_ids"], b["attention_mask"]))
+
+
+def test_generation_reports_what_it_replayed(tmp_path, ref_bundle):
+    data = write_jsonl(tmp_path / "new.jsonl", new_rows("x"))
+    r, s = device("train", "--bundle", ref_bundle, "--state", tmp_path / "state", "--data", data, "--replay-ratio", "0.5",
+                  "--tolerance", "1", "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    info = s["rehearsal"]
+    assert info["replay_ratio"] == 0.5 and info["pool_rows"] == 12 and info["check_rows"] == {"reference": 12}
+    assert info["replayed_rows"] == info["new_rows"] == s["steps"]  # batch 2: one replayed row and one new row each
+    assert info["new_rows"] >= len(new_rows("x")) - round(0.1 * len(new_rows("x")))  # one epoch of the training part
+    r, _ = device("train", "--bundle", ref_bundle, "--state", tmp_path / "s2", "--data", data, "--replay-ratio", "0.95", "--quiet")
+    assert r.exit_code == 2 and "--replay-ratio" in r.output
+
+
+# -- no leak ----------------------------------------------------------------------
+
+def test_reference_split_is_deterministic_and_disjoint():
+    from edgeft.device.rehearsal import row_key, split_reference
+
+    ref = reference_rows()
+    rehearse, check = split_reference(ref)
+    assert len(check) == 12 and len(rehearse) == 12
+    assert not {row_key(r) for r in rehearse} & {row_key(r) for r in check}
+    assert sorted(map(row_key, rehearse + check)) == sorted(map(row_key, ref))
+    shuffled = list(ref)
+    random.Random(3).shuffle(shuffled)
+    r2, c2 = split_reference(shuffled + shuffled[:5])  # order and duplicates change nothing about which rows check
+    assert sorted(map(row_key, c2)) == sorted(map(row_key, check))
+    assert not {row_key(r) for r in r2} & {row_key(r) for r in c2}
+    # the split is by content: a row keeps its side when other rows join the file
+    _, c3 = split_reference(ref + rows(["brand new"], ["all new"]))
+    assert len({row_key(r) for r in check} & {row_key(r) for r in c3}) >= 11
+
+
+def test_rows_that_decide_promotion_are_never_trained_on(tmp_path, ref_bundle):
+    """Over two generations: the check rows (the bundle's check half, earlier generations' held-out rows)
+    are disjoint from the rehearsal pool, even when the store holds a copy of a check row."""
+    from edgeft.device.rehearsal import row_key
+
+    state = tmp_path / "state"
+    r, s = device("train", "--bundle", ref_bundle, "--state", state, "--data", write_jsonl(tmp_path / "a.jsonl", new_rows("a")),
+                  "--tolerance", "1", "--json", "--quiet")
+    assert r.exit_code == 0 and s["promoted"], r.output
+    held = [json.loads(x) for x in (state / "replay-check.jsonl").read_text().splitlines()]
+    assert held and not {row_key(r) for r in held} & {row_key(r) for r in [json.loads(x) for x in (state / "replay.jsonl").read_text().splitlines()]}
+    # a copy of a check row slips into the replay store: it must not be rehearsed
+    with open(state / "replay.jsonl", "a") as f:
+        f.write(json.dumps(held[0]) + "\n")
+    t = trainer(ref_bundle, state, write_jsonl(tmp_path / "b.jsonl", new_rows("b")))
+    rehearse = {row_key(r) for r in t.replay_rows["rehearsal"]}
+    checked = {row_key(r) for name in ("reference", "earlier") for r in t.replay_rows[name]}
+    assert t.replay_rows["earlier"] and len(t.replay_rows["reference"]) == 12
+    assert not rehearse & checked
+    assert {n: len(v) for n, v in t.check_sets.items()} == {"reference": 12, "earlier": len(held)}
+    r, s = device("train", "--bundle", ref_bundle, "--state", state, "--data", tmp_path / "b.jsonl", "--tolerance", "1", "--json", "--quiet")
+    assert r.exit_code == 0 and set(s["metrics"]["candidate"]) == {"heldout", "reference", "earlier"}, r.output
+
+
+# -- the replay store -------------------------------------------------------------
+
+def test_replay_store_stays_within_its_cap_across_generations(tmp_path, ref_bundle, monkeypatch):
+    from edgeft.device import state as state_mod
+
+    monkeypatch.setattr(state_mod, "REPLAY_ROWS", 10)
+    monkeypatch.setattr(state_mod, "REPLAY_BYTES", 600)
+    state = tmp_path / "state"
+    gens = {}
+    for g in ("a", "b", "c"):
+        data = write_jsonl(tmp_path / f"{g}.jsonl", new_rows(g, n=4))
+        gens[g] = {r["text"] for r in new_rows(g, n=4)}
+        r, s = device("train", "--bundle", ref_bundle, "--state", state, "--data", data, "--max-steps", 2, "--tolerance", "1", "--json", "--quiet")
+        assert r.exit_code == 0 and s["promoted"], r.output
+        for name in ("replay.jsonl", "replay-check.jsonl"):
+            text = (state / name).read_text(encoding="utf-8")
+            assert 0 < len(text.splitlines()) <= 10 and len(text.encode("utf-8")) <= 600, (name, len(text.splitlines()), len(text))
+    kept = {json.loads(x)["text"] for x in (state / "replay.jsonl").read_text().splitlines()}
+    assert sum(bool(kept & texts) for texts in gens.values()) >= 2  # a sample of every generation so far, not only the last
+    # retaining the same rows again (a resumed job) changes nothing
+    st = state_mod.DeviceState(state, ref_bundle, None)
+    extra = [{"text": f"late row {i}", "label": "pos"} for i in range(30)]
+    st.retain(extra, [], 0)
+    after = (state / "replay.jsonl").read_bytes()
+    st.retain(extra, [], 0)
+    assert (state / "replay.jsonl").read_bytes() == after and len(after.splitlines()) <= 10 and len(after) <= 600
+
+
+# -- the pull toward the previous adapter ------------------------------------------
+
+def test_pull_to_previous_is_the_gradient_of_the_l2_term():
+    from edgeft.device.rehearsal import pull_to_previous
+
+    rng = np.random.default_rng(0)
+    g, w, w0 = (rng.standard_normal(50).astype(np.float32) for _ in range(3))
+    np.testing.assert_allclose(pull_to_previous(g, w, w0, 0.3), g + 0.3 * (w - w0), rtol=1e-6)
+    assert pull_to_previous(g, w, None, 0.0) is g
+    # numerically: d/dw of 0.15 * |w - w0|^2
+    eps, i = 1e-3, 7
+    f = lambda v: 0.15 * float(((v - w0).astype(np.float64) ** 2).sum())  # noqa: E731
+    wp, wm = w.copy(), w.copy()
+    wp[i] += eps
+    wm[i] -= eps
+    assert abs((f(wp) - f(wm)) / (2 * eps) - pull_to_previous(np.zeros_like(g), w, w0, 0.3)[i]) < 1e-3
+
+
+def test_l2_previous_keeps_the_new_adapter_near_the_previous_one(tmp_path, ref_bundle):
+    from safetensors.numpy import load_file
+
+    from edgeft.device.cli import open_state
+
+    data = write_jsonl(tmp_path / "new.jsonl", new_rows("x"))
+    prev = open_state(ref_bundle, tmp_path / "unused").params(0)
+    dist = {}
+    for lam in ("0", "100"):
+        state = tmp_path / f"l2-{lam}"
+        r, s = device("train", "--bundle", ref_bundle, "--state", state, "--data", data, "--max-steps", 20, "--lr", "5e-3",
+                      "--checkpoint-every", 20, "--l2-previous", lam, "--tolerance", "1", "--json", "--quiet")
+        assert r.exit_code == 0 and s["rehearsal"]["l2_previous"] == float(lam), r.output
+        new = load_file(str(state / "generations" / "g0001.safetensors"))
+        dist[lam] = float(np.sqrt(sum(((new[k] - prev[k]) ** 2).sum() for k in prev)))
+    assert dist["0"] > 0 and dist["100"] < 0.5 * dist["0"], dist
+
+
+# -- resume ----------------------------------------------------------------------------
+
+def _cmd(bundle, state, data, *extra):
+    return [sys.executable, "-m", "edgeft", "device", "train", "--bundle", str(bundle), "--state", str(state), "--data", str(data),
+            "--max-steps", "16", "--checkpoint-every", "2", "--tolerance", "1", "--quiet", "--json", *extra]
+
+
+def test_killed_rehearsal_job_resumes_to_the_same_weights_even_if_the_store_changed(tmp_path, ref_bundle):
+    """Generation 2 replays generation 1's rows. Killed after a checkpoint, and the replay store changed
+    meanwhile (as when a kill lands after retaining), the rerun trains on the job's own snapshot of the
+    replay rows and ends bit-identical to an uninterrupted run."""
+    from safetensors.numpy import load_file
+
+    first = write_jsonl(tmp_path / "a.jsonl", new_rows("a"))
+    second = write_jsonl(tmp_path / "b.jsonl", new_rows("b", n=6))
+    for name in ("clean", "killed"):
+        out = subprocess.run(_cmd(ref_bundle, tmp_path / name, first), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and json.loads(out.stdout)["promoted"], out.stderr
+    out = subprocess.run(_cmd(ref_bundle, tmp_path / "clean", second), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(ref_bundle, killed, second), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "job" / "last.safetensors").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    assert proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed / "replay.jsonl").write_text(json.dumps({"text": "a row that arrived later", "label": "pos"}) + "\n")
+    out = subprocess.run(_cmd(ref_bundle, killed, second), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    assert s["resumed_at_step"] is not None and s["rehearsal"]["replay_ratio"] > 0
+    a = load_file(str(tmp_path / "clean" / "generations" / "g0002.safetensors"))
+    b = load_file(str(killed / "generations" / "g0002.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
