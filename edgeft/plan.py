@@ -42,6 +42,16 @@ class MemoryPlan:
     batch: int
     seq: int
     holds_base: bool = False
+    # the model's dimensions, so the device can plan the rest of its process (plan_process)
+    task: str = ""
+    vocab: int = 0
+    hidden: int = 0
+    layers: int = 0
+    # forward passes: the eval step at the training batch (the promotion check of a causal LM) and the
+    # inference graph at its evaluation batch and the bundle's sequence length (`device eval`)
+    eval_activations_mib: float = 0.0
+    inference_activations_mib: float = 0.0
+    inference_batch: int = 0
 
     @property
     def fits(self) -> bool:
@@ -97,6 +107,9 @@ def plan_memory(model_dir: Path, adapter_dir: Path, target, task: str, batch: in
     if task == "causal-lm":
         activations += tokens * vocab * 4 * 3  # log-probabilities, softmax, gradient; at most every position
     holds = base * 4 / MIB < HOLD_BASE_MIB
+    infer_batch = inference_batch(task, batch)
+    forward = forward_activations(task, batch, seq, hidden, inter, heads, vocab, labelled_only=True)
+    inference = forward_activations(task, infer_batch, seq, hidden, inter, heads, vocab, labelled_only=False)
     parts = {
         "base_packed_mib": base * target.scheme.bytes_per_param / MIB,
         "base_rebuilt_mib": (base if holds else 2 * vocab * hidden) * 4 / MIB,
@@ -105,7 +118,25 @@ def plan_memory(model_dir: Path, adapter_dir: Path, target, task: str, batch: in
         "runtime_mib": float(RUNTIME_MIB),
     }
     return MemoryPlan(target=target.name, budget_mib=target.budget_mb, total_mib=sum(parts.values()), batch=batch, seq=seq, holds_base=holds,
+                      task=task, vocab=vocab, hidden=hidden, layers=layers, eval_activations_mib=round(forward / MIB, 1),
+                      inference_activations_mib=round(inference / MIB, 1), inference_batch=infer_batch,
                       **{k: round(v, 1) for k, v in parts.items()})
+
+
+def inference_batch(task: str, train_batch: int) -> int:
+    """The batch `edgeft device eval` runs the inference graph at (edgeft.device.infer.Predictor)."""
+    return 16 if task == "classify" else train_batch
+
+
+def forward_activations(task: str, batch: int, seq: int, hidden: int, inter: int, heads: int, vocab: int, labelled_only: bool) -> float:
+    """Bytes a forward pass holds at once: a layer's temporaries (nothing is kept for a backward
+    pass), and for a causal LM the logits: at labelled positions only in the eval step, at every
+    position in the inference graph, where numpy's log-probabilities copy them twice more."""
+    tokens = batch * seq
+    layer = (tokens * (6 * hidden + 3 * inter) + 2 * batch * heads * seq * seq) * 4
+    if task == "causal-lm":
+        layer += tokens * vocab * 4 * 3
+    return layer
 
 
 def check_plan(plan: MemoryPlan, force: bool, log=print) -> None:
@@ -117,3 +148,106 @@ def check_plan(plan: MemoryPlan, force: bool, log=print) -> None:
     if not force:
         raise PlanError(message, hint)
     log(f"warning: {message} (--force given)")
+
+
+# -- the whole device process ----------------------------------------------------
+# Measured (RSS after loading, tokenizers 0.2x): a parsed tokenizer holds 15-30x its tokenizer.json
+# (MiniLM 0.47 MB -> 14 MiB, SmolLM2 3.5 MB -> 52 MiB, Gemma-3 14.4 MB -> 382 MiB); rows read and
+# encoded hold 19-52x their file (GSM8K chat 0.66 MB -> 12 MiB, short sentiment rows 0.38 MB -> 20 MiB).
+TOKENIZER_PER_BYTE = 30
+DATA_PER_BYTE = 64
+
+
+@dataclass
+class ProcessPlan:
+    """Peak RSS of a whole `edgeft device train` / `device eval` process: the bundle's step plan
+    (made at export, MemoryPlan) and what the device adds: the tokenizer, the rows, and the forward
+    passes of the promotion check or the evaluation, which reuse the memory the step freed."""
+
+    command: str
+    target: str
+    budget_mib: int
+    parts: dict
+    total_mib: float
+    step_mib: float | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.total_mib <= self.budget_mib
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fits": self.fits}
+
+    def render(self) -> str:
+        lines = [f"memory plan of `edgeft {self.command}` on {self.target} (budget {self.budget_mib} MiB)"]
+        lines += [f"  {name:<44}{mib:>9.0f} MiB" for name, mib in self.parts.items()]
+        lines.append(f"  {'total (estimated peak)':<44}{self.total_mib:>9.0f} MiB")
+        lines.append("  fits" if self.fits else f"  does NOT fit: {self.total_mib - self.budget_mib:.0f} MiB over budget")
+        return "\n".join(lines)
+
+
+def file_bytes(*paths) -> int:
+    """Bytes of the files that exist among `paths`; a gzip file counts as its uncompressed size."""
+    total = 0
+    for p in paths:
+        if p is None or not Path(p).is_file():
+            continue
+        p = Path(p)
+        if p.suffix == ".gz":
+            with open(p, "rb") as f:
+                f.seek(-4, 2)
+                total += struct.unpack("<I", f.read(4))[0]  # gzip's ISIZE: the uncompressed size mod 2^32
+        else:
+            total += p.stat().st_size
+    return total
+
+
+def plan_process(manifest, bundle: Path, command: str, data_bytes: int) -> ProcessPlan | None:
+    """The plan of a `device train` (training step, then the promotion check) or `device eval`
+    process from the bundle's step plan, or None for a bundle exported without one.
+
+    train: runtime + packed base + trainable x 4 (values, gradients, AdamW moments) + the larger of
+      the step's transient memory (fp32 weights rebuilt or held, activations kept for backward) and
+      the check's (a causal LM: the training engine's eval step at the training batch; a classifier:
+      one inference session at its batch, built once the engine is freed), + tokenizer + rows.
+    eval: runtime + packed base + one copy of the trainable weights + the inference graph's rebuilt
+      weights and forward pass + tokenizer + rows.
+    A bundle exported before the forward passes were planned counts the step's activations for them."""
+    step = getattr(manifest, "memory_plan", None) or {}
+    if not step:
+        return None
+    bundle = Path(bundle)
+    task = manifest.task
+    tokenizer = file_bytes(bundle / "tokenizer" / "tokenizer.json", bundle / "tokenizer" / "tokenizer.json.gz") * TOKENIZER_PER_BYTE / MIB
+    rows = max(8.0, data_bytes * DATA_PER_BYTE / MIB)
+    rebuilt = step["base_rebuilt_mib"]
+    eval_act = step.get("eval_activations_mib") or step["activations_mib"]
+    infer_act = step.get("inference_activations_mib") or step["activations_mib"]
+    parts = {"runtime": step["runtime_mib"], "packed base": step["base_packed_mib"]}
+    if command == "device train":
+        parts["trainable params + grads + AdamW"] = step["trainable_mib"]
+        step_peak = rebuilt + step["activations_mib"]
+        check = rebuilt + (eval_act if task == "causal-lm" else infer_act)
+        parts[f"training step ({step['batch']} x {step['seq']}): weights + activations"] = step_peak
+        if check > step_peak:
+            parts["promotion check: above the step's peak"] = check - step_peak
+    else:
+        parts["trainable params"] = step["trainable_mib"] / 4
+        batch = step.get("inference_batch") or step["batch"]
+        parts[f"inference ({batch} x {manifest.max_seq_len}): weights + activations"] = rebuilt + infer_act
+    parts["tokenizer"] = tokenizer
+    parts["rows"] = rows
+    parts = {k: round(v, 1) for k, v in parts.items()}
+    return ProcessPlan(command=command, target=step.get("target", ""), budget_mib=int(step["budget_mib"]), parts=parts,
+                       total_mib=round(sum(parts.values()), 1), step_mib=round(step["total_mib"], 1))
+
+
+def refuse_over_budget(plan: ProcessPlan | None, force: bool, log=print) -> None:
+    """Before a device process starts its work: refused (exit 9) when its plan is over the budget, unless --force."""
+    if plan is None or plan.fits:
+        return
+    message = (f"`edgeft {plan.command}` on this bundle needs about {plan.total_mib:.0f} MiB, over the {plan.budget_mib} MiB "
+               f"budget of {plan.target}\n{plan.render()}")
+    if not force:
+        raise PlanError(message, "re-export the bundle with a smaller --batch/--seq, or pass --force to run anyway")
+    log(f"warning: {message}\n(--force given)")

@@ -40,7 +40,10 @@ def test_train_promotes_a_generation_and_status_lists_it(tmp_path, cls_bundle):
     manifest = json.loads((cls_bundle / "manifest.json").read_text())
     assert not manifest.get("reference")  # cls_run trained without --eval-data: the bundle carries no reference rows
     assert set(s["metrics"]["candidate"]) == {"heldout"}  # and a first generation has no replay rows
-    assert s["peak_rss_mib"] > 0 and s["plan_mib"] == manifest["memory_plan"]["total_mib"]
+    # the plan covers the whole process: the bundle's step plan plus the check, the tokenizer and the rows
+    assert s["peak_rss_mib"] > 0 and s["plan"]["step_mib"] == round(manifest["memory_plan"]["total_mib"], 1)
+    assert s["plan_mib"] == s["plan"]["total_mib"] > s["plan"]["step_mib"] and s["plan"]["fits"]
+    assert s["check"]["drawn"] == {"heldout": len(cls_rows(1))} and s["check_seconds"] >= 0
     assert s["promoted"] and s["reason"] == "no regression on heldout"
     assert not (state / "job").exists()  # the finished job leaves nothing behind
     r, st = device("status", "--bundle", cls_bundle, "--state", state, "--json")

@@ -69,16 +69,16 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_rati
     edgeft device train --bundle bundle --data new.jsonl --eval-data held.jsonl
     Killed midway, the same command resumes from the last checkpoint.
     """
-    from .state import default_state_dir
-    from .trainer import L2_PREVIOUS, REPLAY_RATIO, DeviceTrainConfig, DeviceTrainer
+    from .learner import Learner
+    from .trainer import L2_PREVIOUS, REPLAY_RATIO
 
-    cfg = DeviceTrainConfig(data=str(data), eval_data=str(eval_data) if eval_data else None, max_steps=max_steps, epochs=epochs, lr=lr,
-                            replay_ratio=REPLAY_RATIO if replay_ratio is None else replay_ratio,
-                            l2_previous=L2_PREVIOUS if l2_previous is None else l2_previous,
-                            grad_accum=grad_accum, checkpoint_every=checkpoint_every, tolerance=tolerance, seed=seed,
-                            refuse_long=refuse_long, restart=restart, force=force, backend=backend)
     log = lambda m: click.echo(m, err=True)  # noqa: E731
-    s = DeviceTrainer(bundle, state_dir or default_state_dir(bundle), cfg, log=log, progress=not quiet).run()
+    learner = Learner(bundle, state_dir, verify=False, log=log)  # the trainer verifies the bundle
+    s = learner.train(data, eval_data, progress=not quiet, max_steps=max_steps, epochs=epochs, lr=lr,
+                      replay_ratio=REPLAY_RATIO if replay_ratio is None else replay_ratio,
+                      l2_previous=L2_PREVIOUS if l2_previous is None else l2_previous,
+                      grad_accum=grad_accum, checkpoint_every=checkpoint_every, tolerance=tolerance, seed=seed,
+                      refuse_long=refuse_long, restart=restart, force=force, backend=backend)
     lines = [f"generation {s['generation']}: {'PROMOTED' if s['promoted'] else 'not promoted'} ({s['reason']}); current is {s['current']}",
              f"steps: {s['steps']} in {s['seconds']} s on {s['backend']}" + (f" (resumed at step {s['resumed_at_step']})" if s["resumed_at_step"] is not None else "")
              + (f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else "")]
@@ -137,16 +137,9 @@ def rollback(generation, bundle, state_dir, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def eval_(bundle, state_dir, data, generation, as_json):
     """Metrics of the current adapter on DATA, with stock ONNX Runtime inference."""
-    from ..datasets import load_task_rows
-    from .data import encode_rows
+    from .learner import Learner
 
-    state = open_state(bundle, state_dir)
-    model, tokenizer = predictor(state, generation)
-    m = state.manifest
-    rows = load_task_rows(data, m.task, m.labels)
-    encoded = encode_rows(rows, m.task, tokenizer, m.labels, m.max_seq_len, where=str(data), warn=lambda s: click.echo(s, err=True))
-    gen = state.current if generation is None else generation
-    out = {"generation": gen, **model.evaluate(encoded)}
+    out = Learner(bundle, state_dir).evaluate(data, generation, warn=lambda s: click.echo(s, err=True))
     emit(out, as_json, "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()))
 
 
@@ -160,9 +153,10 @@ def predict(bundle, state_dir, texts, data, generation, as_json):
     """Labels with probabilities (classify bundles)."""
     from ..datasets import read_records
     from ..errors import DataError, UsageError
+    from .learner import Learner
 
-    state = open_state(bundle, state_dir)
-    if state.manifest.task != "classify":
+    learner = Learner(bundle, state_dir)
+    if learner.task != "classify":
         raise UsageError("predict is for classify bundles", "use `edgeft device generate` for causal-lm bundles")
     texts = list(texts)
     if data:
@@ -174,8 +168,7 @@ def predict(bundle, state_dir, texts, data, generation, as_json):
             texts.append(r["text"])
     if not texts:
         raise UsageError("nothing to classify", "pass --text '...' or --data file.jsonl")
-    model, _ = predictor(state, generation)
-    preds = model.predict(texts)
+    preds = learner.predict(texts, generation)
     emit(preds, as_json, "\n".join(f"{p['label']:<12} {p['probability']:.3f}  {p['text'][:70]}" for p in preds))
 
 
@@ -193,14 +186,12 @@ def predict(bundle, state_dir, texts, data, generation, as_json):
 def generate(bundle, state_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed, raw, generation, as_json):
     """Generate text (causal-lm bundles), greedily or with top-k / top-p sampling."""
     from ..errors import UsageError
+    from .learner import Learner
 
-    state = open_state(bundle, state_dir)
-    if state.manifest.task != "causal-lm":
+    learner = Learner(bundle, state_dir)
+    if learner.task != "causal-lm":
         raise UsageError("generate is for causal-lm bundles", "use `edgeft device predict` for classify bundles")
-    if not 0 < top_p <= 1 or top_k < 0 or temperature < 0 or max_new_tokens < 1:
-        raise UsageError("need 0 < --top-p <= 1, --top-k >= 0, --temperature >= 0, --max-new-tokens >= 1", "e.g. --temperature 0.7 --top-p 0.9")
-    model, _ = predictor(state, generation)
-    out = model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat=not raw)
+    out = learner.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, chat=not raw, generation=generation)
     emit(out, as_json, out["completion"])
 
 
@@ -263,3 +254,9 @@ def verify(bundle, as_json):
 
     m = verify_bundle(bundle)
     emit({"bundle": str(bundle), "files": len(m.files), "ok": True}, as_json, f"{bundle}: all {len(m.files)} files match the manifest")
+
+
+from .watch_cli import install_service, watch  # noqa: E402  (the service commands live in their own module)
+
+device.add_command(watch)
+device.add_command(install_service)

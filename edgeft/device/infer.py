@@ -36,6 +36,13 @@ class Predictor:
         # a causal LM's logits are (batch x seq x vocabulary): evaluate at the training batch
         self.eval_batch = 16 if self.task == "classify" else manifest.train_shape.batch
 
+    def set_params(self, params: dict) -> None:
+        """Another generation's trainable weights in the same session (they are graph inputs)."""
+        bound = self.session.bound
+        for k, v in params.items():
+            if k in bound:
+                bound[k] = np.ascontiguousarray(v, dtype=np.float32)
+
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})[0]
 

@@ -28,7 +28,7 @@ from ..fsutil import atomic_write_json
 from ..schedule import DEFAULT as SCHEDULE_DEFAULT, lr_at, total_steps
 from ..datasets import load_task_rows, split
 from .data import encode_rows
-from .infer import Predictor
+from .check import CHECK_ROWS, PromotionCheck
 from .progress import ProgressLine
 from .rehearsal import disjoint, head_slices, mixed_batch_ids, mixed_micro_batches, pull_to_previous, split_reference
 from .backends import AdamW, Layout, choose_backend
@@ -63,10 +63,11 @@ class DeviceTrainConfig:
     force: bool = False
     restart: bool = False
     backend: str = "auto"
+    check_rows: int | None = CHECK_ROWS  # rows per check set in the promotion check (check.py); None: all
 
     def job_key(self) -> dict:
         """What must match for a rerun to resume the interrupted job rather than start another."""
-        return {k: v for k, v in asdict(self).items() if k not in ("force", "restart", "refuse_long", "backend")}
+        return {k: v for k, v in asdict(self).items() if k not in ("force", "restart", "refuse_long", "backend", "check_rows")}
 
 
 def file_info(path: str | Path, rows: int) -> dict:
@@ -76,6 +77,9 @@ def file_info(path: str | Path, rows: int) -> dict:
 class DeviceTrainer:
     def __init__(self, bundle: Path, state_dir: Path, cfg: DeviceTrainConfig, log=print, progress: bool = True):
         self.bundle, self.cfg, self.log, self.show_progress = Path(bundle), cfg, log, progress
+        self.state_dir = Path(state_dir)
+        if cfg.check_rows is not None and cfg.check_rows < 1:
+            raise UsageError("--check-rows must be at least 1", f"e.g. --check-rows {CHECK_ROWS}")
         self.manifest = verify_bundle(self.bundle)
         self.engine = choose_backend(self.manifest, cfg.backend)
         self.check_plan()
@@ -89,13 +93,15 @@ class DeviceTrainer:
             raise UsageError("--replay-ratio must be between 0 and 0.9 and --l2-previous at least 0", f"e.g. --replay-ratio {REPLAY_RATIO}")
 
     def check_plan(self) -> None:
-        from ..plan import PlanError
+        """The whole process's memory plan (plan.plan_process: the step, the promotion check, the
+        tokenizer, the rows), refused over the target's budget before anything is read, unless --force."""
+        from ..plan import file_bytes, plan_process, refuse_over_budget
 
-        plan = self.manifest.memory_plan or {}
-        if plan and not plan.get("fits", True) and not self.cfg.force:
-            raise PlanError(f"the bundle's memory plan ({plan['total_mib']:.0f} MiB) exceeds the target's budget ({plan['budget_mib']} MiB)",
-                            "re-export with a smaller --batch/--seq, or pass --force to try anyway")
-        self.plan_mib = plan.get("total_mib")
+        rows = file_bytes(self.cfg.data, self.cfg.eval_data, self.bundle / "reference.jsonl",
+                          self.state_dir / "replay.jsonl", self.state_dir / "replay-check.jsonl")
+        self.plan = plan_process(self.manifest, self.bundle, "device train", rows)
+        refuse_over_budget(self.plan, self.cfg.force, self.log)
+        self.plan_mib = self.plan.total_mib if self.plan else None
 
     # -- data ----------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -236,7 +242,10 @@ class DeviceTrainer:
         seconds = time.perf_counter() - t0
         best = job_dir / "best.safetensors"
         params = load_arrays(best) if best.is_file() else {n: v.copy() for n, v in layout.views(optimizer.params).items()}
-        del optimizer, engine
+        del optimizer
+        # a causal LM's promotion check runs on this engine's eval step (check.py); a classifier's needs logits
+        self.check_engine = engine if self.task == "causal-lm" else None
+        del engine
         gc.collect()
         ran = progress["step"] - start
         return {"params": params, "steps": progress["step"], "resumed_at": start if resumed else None, "seconds": round(seconds, 2),
@@ -260,21 +269,19 @@ class DeviceTrainer:
 
     # -- decide --------------------------------------------------------------
     def compare(self, base_params: dict, new_params: dict) -> tuple[dict, dict]:
-        """Both adapters on the same held-out and reference rows, through the inference graph.
-        Returns (metrics, per-row correctness) so the decision can pair the rows."""
-        out, rows = {}, {}
-        checks = getattr(self, "check_sets", None)  # apply.py's checker holds one reference set: nothing was trained on it
-        checks = checks if checks is not None else {"reference": self.reference_set}
-        for name, params in (("baseline", base_params), ("candidate", new_params)):
-            predictor = Predictor(self.bundle, self.manifest, params, self.tokenizer)
-            out[name] = {}
-            for split, data in (("heldout", self.held_set), *checks.items()):
-                if data:
-                    m = predictor.evaluate(data, per_row=True)
-                    rows[(name, split)] = m.pop("correct", None)
-                    out[name][split] = m
-            del predictor
+        """Both adapters on the same sample of the held-out and check rows (check.py: the training
+        engine's eval step for a causal LM, one inference session for a classifier). Returns
+        (metrics, per-row correctness) so the decision can pair the rows; what was drawn, and the
+        check's seconds, are in self.check_info. apply.py's checker calls this with itself as self."""
+        cfg = getattr(self, "cfg", None)
+        check = PromotionCheck(self, getattr(cfg, "check_rows", CHECK_ROWS), getattr(cfg, "seed", 0) or 0,
+                               engine=getattr(self, "check_engine", None))
+        try:
+            out, rows = check.compare(base_params, new_params)
+        finally:
+            self.check_engine = None  # the engine's sessions go with it
             gc.collect()
+        self.check_info = check.info
         return out, rows
 
     def decide(self, metrics: dict, rows: dict) -> tuple[bool, str]:
@@ -314,7 +321,8 @@ class DeviceTrainer:
             record = {"id": job["generation"], "parent": job["parent"], "status": "promoted" if promote else "rejected", "reason": reason,
                       "created": job["created"], "data": job["data"], "eval": job["eval"], "steps": result["steps"],
                       "best_step": result["best_step"], "backend": result["backend"], "metrics": metrics, "seconds": result["seconds"],
-                      "peak_rss_mib": round(peak_rss_mib(), 1), "plan_mib": self.plan_mib, "rehearsal": self.rehearsal_info(job)}
+                      "peak_rss_mib": round(peak_rss_mib(), 1), "plan_mib": self.plan_mib, "rehearsal": self.rehearsal_info(job),
+                      "check": self.check_info}
             if promote:
                 self.state.retain(self.train_rows, self.held_rows, self.cfg.seed)
             self.state.add_generation(record, result["params"], promote)
@@ -323,7 +331,8 @@ class DeviceTrainer:
                 "resumed_at_step": result["resumed_at"], "steps": result["steps"], "seconds": result["seconds"],
                 "steps_per_s": result["steps_per_s"], "first_loss": (result["losses"] or [None])[0],
                 "last_loss": (result["losses"] or [None])[-1], "losses": result["losses"], "metrics": metrics, "peak_rss_mib": record["peak_rss_mib"],
-                "plan_mib": self.plan_mib, "state": str(self.state.folder), "rehearsal": record["rehearsal"]}
+                "plan_mib": self.plan_mib, "plan": self.plan.to_dict() if self.plan else None, "check": self.check_info,
+                "check_seconds": self.check_info.get("seconds"), "state": str(self.state.folder), "rehearsal": record["rehearsal"]}
 
     def rehearsal_info(self, job: dict) -> dict:
         """What this generation replayed and what it was checked on."""

@@ -1,0 +1,115 @@
+"""The whole device process's memory plan (edgeft.plan.plan_process) and the promotion check
+(edgeft/device/check.py): a bounded seeded sample, the training engine's eval step for a causal LM,
+one inference session for a classifier; refused over the budget unless --force."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import device, write_jsonl
+
+POS = ["i loved it", "great result", "so happy today", "what a great movie"]
+NEG = ["terrible day", "sad movie", "i hate this", "awful and sad"]
+
+
+def cls_rows(n=6, tag=""):
+    return [{"text": f"{t}{tag}", "label": "pos"} for t in POS * n] + [{"text": f"{t}{tag}", "label": "neg"} for t in NEG * n]
+
+
+def test_sample_rows_is_bounded_seeded_and_keeps_order():
+    from edgeft.device.check import sample_rows
+
+    rows = list(range(300))
+    a = sample_rows(rows, 40, "reference", 0)
+    assert len(a) == 40 and a == sorted(a) and a == sample_rows(rows, 40, "reference", 0)
+    assert a != sample_rows(rows, 40, "reference", 1) and a != sample_rows(rows, 40, "earlier", 0)
+    assert sample_rows(rows[:10], 40, "reference", 0) == rows[:10] and sample_rows(rows, None, "x", 0) == rows
+
+
+def test_eval_step_check_equals_the_inference_graph_on_a_causal_lm(tmp_path, lm_bundle, chat_rows):
+    """The check on the training engine's eval step gives the inference graph's metrics (the token-weighted
+    mean over batches is the mean over all labelled tokens), for both adapters."""
+    from edgeft.bundle import verify_bundle
+    from edgeft.device.backends import PortableBackend
+    from edgeft.device.check import PromotionCheck
+    from edgeft.device.data import encode_rows
+    from edgeft.device.tokenizer import DeviceTokenizer
+    from safetensors.numpy import load_file
+
+    m = verify_bundle(lm_bundle)
+    tok = DeviceTokenizer(lm_bundle / "tokenizer")
+
+    class Owner:
+        bundle, manifest, task, tokenizer = lm_bundle, m, m.task, tok
+        held_set = encode_rows(chat_rows, m.task, tok, [], m.train_shape.seq, warn=lambda _: None)
+        check_sets = {"reference": held_set[:5]}
+
+    peft = load_file(str(lm_bundle / "adapter" / "adapter_model.safetensors"))
+    old = {n: peft[k] for n, k in m.trainable.items()}
+    rng = np.random.default_rng(0)
+    new = {n: v + rng.standard_normal(v.shape).astype(np.float32) * 0.05 for n, v in old.items()}
+    engine = PortableBackend(lm_bundle, m)
+    fast, _ = PromotionCheck(Owner, 100, 0, engine=engine).compare(old, new)
+    slow, _ = PromotionCheck(Owner, 100, 0, engine=None).compare(old, new)
+    for side in ("baseline", "candidate"):
+        for split in ("heldout", "reference"):
+            a, b = fast[side][split], slow[side][split]
+            assert a["rows"] == b["rows"] and a["tokens"] == b["tokens"] > 0
+            assert abs(a["eval_loss"] - b["eval_loss"]) <= 1e-4 * b["eval_loss"], (side, split, a, b)
+    assert fast["candidate"]["heldout"]["eval_loss"] != fast["baseline"]["heldout"]["eval_loss"]  # the weights were swapped
+
+
+def test_a_classifier_is_checked_in_one_inference_session(tmp_path, cls_bundle, monkeypatch):
+    from edgeft.device import infer
+    from edgeft.device.trainer import DeviceTrainConfig, DeviceTrainer
+
+    built = []
+    real = infer.inference_session
+    monkeypatch.setattr(infer, "inference_session", lambda *a, **k: built.append(1) or real(*a, **k))
+    data = write_jsonl(tmp_path / "new.jsonl", cls_rows())
+    held = write_jsonl(tmp_path / "held.jsonl", cls_rows(40, " held"))  # 320 rows: more than --check-rows
+    cfg = DeviceTrainConfig(data=str(data), eval_data=str(held), max_steps=2, check_rows=50, tolerance=1)
+    DeviceTrainer(cls_bundle, tmp_path / "api-state", cfg, log=lambda _: None, progress=False).run()
+    assert len(built) == 1  # one session, the two adapters' weights swapped in it
+    r, s = device("train", "--bundle", cls_bundle, "--state", tmp_path / "state", "--data", data, "--eval-data", held,
+                  "--max-steps", 2, "--check-rows", 50, "--tolerance", 1, "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert s["check"]["drawn"] == {"heldout": 50} and s["check"]["of"] == {"heldout": 320} and s["check"]["rows_per_set"] == 50
+    assert s["metrics"]["baseline"]["heldout"]["rows"] == s["metrics"]["candidate"]["heldout"]["rows"] == 50
+    st = json.loads((tmp_path / "state" / "state.json").read_text())
+    assert st["generations"][-1]["check"]["drawn"] == {"heldout": 50}  # recorded with the generation
+    r, _ = device("train", "--bundle", cls_bundle, "--state", tmp_path / "s2", "--data", data, "--check-rows", 0, "--quiet")
+    assert r.exit_code == 2 and "--check-rows" in r.output
+
+
+def test_a_process_over_its_budget_is_refused_unless_forced(tmp_path, lm_bundle, chat_rows):
+    """The step fits, the whole process does not: refused (exit 9) before any state is made; --force runs it."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(lm_bundle, bundle)
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    plan = manifest["memory_plan"]
+    plan["budget_mib"] = int(plan["total_mib"]) + 1  # the step alone fits; the tokenizer and rows do not
+    path.write_text(json.dumps(manifest))
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows)
+    state = tmp_path / "state"
+    r, _ = device("train", "--bundle", bundle, "--state", state, "--data", data, "--max-steps", 2, "--quiet")
+    assert r.exit_code == 9 and "budget" in r.output and "tokenizer" in r.output and "--force" in r.output, r.output
+    assert not state.exists()
+    r, s = device("train", "--bundle", bundle, "--state", state, "--data", data, "--max-steps", 2, "--force", "--json", "--quiet")
+    assert r.exit_code == 0 and not s["plan"]["fits"], r.output
+    r, _ = device("eval", "--bundle", bundle, "--state", state, "--data", data)
+    assert r.exit_code == 9 and "device eval" in r.output, r.output
+    r, e = device("eval", "--bundle", bundle, "--state", state, "--data", data, "--force", "--json")
+    assert r.exit_code == 0 and e["peak_rss_mib"] > 0 and e["plan_mib"] == e["plan"]["total_mib"], r.output
+
+
+def test_device_eval_reports_its_peak_beside_its_plan(lm_bundle, tmp_path, chat_rows):
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows)
+    r, e = device("eval", "--bundle", lm_bundle, "--state", tmp_path / "state", "--data", data, "--json")
+    assert r.exit_code == 0, r.output
+    assert e["plan"]["command"] == "device eval" and e["plan"]["fits"] and e["peak_rss_mib"] > 0
+    r = device("eval", "--bundle", lm_bundle, "--state", tmp_path / "state", "--data", data)[0]
+    assert "peak RSS" in r.output and "plan" in r.output
