@@ -54,6 +54,8 @@ def device():
 @click.option("--tolerance", type=float, default=0.01, show_default=True,
               help="Allowed regression: accuracy points (classify) or relative loss (causal-lm).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--check-rows", type=int, default=None,
+              help="Promotion check: a seeded sample of at most N rows from each of the held-out, reference and earlier sets (default 128).")
 @click.option("--refuse-long", is_flag=True, help="Fail on rows longer than the bundle's sequence length instead of truncating.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted generation instead of resuming it.")
 @click.option("--force", is_flag=True, help="Train even when the memory plan exceeds the target's budget.")
@@ -62,7 +64,7 @@ def device():
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
 def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_ratio, l2_previous, grad_accum, checkpoint_every, tolerance, seed,
-          refuse_long, restart, force, backend, quiet, as_json):
+          refuse_long, restart, force, backend, quiet, as_json, check_rows=None):
     """Train a new generation on new data; promote it only if it does not regress.
 
     \b
@@ -78,14 +80,19 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_rati
                       replay_ratio=REPLAY_RATIO if replay_ratio is None else replay_ratio,
                       l2_previous=L2_PREVIOUS if l2_previous is None else l2_previous,
                       grad_accum=grad_accum, checkpoint_every=checkpoint_every, tolerance=tolerance, seed=seed,
-                      refuse_long=refuse_long, restart=restart, force=force, backend=backend)
+                      refuse_long=refuse_long, restart=restart, force=force, backend=backend,
+                      **({} if check_rows is None else {"check_rows": check_rows}))
     lines = [f"generation {s['generation']}: {'PROMOTED' if s['promoted'] else 'not promoted'} ({s['reason']}); current is {s['current']}",
              f"steps: {s['steps']} in {s['seconds']} s on {s['backend']}" + (f" (resumed at step {s['resumed_at_step']})" if s["resumed_at_step"] is not None else "")
              + (f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else "")]
     for split in s["metrics"]["candidate"]:
         old, new = s["metrics"]["baseline"][split], s["metrics"]["candidate"][split]
         lines.append(f"{split}: " + ", ".join(f"{k} {old[k]:.4f} -> {new[k]:.4f}" for k in ("accuracy", "eval_loss") if k in new))
-    lines.append(f"peak RSS {s['peak_rss_mib']:.0f} MiB (plan {s['plan_mib']:.0f} MiB)" if s["plan_mib"] else f"peak RSS {s['peak_rss_mib']:.0f} MiB")
+    lines.append(peak_line(s))
+    if s.get("check"):
+        c = s["check"]
+        drawn = ", ".join(f"{n} {k} of {c['of'][n]}" for n, k in c["drawn"].items())
+        lines.append(f"promotion check: {drawn} rows, {c['seconds']} s ({c['engine']})")
     emit(s, as_json, "\n".join(lines))
 
 
@@ -130,17 +137,35 @@ def rollback(generation, bundle, state_dir, as_json):
          f"current generation: {generation} (was {previous})")
 
 
+def peak_line(s: dict) -> str:
+    """The process's measured peak beside its memory plan (plan.plan_process)."""
+    plan = s.get("plan")
+    if not plan:
+        return f"peak RSS {s['peak_rss_mib']:.0f} MiB (the bundle has no memory plan)"
+    return (f"peak RSS {s['peak_rss_mib']:.0f} MiB, plan {plan['total_mib']:.0f} MiB ({s['peak_rss_mib'] / plan['total_mib']:.0%}), "
+            f"budget {plan['budget_mib']} MiB")
+
+
 @device.command("eval")
 @bundle_options
 @click.option("--data", required=True, type=click.Path(path_type=Path))
 @click.option("--generation", type=int, help="Default: the current one.")
+@click.option("--force", is_flag=True, help="Evaluate even when the memory plan exceeds the target's budget.")
 @click.option("--json", "as_json", is_flag=True)
-def eval_(bundle, state_dir, data, generation, as_json):
+def eval_(bundle, state_dir, data, generation, as_json, force=False):
     """Metrics of the current adapter on DATA, with stock ONNX Runtime inference."""
+    from ..bundle import read_manifest
+    from ..plan import file_bytes, plan_process, refuse_over_budget
+    from .runtime import peak_rss_mib
+
+    plan = plan_process(read_manifest(bundle), bundle, "device eval", file_bytes(data))
+    refuse_over_budget(plan, force, lambda m: click.echo(m, err=True))
     from .learner import Learner
 
     out = Learner(bundle, state_dir).evaluate(data, generation, warn=lambda s: click.echo(s, err=True))
-    emit(out, as_json, "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items()))
+    text = "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in out.items())
+    out.update(peak_rss_mib=round(peak_rss_mib(), 1), plan_mib=plan.total_mib if plan else None, plan=plan.to_dict() if plan else None)
+    emit(out, as_json, text + "\n" + peak_line(out))
 
 
 @device.command()
