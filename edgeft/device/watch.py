@@ -75,7 +75,7 @@ class Watcher:
         self.learner, self.inbox, self.min_rows, self.max_wait, self.settle = learner, Path(inbox), min_rows, max_wait, settle
         self.options, self.log = options, log
         self.stage = self.inbox / STAGE
-        self.totals = {"files": 0, "rows": 0, "skipped": 0, "rejected": 0, "generations": []}
+        self.totals = {"files": 0, "rows": 0, "skipped": 0, "rejected": 0, "new_generations": []}
 
     def process(self, staged: Path) -> None:
         """Steps 2 and 3 of the journal for one staged file; repeatable after a kill."""
@@ -139,7 +139,7 @@ class Watcher:
             self.log("update_failed", error=e.message, hint=e.hint)
             return
         if s is not None:
-            self.totals["generations"].append(s["generation"])
+            self.totals["new_generations"].append(s["generation"])
             self.log("generation", generation=s["generation"], promoted=s["promoted"], reason=s["reason"], current=s["current"],
                      rows=s["rows"], round=s["round"], recovered=s["recovered"], seconds=s.get("seconds"), metrics=s.get("metrics"))
 
