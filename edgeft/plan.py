@@ -135,7 +135,7 @@ def forward_activations(task: str, batch: int, seq: int, hidden: int, inter: int
     tokens = batch * seq
     layer = (tokens * (6 * hidden + 3 * inter) + 2 * batch * heads * seq * seq) * 4
     if task == "causal-lm":
-        layer += tokens * vocab * 4 * 3
+        layer += tokens * vocab * 4 * (3 if labelled_only else 4)
     return layer
 
 

@@ -113,3 +113,45 @@ def test_device_eval_reports_its_peak_beside_its_plan(lm_bundle, tmp_path, chat_
     assert e["plan"]["command"] == "device eval" and e["plan"]["fits"] and e["peak_rss_mib"] > 0
     r = device("eval", "--bundle", lm_bundle, "--state", tmp_path / "state", "--data", data)[0]
     assert "peak RSS" in r.output and "plan" in r.output
+
+
+@pytest.mark.parametrize("kind", ["classify", "causal-lm"])
+def test_the_parents_check_results_are_reused(tmp_path, kind, cls_run, lm_run, chat_rows):
+    """Generation 2's baseline is generation 1: on the bundle's reference rows (the same sample) its
+    metrics (and, for a classifier, which rows it got right) come from generation 1's check."""
+    from conftest import run as cli, target
+
+    if kind == "classify":
+        src, ref_rows, scheme = cls_run, cls_rows(3, " ref"), "int4-g32"
+        data = [cls_rows(2, " a"), cls_rows(2, " b")]
+    else:
+        src, scheme = lm_run, "int3-g32"
+        ref_rows = [{"prompt": f"question {i}?", "completion": f" answer {i}"} for i in range(12)]
+        data = [chat_rows, chat_rows[::-1]]
+    ref = write_jsonl(tmp_path / "ref.jsonl", ref_rows)
+    r = cli("export", "--run", src, "--target", target(tmp_path, scheme), "--out", tmp_path / "bundle", "--reference-data", ref)
+    assert r.exit_code == 0, r.output
+    state, out = tmp_path / "state", []
+    for i, rows in enumerate(data):
+        r, s = device("train", "--bundle", tmp_path / "bundle", "--state", state, "--data", write_jsonl(tmp_path / f"{i}.jsonl", rows),
+                      "--max-steps", 2, "--tolerance", 1, "--json", "--quiet")
+        assert r.exit_code == 0 and s["promoted"], r.output
+        out.append(s)
+    first, second = out
+    assert first["check"]["baseline_reused"] == [] and second["check"]["baseline_reused"] == ["reference"]
+    assert second["check"]["fingerprints"]["reference"] == first["check"]["fingerprints"]["reference"]
+    assert second["metrics"]["baseline"]["reference"] == first["metrics"]["candidate"]["reference"]
+    if kind == "classify":
+        assert second["check"]["correct"]["baseline"]["reference"] == first["check"]["correct"]["candidate"]["reference"]
+    # the same check recomputed from scratch agrees with what was reused
+    from edgeft.device.trainer import DeviceTrainConfig, DeviceTrainer
+
+    t = DeviceTrainer(tmp_path / "bundle", state, DeviceTrainConfig(data=str(tmp_path / "1.jsonl")), log=lambda _: None, progress=False)
+    t.prepare_data()
+    if kind == "causal-lm":
+        from edgeft.device.backends import PortableBackend
+
+        t.check_engine = PortableBackend(t.bundle, t.manifest)
+    fresh, _ = t.compare(t.state.params(1), t.state.params(2))
+    a, b = fresh["baseline"]["reference"], second["metrics"]["baseline"]["reference"]
+    assert a["rows"] == b["rows"] and abs(a["eval_loss"] - b["eval_loss"]) <= 1e-5 * abs(b["eval_loss"])

@@ -11,15 +11,17 @@
   curves  N steps of `edgeft device train` on each engine (same bundle, data and seed), and torch
           on the same batches and schedule with the bundle's exact base: the loss curves' largest
           relative differences.
-  process one whole `edgeft device train` (data, training, the promotion check's evaluation):
-          peak RSS of the process against the bundle's memory plan.
+  process one whole `edgeft device train` (data, training, the promotion check) and one `edgeft device
+          eval`: each process's peak RSS (the kernel's) against its memory plan, and the share of the
+          generation's wall time spent in the promotion check. Default options unless --max-steps /
+          --check-rows are given.
   faults  SIGKILL `edgeft device train` at random moments, N times, resuming after each; check that
           no state is ever corrupt, that at most one checkpoint interval is lost each time, and that
           the final weights equal those of an uninterrupted run bit for bit.
 
     .venv/bin/python tools/bench_device.py step --bundle runs/quickstart-sentiment.bundle --data assets/data/sentiment/shard1.jsonl
     .venv/bin/python tools/bench_device.py curves --bundle runs/quickstart-sentiment.bundle --data assets/data/sentiment/shard1.jsonl --steps 50
-    .venv/bin/python tools/bench_device.py process --bundle runs/smollm-pi5.bundle --data assets/data/gsm8k/chat_train.jsonl --rows 200 --steps 4
+    .venv/bin/python tools/bench_device.py process --bundle runs/smollm-pi5.bundle --data assets/data/gsm8k/chat_train.jsonl --rows 100
     .venv/bin/python tools/bench_device.py faults --bundle runs/quickstart-sentiment.bundle --data assets/data/sentiment/shard1.jsonl
 """
 
@@ -276,23 +278,52 @@ def curves(args) -> dict:
     return result
 
 
+def timed(cmd: list[str], threads: int) -> tuple[dict, float, float, str]:
+    """(JSON summary, wall seconds, the kernel's peak RSS in MiB, stderr) of one edgeft command."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
+                          env={**os.environ, "EDGEFT_THREADS": str(threads), "EDGEFT_PROGRESS_SECONDS": "0"})
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd[1:4])} failed:\n{proc.stderr[-3000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
+    return json.loads(proc.stdout), wall, rss, proc.stderr
+
+
 def process(args) -> dict:
-    """One `edgeft device train` on the first --rows rows, default engine; its own peak RSS report."""
+    """The whole `edgeft device train` process (data, training, the promotion check) on the first --rows
+    rows, default engine and options, then `edgeft device eval` on the same rows: each process's peak
+    RSS (the kernel's, /usr/bin/time) against its memory plan (plan.plan_process), and the share of
+    the generation's wall time spent in the promotion check."""
     work = Path(tempfile.mkdtemp(prefix="edgeft-process-"))
     data = work / "data.jsonl"
     with open(args.data, encoding="utf-8") as f:
         data.write_text("".join(line for _, line in zip(range(args.rows), f)), encoding="utf-8")
-    cmd = [str(ROOT / ".venv/bin/edgeft"), "device", "train", "--bundle", args.bundle, "--data", str(data), "--max-steps", str(args.steps),
-           "--state", str(work / "state"), "--json", "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EDGEFT_THREADS": str(args.threads)})
+    edgeft = str(ROOT / ".venv/bin/edgeft")
+    train = [edgeft, "device", "train", "--bundle", args.bundle, "--data", str(data), "--state", str(work / "state"), "--json", "--quiet"]
+    train += ["--max-steps", str(args.max_steps)] if args.max_steps else []
+    train += ["--check-rows", str(args.check_rows)] if args.check_rows else []
+    s, wall, rss, _ = timed(train, args.threads)
+    e, e_wall, e_rss, _ = timed([edgeft, "device", "eval", "--bundle", args.bundle, "--data", str(data), "--state", str(work / "state"),
+                                 "--json"], args.threads)
     shutil.rmtree(work, ignore_errors=True)
-    if proc.returncode:
-        sys.exit(proc.stderr[-3000:])
-    s = json.loads(proc.stdout)
+    check = s.get("check") or {}
     result = {"bundle": args.bundle, "rows": args.rows, "steps": s["steps"], "backend": s["backend"], "train_seconds": s["seconds"],
-              "peak_rss_mib": s["peak_rss_mib"], "plan_mib": s["plan_mib"]}
-    print(f"{Path(args.bundle).name}: `edgeft device train` on {args.rows} rows, {s['steps']} steps ({s['backend']}), then the promotion check")
-    print(f"  peak RSS of the process {s['peak_rss_mib']:.0f} MiB, memory plan {s['plan_mib']:.0f} MiB")
+              "check": check, "check_seconds": check.get("seconds"), "wall_seconds": round(wall, 1),
+              "check_share": round(check["seconds"] / wall, 3) if check.get("seconds") is not None else None,
+              "plan": s["plan"], "plan_mib": s["plan_mib"], "peak_rss_mib": round(rss, 1), "peak_rss_mib_self": s["peak_rss_mib"],
+              "peak_over_plan": round(rss / s["plan_mib"], 3) if s["plan_mib"] else None, "promoted": s["promoted"],
+              "eval": {"plan": e.get("plan"), "plan_mib": e.get("plan_mib"), "peak_rss_mib": round(e_rss, 1), "wall_seconds": round(e_wall, 1),
+                       "peak_over_plan": round(e_rss / e["plan_mib"], 3) if e.get("plan_mib") else None, "rows": e.get("rows")}}
+    drawn = ", ".join(f"{n} {k}/{check['of'][n]}" for n, k in check.get("drawn", {}).items())
+    print(f"{Path(args.bundle).name}: `edgeft device train` on {args.rows} rows: {s['steps']} steps ({s['backend']}), "
+          f"then the promotion check ({drawn} rows; {check.get('engine')})")
+    print(f"  {'process':<14}{'plan':>10}{'peak RSS':>12}{'peak/plan':>11}{'wall':>9}{'check':>9}{'share':>8}")
+    print(f"  {'device train':<14}{s['plan_mib']:>6.0f} MiB{rss:>8.0f} MiB{rss / s['plan_mib']:>11.2f}{wall:>8.1f}s"
+          f"{check.get('seconds', 0):>8.1f}s{result['check_share'] or 0:>8.0%}")
+    if e.get("plan_mib"):
+        print(f"  {'device eval':<14}{e['plan_mib']:>6.0f} MiB{e_rss:>8.0f} MiB{e_rss / e['plan_mib']:>11.2f}{e_wall:>8.1f}s")
+    print(f"  train plan: {', '.join(f'{k} {v:.0f}' for k, v in s['plan']['parts'].items())} (MiB)")
     return result
 
 
@@ -302,7 +333,7 @@ def faults(args) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="edgeft-faults-"))
     edgeft = str(ROOT / ".venv/bin/edgeft")
-    common = ["device", "train", "--bundle", args.bundle, "--data", args.data, "--max-steps", str(args.max_steps),
+    common = ["device", "train", "--bundle", args.bundle, "--data", args.data, "--max-steps", str(args.max_steps or 1000),
               "--checkpoint-every", str(args.every), "--json"]
     env = {**os.environ, "EDGEFT_PROGRESS_SECONDS": "0"}
     t0 = time.perf_counter()
@@ -392,7 +423,8 @@ def main() -> None:
         p.add_argument("--warmup", type=int, default=2)
         p.add_argument("--threads", type=int, default=os.cpu_count())
         p.add_argument("--kills", type=int, default=20)
-        p.add_argument("--max-steps", type=int, default=1000)
+        p.add_argument("--max-steps", type=int, default=None, help="faults: steps of each run (default 1000); process: default: one epoch")
+        p.add_argument("--check-rows", type=int, help="process: the promotion check's rows per set (default: device train's)")
         p.add_argument("--max-delay", type=float, default=10.0)
         p.add_argument("--every", type=int, default=10)
         p.add_argument("--seed", type=int, default=0)

@@ -16,12 +16,21 @@ the process's peak memory. Now:
   rows each adapter got right (the paired sign test), so it runs ONE inference session, built once
   the training engine is freed, with the two adapters' weights swapped in turn.
 
+- **Reuse:** a generation's parent was itself checked, as a candidate, on the same sample of the
+  bundle's reference rows (the sample does not depend on the generation), or was the baseline of a
+  sibling. Each record keeps a fingerprint of every set it was checked on (the rows' tokens, the
+  batch, the graph) and, for a classifier, which rows each side got right; a set whose fingerprint
+  matches is not evaluated for the baseline again. From the second generation on, the reference
+  rows cost one adapter's pass, not two.
+
 The decision (DeviceTrainer.decide) is unchanged: same metrics, same paired rows.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import math
 import random
 import time
@@ -54,6 +63,36 @@ def eval_step_metrics(engine, data: list, batch: int, pad_id: int) -> dict:
     return {"rows": len(data), "tokens": count, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
+def fingerprint(data: list, batch: int, graph: str) -> str:
+    """Identifies what a set's metrics were computed on: the rows' tokens and labels, in order, the batch and the graph."""
+    h = hashlib.sha256(json.dumps([graph, batch]).encode())
+    for e in data:
+        h.update(json.dumps([list(e.input_ids), e.labels]).encode())
+    return h.hexdigest()[:16]
+
+
+def bits(correct: list | None) -> str | None:
+    return None if correct is None else "".join("1" if c else "0" for c in correct)
+
+
+def unbits(text: str | None) -> list | None:
+    return None if text is None else [c == "1" for c in text]
+
+
+def earlier_result(generations: list, parent: int, split: str, print_: str) -> tuple[dict, list | None] | None:
+    """(metrics, per-row correctness) of generation `parent` on a set with this fingerprint, from any record
+    that checked it: the parent's own (as the candidate) or a sibling's (as the baseline)."""
+    for g in reversed(generations):
+        c = g.get("check") or {}
+        if (c.get("fingerprints") or {}).get(split) != print_:
+            continue
+        side = "candidate" if g.get("id") == parent else "baseline" if g.get("parent") == parent else None
+        m = (g.get("metrics") or {}).get(side or "", {}).get(split)
+        if side and m is not None:
+            return dict(m), unbits((c.get("correct") or {}).get(side, {}).get(split))
+    return None
+
+
 class PromotionCheck:
     """Both adapters on the same rows. `owner` is a DeviceTrainer or apply.py's checker: it holds the
     bundle, manifest, tokenizer, task, held_set and check_sets (or reference_set)."""
@@ -68,42 +107,61 @@ class PromotionCheck:
         self.info = {"rows_per_set": check_rows, "seed": seed, "drawn": {n: len(r) for n, r in self.sets.items()},
                      "of": {n: len(r) for n, r in full.items() if r}}
 
-    def compare(self, base_params: dict, new_params: dict) -> tuple[dict, dict]:
-        """(metrics, per-row correctness) as DeviceTrainer.compare returns them."""
+    def compare(self, base_params: dict, new_params: dict, parent: int | None = None, generations: list | None = None) -> tuple[dict, dict]:
+        """(metrics, per-row correctness) as DeviceTrainer.compare returns them. With `parent` (the
+        baseline's generation) and the state's `generations`, a set the parent was already checked on is reused."""
         t0 = time.perf_counter()
-        if self.engine is not None and self.owner.task == "causal-lm":
-            self.info["engine"] = f"training engine's eval step ({self.engine.name}), batch {self.batch}"
-            out, rows = self._with_engine(base_params, new_params)
-        else:
-            self.info["engine"] = "one inference session, weights swapped"
-            out, rows = self._with_inference(base_params, new_params)
+        use_engine = self.engine is not None and self.owner.task == "causal-lm"
+        graph = "eval-step" if use_engine else "inference"
+        batch = self.batch if use_engine else None
+        prints = {split: fingerprint(data, batch or 0, graph) for split, data in self.sets.items()}
+        known = {}
+        if parent is not None and generations:
+            for split in self.sets:
+                hit = earlier_result(generations, parent, split, prints[split])
+                if hit is not None:
+                    known[split] = hit
+        self.info.update(engine=f"training engine's eval step ({self.engine.name}), batch {self.batch}" if use_engine
+                         else "one inference session, weights swapped", fingerprints=prints, baseline_reused=sorted(known))
+        run = self._with_engine if use_engine else self._with_inference
+        out, rows = run((base_params, [s for s in self.sets if s not in known]), (new_params, list(self.sets)))
+        for split, (m, correct) in known.items():
+            out["baseline"][split], rows[("baseline", split)] = m, correct
+        out["baseline"] = {split: out["baseline"][split] for split in self.sets}  # the sets' order
+        if not use_engine:
+            self.info["correct"] = {side: {split: bits(rows.get((side, split))) for split in self.sets} for side in ("baseline", "candidate")}
         self.info["seconds"] = round(time.perf_counter() - t0, 2)
         return out, rows
 
-    def _with_engine(self, base_params: dict, new_params: dict) -> tuple[dict, dict]:
+    def _with_engine(self, *sides) -> tuple[dict, dict]:
         out, rows = {}, {}
         pad = self.owner.tokenizer.pad_token_id
-        for name, params in (("baseline", base_params), ("candidate", new_params)):
+        for name, (params, splits) in zip(("baseline", "candidate"), sides):
+            out[name] = {}
+            if not splits:
+                continue
             self.engine.set_params(params)
-            out[name] = {split: eval_step_metrics(self.engine, data, self.batch, pad) for split, data in self.sets.items()}
-            for split in self.sets:
+            for split in splits:
+                out[name][split] = eval_step_metrics(self.engine, self.sets[split], self.batch, pad)
                 rows[(name, split)] = None
         return out, rows
 
-    def _with_inference(self, base_params: dict, new_params: dict) -> tuple[dict, dict]:
+    def _with_inference(self, *sides) -> tuple[dict, dict]:
         from .infer import Predictor
 
         out, rows = {}, {}
         predictor = None
         try:
-            for name, params in (("baseline", base_params), ("candidate", new_params)):
+            for name, (params, splits) in zip(("baseline", "candidate"), sides):
+                out[name] = {}
+                if not splits:
+                    continue
                 if predictor is None:
                     predictor = Predictor(self.owner.bundle, self.owner.manifest, params, self.owner.tokenizer)
                 else:
                     predictor.set_params(params)
-                out[name] = {}
-                for split, data in self.sets.items():
-                    m = predictor.evaluate(data, per_row=True)
+                for split in splits:
+                    m = predictor.evaluate(self.sets[split], per_row=True)
                     rows[(name, split)] = m.pop("correct", None)
                     out[name][split] = m
         finally:

@@ -268,16 +268,18 @@ class DeviceTrainer:
                 save_arrays(self.state.job_dir / "best.safetensors", params, {"step": progress["step"]})
 
     # -- decide --------------------------------------------------------------
-    def compare(self, base_params: dict, new_params: dict) -> tuple[dict, dict]:
+    def compare(self, base_params: dict, new_params: dict, parent: int | None = None) -> tuple[dict, dict]:
         """Both adapters on the same sample of the held-out and check rows (check.py: the training
         engine's eval step for a causal LM, one inference session for a classifier). Returns
         (metrics, per-row correctness) so the decision can pair the rows; what was drawn, and the
-        check's seconds, are in self.check_info. apply.py's checker calls this with itself as self."""
+        check's seconds, are in self.check_info. `parent`: the baseline's generation, whose earlier check
+        results on the same rows are reused (check.py). apply.py's checker calls this with itself as self."""
         cfg = getattr(self, "cfg", None)
         check = PromotionCheck(self, getattr(cfg, "check_rows", CHECK_ROWS), getattr(cfg, "seed", 0) or 0,
                                engine=getattr(self, "check_engine", None))
         try:
-            out, rows = check.compare(base_params, new_params)
+            state = getattr(self, "state", None)
+            out, rows = check.compare(base_params, new_params, parent, state.data["generations"] if state is not None and parent is not None else None)
         finally:
             self.check_engine = None  # the engine's sessions go with it
             gc.collect()
@@ -316,7 +318,7 @@ class DeviceTrainer:
                                            "created": job["created"], "data": job["data"], "metrics": {}}, None, promote=False)
                 self.state.clear_job()
                 raise
-            metrics, rows = self.compare(self.state.params(job["parent"]), result["params"])
+            metrics, rows = self.compare(self.state.params(job["parent"]), result["params"], parent=job["parent"])
             promote, reason = self.decide(metrics, rows)
             record = {"id": job["generation"], "parent": job["parent"], "status": "promoted" if promote else "rejected", "reason": reason,
                       "created": job["created"], "data": job["data"], "eval": job["eval"], "steps": result["steps"],
