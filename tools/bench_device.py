@@ -291,39 +291,46 @@ def timed(cmd: list[str], threads: int) -> tuple[dict, float, float, str]:
 
 
 def process(args) -> dict:
-    """The whole `edgeft device train` process (data, training, the promotion check) on the first --rows
-    rows, default engine and options, then `edgeft device eval` on the same rows: each process's peak
-    RSS (the kernel's, /usr/bin/time) against its memory plan (plan.plan_process), and the share of
-    the generation's wall time spent in the promotion check."""
+    """The whole `edgeft device train` process (data, training, the promotion check) on --rows rows,
+    default engine and options, --generations times on successive slices of --data (the second
+    generation's baseline reuses the first one's check of the reference rows), then `edgeft device eval`
+    on the last slice: each process's peak RSS (the kernel's, /usr/bin/time) against its memory plan
+    (plan.plan_process), and the share of each generation's wall time spent in the promotion check."""
     work = Path(tempfile.mkdtemp(prefix="edgeft-process-"))
-    data = work / "data.jsonl"
     with open(args.data, encoding="utf-8") as f:
-        data.write_text("".join(line for _, line in zip(range(args.rows), f)), encoding="utf-8")
+        lines = f.readlines()
     edgeft = str(ROOT / ".venv/bin/edgeft")
-    train = [edgeft, "device", "train", "--bundle", args.bundle, "--data", str(data), "--state", str(work / "state"), "--json", "--quiet"]
-    train += ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    train += ["--check-rows", str(args.check_rows)] if args.check_rows else []
-    s, wall, rss, _ = timed(train, args.threads)
+    gens = []
+    for g in range(args.generations):
+        data = work / f"data{g + 1}.jsonl"
+        data.write_text("".join(lines[g * args.rows:(g + 1) * args.rows]), encoding="utf-8")
+        train = [edgeft, "device", "train", "--bundle", args.bundle, "--data", str(data), "--state", str(work / "state"), "--json", "--quiet"]
+        train += ["--max-steps", str(args.max_steps)] if args.max_steps else []
+        train += ["--check-rows", str(args.check_rows)] if args.check_rows else []
+        s, wall, rss, _ = timed(train, args.threads)
+        check = s.get("check") or {}
+        gens.append({"generation": s["generation"], "steps": s["steps"], "backend": s["backend"], "train_seconds": s["seconds"],
+                     "check": {k: v for k, v in check.items() if k != "correct"}, "check_seconds": check.get("seconds"),
+                     "wall_seconds": round(wall, 1), "check_share": round(check["seconds"] / wall, 3) if check.get("seconds") is not None else None,
+                     "plan": s["plan"], "plan_mib": s["plan_mib"], "peak_rss_mib": round(rss, 1), "peak_rss_mib_self": s["peak_rss_mib"],
+                     "peak_over_plan": round(rss / s["plan_mib"], 3) if s["plan_mib"] else None, "promoted": s["promoted"], "reason": s["reason"]})
     e, e_wall, e_rss, _ = timed([edgeft, "device", "eval", "--bundle", args.bundle, "--data", str(data), "--state", str(work / "state"),
                                  "--json"], args.threads)
     shutil.rmtree(work, ignore_errors=True)
-    check = s.get("check") or {}
-    result = {"bundle": args.bundle, "rows": args.rows, "steps": s["steps"], "backend": s["backend"], "train_seconds": s["seconds"],
-              "check": check, "check_seconds": check.get("seconds"), "wall_seconds": round(wall, 1),
-              "check_share": round(check["seconds"] / wall, 3) if check.get("seconds") is not None else None,
-              "plan": s["plan"], "plan_mib": s["plan_mib"], "peak_rss_mib": round(rss, 1), "peak_rss_mib_self": s["peak_rss_mib"],
-              "peak_over_plan": round(rss / s["plan_mib"], 3) if s["plan_mib"] else None, "promoted": s["promoted"],
+    result = {"bundle": args.bundle, "rows": args.rows, "threads": args.threads, "generations": gens,
               "eval": {"plan": e.get("plan"), "plan_mib": e.get("plan_mib"), "peak_rss_mib": round(e_rss, 1), "wall_seconds": round(e_wall, 1),
                        "peak_over_plan": round(e_rss / e["plan_mib"], 3) if e.get("plan_mib") else None, "rows": e.get("rows")}}
-    drawn = ", ".join(f"{n} {k}/{check['of'][n]}" for n, k in check.get("drawn", {}).items())
-    print(f"{Path(args.bundle).name}: `edgeft device train` on {args.rows} rows: {s['steps']} steps ({s['backend']}), "
-          f"then the promotion check ({drawn} rows; {check.get('engine')})")
-    print(f"  {'process':<14}{'plan':>10}{'peak RSS':>12}{'peak/plan':>11}{'wall':>9}{'check':>9}{'share':>8}")
-    print(f"  {'device train':<14}{s['plan_mib']:>6.0f} MiB{rss:>8.0f} MiB{rss / s['plan_mib']:>11.2f}{wall:>8.1f}s"
-          f"{check.get('seconds', 0):>8.1f}s{result['check_share'] or 0:>8.0%}")
+    print(f"{Path(args.bundle).name}: `edgeft device train` on {args.rows} rows per generation ({gens[0]['backend']}), {args.threads} threads")
+    print(f"  {'process':<16}{'steps':>6}{'plan':>10}{'peak RSS':>12}{'peak/plan':>11}{'wall':>9}{'check':>9}{'share':>8}  check rows")
+    for r in gens:
+        c = r["check"]
+        drawn = ", ".join(f"{n} {k}/{c['of'][n]}" for n, k in c.get("drawn", {}).items())
+        reused = f"; baseline reused: {', '.join(c['baseline_reused'])}" if c.get("baseline_reused") else ""
+        print(f"  {'train, gen ' + str(r['generation']):<16}{r['steps']:>6}{r['plan_mib']:>6.0f} MiB{r['peak_rss_mib']:>8.0f} MiB"
+              f"{r['peak_over_plan']:>11.2f}{r['wall_seconds']:>8.1f}s{r['check_seconds'] or 0:>8.1f}s{r['check_share'] or 0:>8.0%}  {drawn}{reused}")
     if e.get("plan_mib"):
-        print(f"  {'device eval':<14}{e['plan_mib']:>6.0f} MiB{e_rss:>8.0f} MiB{e_rss / e['plan_mib']:>11.2f}{e_wall:>8.1f}s")
-    print(f"  train plan: {', '.join(f'{k} {v:.0f}' for k, v in s['plan']['parts'].items())} (MiB)")
+        print(f"  {'device eval':<16}{'':>6}{e['plan_mib']:>6.0f} MiB{e_rss:>8.0f} MiB{e_rss / e['plan_mib']:>11.2f}{e_wall:>8.1f}s")
+    print(f"  train plan: {', '.join(f'{k} {v:.0f}' for k, v in gens[0]['plan']['parts'].items())} (MiB); check: {gens[0]['check'].get('engine')}")
     return result
 
 
@@ -429,6 +436,7 @@ def main() -> None:
         p.add_argument("--every", type=int, default=10)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--rows", type=int, default=200)
+        p.add_argument("--generations", type=int, default=1, help="process: generations in a row, each on the next --rows rows")
         p.add_argument("--out")
         p.add_argument("--model", help="the bundle's base model folder (default: assets/models/NAME, NAME from the manifest); "
                        "checked against the manifest's fingerprint")
