@@ -1,7 +1,9 @@
 """The device Python API (edgeft.device.learner) on tiny exported bundles: real ONNX Runtime, real files."""
 
 import json
+import re
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -158,3 +160,14 @@ def test_causal_lm_generates_and_learns_from_examples(tmp_path, lm_bundle, chat_
     s = learner.update(max_steps=3, tolerance=10)
     assert s["generation"] == 1 and s["rows"] == len(chat_rows)
     assert learner.evaluate(write_jsonl(tmp_path / "held.jsonl", chat_rows[:3]))["generation"] == learner.status()["current"]
+
+
+def test_the_readme_example_runs(tmp_path, cls_bundle, capsys):
+    """README's Python API example, on the tiny bundle (its labels are neg/pos)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"```python\n(from edgeft.device.learner import Learner\n.*?)```", readme, re.S).group(1)
+    code = code.replace("runs/quickstart-sentiment.bundle", str(cls_bundle)).replace("/tmp/app-state", str(tmp_path / "state"))
+    exec(compile(code.replace('"negative"', '"neg"'), "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[0] in ("neg", "pos") and lines[1] == "1" and lines[2].startswith("1 ")
+    assert Learner(cls_bundle, tmp_path / "state", verify=False).status()["trained_rows"] == 1
