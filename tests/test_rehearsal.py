@@ -221,6 +221,33 @@ def test_l2_previous_keeps_the_new_adapter_near_the_previous_one(tmp_path, ref_b
     assert dist["0"] > 0 and dist["100"] < 0.5 * dist["0"], dist
 
 
+def test_freeze_head_trains_only_the_lora_matrices(tmp_path, ref_bundle):
+    """--freeze-head: the classifier head (trained in full, not a LoRA matrix) stays bit for bit at the
+    parent's values while the LoRA matrices move; without it the head moves too."""
+    from safetensors.numpy import load_file
+
+    from edgeft.bundle import read_manifest
+    from edgeft.device.cli import open_state
+
+    trainable = read_manifest(ref_bundle).trainable
+    head = [n for n, key in trainable.items() if "lora_A" not in key and "lora_B" not in key]
+    lora = [n for n in trainable if n not in head]
+    assert head and lora
+    data = write_jsonl(tmp_path / "new.jsonl", new_rows("x"))
+    prev = open_state(ref_bundle, tmp_path / "unused").params(0)
+    moved = {}
+    for flag in ("--freeze-head", "--no-freeze-head"):
+        state = tmp_path / flag.strip("-")
+        r, s = device("train", "--bundle", ref_bundle, "--state", state, "--data", data, "--max-steps", 10, "--lr", "5e-3",
+                      "--checkpoint-every", 10, flag, "--tolerance", "1", "--json", "--quiet")
+        assert r.exit_code == 0 and s["rehearsal"]["freeze_head"] == (flag == "--freeze-head"), r.output
+        new = load_file(str(state / "generations" / "g0001.safetensors"))
+        moved[flag] = {n: float(np.abs(new[n] - prev[n]).max()) for n in trainable}
+    assert all(moved["--freeze-head"][n] == 0.0 for n in head), moved["--freeze-head"]
+    assert max(moved["--freeze-head"][n] for n in lora) > 0
+    assert max(moved["--no-freeze-head"][n] for n in head) > 0
+
+
 # -- resume ----------------------------------------------------------------------------
 
 def _cmd(bundle, state, data, *extra):

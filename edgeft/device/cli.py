@@ -49,6 +49,8 @@ def device():
               help="Share of each batch replayed from the bundle's reference rows and earlier generations' data (default 0.25; 0: none).")
 @click.option("--l2-previous", type=float, default=None,
               help="Pull toward the previous generation's adapter: adds L*(w - w_prev) to the gradient (default 0).")
+@click.option("--freeze-head/--no-freeze-head", default=None,
+              help="Keep a fully trained classifier head at the previous generation's values, train only the LoRA matrices (default: the device default).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between crash-safe checkpoints.")
 @click.option("--tolerance", type=float, default=0.01, show_default=True,
@@ -63,7 +65,7 @@ def device():
               help="Training engine: auto uses the bundle's portable step (any onnxruntime); onnxruntime-training needs that build (x86-64).")
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
-def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_ratio, l2_previous, grad_accum, checkpoint_every, tolerance, seed,
+def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_ratio, l2_previous, freeze_head, grad_accum, checkpoint_every, tolerance, seed,
           refuse_long, restart, force, backend, quiet, as_json, check_rows=None):
     """Train a new generation on new data; promote it only if it does not regress.
 
@@ -72,13 +74,14 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_rati
     Killed midway, the same command resumes from the last checkpoint.
     """
     from .learner import Learner
-    from .trainer import L2_PREVIOUS, REPLAY_RATIO
+    from .trainer import FREEZE_HEAD, L2_PREVIOUS, REPLAY_RATIO
 
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     learner = Learner(bundle, state_dir, verify=False, log=log)  # the trainer verifies the bundle
     s = learner.train(data, eval_data, progress=not quiet, max_steps=max_steps, epochs=epochs, lr=lr,
                       replay_ratio=REPLAY_RATIO if replay_ratio is None else replay_ratio,
                       l2_previous=L2_PREVIOUS if l2_previous is None else l2_previous,
+                      freeze_head=FREEZE_HEAD if freeze_head is None else freeze_head,
                       grad_accum=grad_accum, checkpoint_every=checkpoint_every, tolerance=tolerance, seed=seed,
                       refuse_long=refuse_long, restart=restart, force=force, backend=backend,
                       **({} if check_rows is None else {"check_rows": check_rows}))
