@@ -108,7 +108,7 @@ def chaos(cmd: list[str], inbox: Path, state: Path, log: Path, files: list[list[
             wait_for(log, "started", before["started"], 120, proc)
             time.sleep(rng.uniform(0, 0.3))
         elif mode == "training":
-            wait_for(log, "training", before["training"], 120, proc)
+            wait_for(log, "training", before["training"], 30, proc)  # none when too few rows arrived: a kill anyway
             time.sleep(rng.uniform(0, 2.0) * rng.choice([0.1, 1, 4]))
         else:
             time.sleep(rng.uniform(0, 6))
@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=24)
     ap.add_argument("--files", type=int, help="Data files handed over (default: 2 per kill + 4).")
     ap.add_argument("--rows", default="8,24", help="Rows per file: LO,HI.")
-    ap.add_argument("--min-rows", type=int, default=40)
+    ap.add_argument("--min-rows", type=int, default=30)
     ap.add_argument("--max-steps", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, help="Working folder (default: a temp folder).")

@@ -67,7 +67,7 @@ class Learner:
         self.manifest = verify_bundle(self.bundle) if verify else read_manifest(self.bundle)
         self.task, self.labels = self.manifest.task, self.manifest.labels
         self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.bundle)
-        self.store = PendingStore(self.state_dir / "learner")
+        self.store = PendingStore(self.state_dir.resolve() / "learner")  # round.json names its data file: absolute, whatever the cwd
         self.log = log or (lambda message: None)
         self._swap = threading.Lock()  # guards self._model (a tuple, replaced whole)
         self._updating = threading.Lock()
