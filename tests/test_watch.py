@@ -75,6 +75,9 @@ def test_the_same_file_twice_is_ingested_once(tmp_path, cls_bundle):
     drop(inbox, "a.jsonl", unique_rows(0, 4))  # the producer sent it again
     r, s = watch(cls_bundle, state, inbox, "--min-rows", 100, "--once")
     assert r.exit_code == 0 and s["files"] == 0 and s["skipped"] == 1 and s["pending_rows"] == 4, r.output
+    r, st = device("status", "--bundle", cls_bundle, "--state", state, "--json")
+    assert r.exit_code == 0 and st["learner"]["pending_rows"] == 4 and st["learner"]["round"] is None, r.output
+    assert "learner: 4 rows pending" in device("status", "--bundle", cls_bundle, "--state", state)[0].output
     key = hashlib.sha256((inbox / "done" / "a.jsonl").read_bytes()).hexdigest()
     assert {p.name for p in (inbox / "done").iterdir()} == {"a.jsonl", f"a.{key[:12]}.jsonl"}  # both kept, nothing overwritten
 

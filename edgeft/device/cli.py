@@ -122,6 +122,12 @@ def status(bundle, state_dir, as_json):
     if out["interrupted"]:
         j = out["interrupted"]
         rows.append(f"interrupted: generation {j['generation']} on {j['data']['file']} (rerun the same `edgeft device train` to resume)")
+    from .pending import PendingStore
+
+    store = PendingStore(state.folder / "learner")  # rows an app or `device watch` added for the next generation
+    if store.folder.is_dir():
+        c = out["learner"] = store.counts()
+        rows.append(f"learner: {c['pending_rows']} rows pending" + (f"; round {c['round']['id']} ({c['round']['rows']} rows) in progress" if c["round"] else ""))
     rows.append(f"metric: {key}; * = current")
     emit(out, as_json, "\n".join(rows))
 
