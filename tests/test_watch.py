@@ -185,3 +185,27 @@ def test_sigkill_at_random_moments_never_loses_or_doubles_a_row(tmp_path, cls_bu
     events = [json.loads(line) for line in log.read_text().splitlines() if line.endswith("}")]
     assert [e["event"] for e in events].count("started") >= 9 and len(history) >= 2
     assert sum(n for w, n in run["killed_while"].items() if w != "idle or starting") >= 1, run["killed_while"]  # some kills hit work
+
+
+def test_watch_and_the_learner_never_import_torch(tmp_path, cls_bundle):
+    """The service and the API run where only `edgeft[device]` is installed."""
+    heavy = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "optimum")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    drop(inbox, "a.jsonl", unique_rows(0, 6))
+    code = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in heavy) + f"""
+from edgeft.cli import main
+from edgeft.device.learner import Learner
+try:
+    main(["device", "watch", "--bundle", {str(cls_bundle)!r}, "--state", {str(tmp_path / 's')!r}, "--inbox", {str(inbox)!r},
+          "--once", "--settle", "0", "--min-rows", "1", "--max-steps", "1", "--nice", "0"], standalone_mode=False)
+except SystemExit as e:
+    assert not e.code, e.code
+learner = Learner({str(cls_bundle)!r}, {str(tmp_path / 's')!r})
+assert learner.status()["trained_rows"] == 6 and learner.predict("i loved it")["label"] in ("neg", "pos")
+loaded = [m for m in {heavy!r} if sys.modules.get(m) is not None]
+assert not loaded, loaded
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
