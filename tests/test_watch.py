@@ -209,3 +209,13 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_max_wait_trains_fewer_rows_once_they_waited(tmp_path, cls_bundle):
+    inbox, state = tmp_path / "inbox", tmp_path / "state"
+    inbox.mkdir()
+    drop(inbox, "a.jsonl", unique_rows(0, 6))
+    r, s = watch(cls_bundle, state, inbox, "--min-rows", 100, "--max-wait", 3600, "--once")
+    assert r.exit_code == 0 and s["new_generations"] == [] and s["pending_rows"] == 6, r.output
+    r, s = watch(cls_bundle, state, inbox, "--min-rows", 100, "--max-wait", 0, "--once")
+    assert r.exit_code == 0 and s["new_generations"] == [1] and s["pending_rows"] == 0 and s["trained_rows"] == 6, r.output

@@ -82,7 +82,13 @@ class Watcher:
         from ..datasets import load_task_rows
         from ..fsutil import atomic_write_text
 
-        key = hashlib.sha256(staged.read_bytes()).hexdigest()
+        try:
+            key = hashlib.sha256(staged.read_bytes()).hexdigest()
+        except OSError as e:  # unreadable (permissions, a directory): set aside, not retried forever
+            dst = move_aside(staged, self.inbox / "rejected", "unreadable")
+            self.totals["rejected"] += 1
+            self.log("rejected", file=staged.name, error=f"cannot read it: {e.strerror or e}", moved_to=str(dst))
+            return
         if self.learner.store.has_key(key):
             dst = move_aside(staged, self.inbox / "done", key)
             self.totals["skipped"] += 1
