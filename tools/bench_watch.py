@@ -12,6 +12,9 @@ with `--once --min-rows 1` until nothing is pending. Then the audit, from the fi
   rows lost          dropped but never trained                    (must be 0)
   rows trained twice in two rounds, or a round in two generations (must be 0)
 
+Meanwhile an app in this process predicts through its own `Learner` every 0.25 s (latency, errors:
+must be 0, and the generations it served as the service promoted them).
+
     flock /tmp/edgeft-heavy.lock .venv/bin/python tools/bench_watch.py --bundle /tmp/watch-bench.bundle \
         --kills 24 --out bench-results/watch-sigkill.json
 
@@ -164,6 +167,42 @@ def audit(state: Path, inbox: Path, dropped: list[dict]) -> dict:
     }
 
 
+class Probe:
+    """An app on the same device: predicts every `period` s through its own Learner while the
+    service is killed and restarted, recording latency, errors and the generations it served."""
+
+    def __init__(self, bundle: Path, state: Path, text: str, period: float = 0.25):
+        import threading
+
+        self.bundle, self.state, self.text, self.period = bundle, state, text, period
+        self.latencies, self.errors, self.generations = [], [], []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def loop(self) -> None:
+        sys.path.insert(0, str(ROOT))
+        from edgeft.device.learner import Learner
+
+        learner = Learner(self.bundle, self.state)
+        while not self.stop.is_set():
+            t = time.perf_counter()
+            try:
+                learner.predict(self.text)
+                self.latencies.append(time.perf_counter() - t)
+                gen = learner._model[1]
+                if not self.generations or self.generations[-1] != gen:
+                    self.generations.append(gen)
+            except Exception as e:  # noqa: BLE001  (counted: an app must never see one)
+                self.errors.append(repr(e)[:200])
+            self.stop.wait(self.period)
+
+    def result(self) -> dict:
+        lat = sorted(self.latencies)
+        pick = lambda q: round(1000 * lat[min(len(lat) - 1, int(q * len(lat)))], 1) if lat else None  # noqa: E731
+        return {"predictions": len(lat), "errors": len(self.errors), "first_errors": self.errors[:3], "p50_ms": pick(0.5), "p95_ms": pick(0.95),
+                "max_ms": round(1000 * lat[-1], 1) if lat else None, "generations_served": self.generations}
+
+
 def make_files(paths: list[str], n_files: int, lo: int, hi: int, seed: int) -> list[list[dict]]:
     """Files of lo..hi distinct rows each, drawn without replacement from the data files."""
     pool, seen = [], set()
@@ -202,20 +241,27 @@ def main() -> None:
     files = make_files(DATA, args.files or 2 * args.kills + 4, lo, hi, args.seed)
     cmd = edgeft_cmd() + ["device", "watch", "--bundle", str(args.bundle), "--state", str(state), "--inbox", str(inbox),
                           "--min-rows", str(args.min_rows), "--interval", "0.2", "--settle", "0", "--max-steps", str(args.max_steps)]
-    run = chaos(cmd, inbox, state, log, files, args.kills, args.seed)
+    probe = Probe(args.bundle, state, "the battery died after a week, what a waste")
+    probe.thread.start()
+    try:
+        run = chaos(cmd, inbox, state, log, files, args.kills, args.seed)
+    finally:
+        probe.stop.set()
+        probe.thread.join()
     counts = audit(state, inbox, run.pop("dropped"))
     ev = events(log)
     result = {"bundle": str(args.bundle), "command": " ".join(cmd), "seed": args.seed, **run, **counts,
               "starts": sum(e["event"] == "started" for e in ev), "recovered_rounds": sum(e["event"] == "generation" and e.get("recovered") for e in ev),
               "resumed_trainings": sum(e["event"] == "trainer" and e.get("message", "").startswith("resuming") for e in ev),
-              "skipped_reingests": sum(e["event"] == "skipped" for e in ev)}
+              "skipped_reingests": sum(e["event"] == "skipped" for e in ev), "app": probe.result()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for k in ("kills", "killed_while", "files", "rows_dropped", "rows_ingested", "rows_trained", "rows_lost", "rows_trained_twice",
-              "rounds_trained_twice", "generations", "promoted", "rejected", "recovered_rounds", "resumed_trainings", "skipped_reingests", "seconds"):
+              "rounds_trained_twice", "generations", "promoted", "rejected", "recovered_rounds", "resumed_trainings", "skipped_reingests", "seconds", "app"):
         print(f"{k:>22}: {result[k]}")
     print(f"written to {args.out}")
-    sys.exit(0 if counts["rows_lost"] == 0 and counts["rows_trained_twice"] == 0 and counts["rounds_trained_twice"] == 0 else 1)
+    ok = counts["rows_lost"] == counts["rows_trained_twice"] == counts["rounds_trained_twice"] == 0 and not result["app"]["errors"]
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
