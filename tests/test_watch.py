@@ -219,3 +219,13 @@ def test_max_wait_trains_fewer_rows_once_they_waited(tmp_path, cls_bundle):
     assert r.exit_code == 0 and s["new_generations"] == [] and s["pending_rows"] == 6, r.output
     r, s = watch(cls_bundle, state, inbox, "--min-rows", 100, "--max-wait", 0, "--once")
     assert r.exit_code == 0 and s["new_generations"] == [1] and s["pending_rows"] == 0 and s["trained_rows"] == 6, r.output
+
+
+def test_watch_lowers_its_cpu_priority(tmp_path, cls_bundle):
+    inbox, log = tmp_path / "inbox", tmp_path / "watch.log"
+    inbox.mkdir()
+    out = subprocess.run([sys.executable, "-m", "edgeft", "device", "watch", "--bundle", str(cls_bundle), "--state", str(tmp_path / "s"),
+                          "--inbox", str(inbox), "--once", "--nice", "7", "--log", str(log)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    started = json.loads(log.read_text().splitlines()[0])
+    assert started["event"] == "started" and started["nice"] == min(19, os.nice(0) + 7)
