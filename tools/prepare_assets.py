@@ -126,7 +126,8 @@ REVIEWS_LABELS = {"fresh": "positive", "rotten": "negative"}  # "plot" rows (syn
 REVIEWS_SPLITS = (("test", 500), ("gen1", 250), ("gen2", 250), ("gen3", 250))  # per class: 1000 + 3 x 500 rows
 # The causal LM's new instruction domain, from the same snippets: rows per split (movies disjoint
 # between splits), and how many of the held-out GSM8K val rows become a bundle's reference rows.
-REVIEWS_CHAT_SPLITS = (("test", 100), ("gen1", 120), ("gen2", 120), ("gen3", 120))
+REVIEWS_CHAT_SPLITS = (("test", 80), ("gen1", 80), ("gen2", 80), ("gen3", 80))
+REVIEWS_CHAT_PER_MOVIE = 4  # reviews taken per movie (a seeded choice), so each split spans many movies
 GSM8K_REFERENCE_ROWS = 100
 
 QUIET = False
@@ -916,7 +917,9 @@ def reviews_chat_rows(csv_text: str, seed: int = SEED) -> tuple[dict[str, list[d
                 raise RuntimeError(f"not enough movies for reviews-chat {name}")
             movie = movies[cursor]
             cursor += 1
-            for text, label in sorted(by_movie[movie].items())[: want - len(rows)]:
+            reviews = sorted(by_movie[movie].items())
+            rng.shuffle(reviews)
+            for text, label in reviews[: min(REVIEWS_CHAT_PER_MOVIE, want - len(rows))]:
                 if rng.random() < 0.5:
                     msgs = [{"role": "user", "content": f'Write a short {label} review of the movie "{movie_title(movie)}".'},
                             {"role": "assistant", "content": text}]
