@@ -42,9 +42,11 @@ def test_nf4_table_rebuilds_bitsandbytes_bit_for_bit():
 
 @pytest.mark.parametrize("name", ["int4-g32", "int3-g32", "int8"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_forward_and_backward_equal_the_dequantized_linear(name, bias):
+@pytest.mark.parametrize("keep", [False, True])
+def test_packed_linear_forward_and_backward_equal_the_dequantized_linear(name, bias, keep):
     """Forward bit for bit; grad_input too (the same matmul on the same rebuilt W). The weight
-    itself is never kept for backward: the only tensors saved are the packed ones already held."""
+    itself is not saved for backward (the packed tensors are held already), except by the
+    vocabulary projection (keep_for_backward), which must give the very same gradient."""
     s = parse_scheme(name)
     torch.manual_seed(2)
     plain = torch.nn.Linear(96, 40, bias=bias)
@@ -58,6 +60,7 @@ def test_packed_linear_forward_and_backward_equal_the_dequantized_linear(name, b
             packed.bias.copy_(plain.bias)
     packed.requires_grad_(False)
     pack_module(packed, PackedWeight.from_int(q, s))
+    packed.packed.keep_for_backward = keep
     assert isinstance(packed, PackedLinear) and "weight" not in dict(packed.named_parameters())
     x = torch.randn(3, 7, 96, requires_grad=True)
     y_ref = plain(x)
@@ -93,6 +96,7 @@ def test_base_is_held_packed_and_tied_head_shares_it(tiny_llama, scheme):
     modules = dict(model.named_modules())
     names = quantized_weight_names(model, info.head)
     assert model.lm_head.packed is model.model.embed_tokens.packed  # tied: one packed table
+    assert [n for n in names if is_packed(modules[n]) and modules[n].packed.keep_for_backward] == ["model.embed_tokens", "lm_head"]
     packed_layers = [n for n in names if is_packed(modules[n])]
     assert packed_layers == (names if s.kind == "int" else ["model.embed_tokens", "lm_head"])  # nf4 linears: bitsandbytes
     fp32_weights = sum(p.numel() for n, p in model.named_parameters() if p.dtype == torch.float32 and n.endswith(".weight") and p.dim() == 2)

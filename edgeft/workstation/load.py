@@ -183,7 +183,7 @@ def quantize_frozen(model, scheme: QuantScheme, skip: str, keep_codes: dict | No
     # layers PEFT's modules_to_save will make trainable copies of (names ending in `skip`, and what
     # they hold: RoBERTa's classifier.dense, DistilBERT's pre_classifier) keep fp32 storage, rounded
     heads = [n for n, m in modules.items() if n.endswith(skip) and m is not model.get_output_embeddings()]
-    seen = set()
+    seen, output = set(), model.get_output_embeddings()
     with torch.no_grad():
         for name in quantized_weight_names(model, skip):
             w = modules[name]._parameters.get("weight")
@@ -199,6 +199,7 @@ def quantize_frozen(model, scheme: QuantScheme, skip: str, keep_codes: dict | No
                 continue
             for module in modules.values():
                 if module._parameters.get("weight") is w:  # the layer and any tied partner (lm_head)
+                    packed.keep_for_backward |= module is output
                     pack_module(module, packed)
             _drop_file_pages(w, mapped)
             del w, codes
