@@ -188,6 +188,35 @@ def table(results: list[dict], base: dict, metric: Metric) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: list[dict], base: dict, metric: Metric) -> str:
+    """The table as Markdown (BENCHMARKS.md), one row per generation."""
+    domain, original = list(base)
+    lines = [f"| mode | seed | gen | data | steps | train s | decision | candidate {domain} | candidate {original} | now {domain} | now {original} |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['mode']} | {r['seed']} | 0 | (bundle) | | | | | | {metric.fmt(base[domain])} | {metric.fmt(base[original])} |")
+        for g in r["generations"]:
+            lines.append(f"| | | {g['generation']} | {g['data']} | {g['steps']} | {g['train_seconds']:.0f} | "
+                         f"{'promoted' if g['promoted'] else '**rejected**'} | {metric.fmt(g['candidate'][domain])} | "
+                         f"{metric.fmt(g['candidate'][original])} | {metric.fmt(g['now'][domain])} | {metric.fmt(g['now'][original])} |")
+    return "\n".join(lines)
+
+
+def render(path: Path) -> None:
+    """Print a finished run's JSON as Markdown tables and its summary."""
+    report = json.loads(path.read_text(encoding="utf-8"))
+    metric = Metric(report.get("task", "classify"))
+    print(markdown(report["results"], report["no_update"], metric))
+    print()
+    for mode, s in report["summary"].items():
+        print(f"- {mode}: {s.get('delta', s.get('delta_points'))} ({s.get('delta_unit', 'points')}), per seed {s.get('per_seed_delta', s.get('per_seed_delta_points'))}, "
+              f"hurting {s['hurting_candidates']}, promoted anyway {s['hurting_promoted']}, goals {s['goals']}")
+    for r in report["results"]:
+        for g in r["generations"]:
+            if not g["promoted"]:
+                print(f"  {r['mode']} seed {r['seed']} gen {g['generation']}: {g['reason']}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bundle", type=Path, default=ROOT / "runs" / "quickstart-sentiment.bundle")
@@ -203,7 +232,11 @@ def main(argv=None) -> int:
     ap.add_argument("--edgeft", help="the device command (default: .venv-device/bin/edgeft, else this python -m edgeft)")
     ap.add_argument("--workdir", type=Path, help="state folders (default: a temp folder, removed)")
     ap.add_argument("--out", type=Path, help="JSON (default: runs/bench_domain.json, or runs/bench_domain_causal.json)")
+    ap.add_argument("--markdown", type=Path, metavar="JSON", help="only print that finished run as Markdown tables")
     a = ap.parse_args(argv)
+    if a.markdown:
+        render(a.markdown)
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     edgeft = edgeft_cmd(a.edgeft)
     manifest = a.bundle / "manifest.json"
