@@ -122,4 +122,4 @@ def test_markdown_table_has_a_row_per_generation(tools, tmp_path, capsys):
     bd.render(path)
     out = capsys.readouterr().out
     assert "| | | 1 | reviews gen1 | 20 | 40 | **rejected** | 9.000 | 3.500 | 12.500 | 3.200 |" in out
-    assert "naive seed 0 gen 1: regressed" in out and "'gsm8k': 0.0" in out and "hurting [(0, 1)], promoted anyway []" in out
+    assert "naive seed 0 gen 1: regressed" in out and "'gsm8k': 0.0" in out and "hurting [[0, 1]], promoted anyway []" in out
