@@ -28,6 +28,13 @@ def test_sample_rows_is_bounded_seeded_and_keeps_order():
     assert sample_rows(rows[:10], 40, "reference", 0) == rows[:10] and sample_rows(rows, None, "x", 0) == rows
 
 
+def test_the_default_check_follows_the_generations_size():
+    from edgeft.device.check import CHECK_ROWS, MIN_CHECK_ROWS, auto_check_rows
+
+    assert auto_check_rows(None) == CHECK_ROWS == 128 and MIN_CHECK_ROWS == 16
+    assert [auto_check_rows(n) for n in (4, 48, 96, 120, 200, 383, 384, 1200, 10**6)] == [16, 16, 32, 32, 64, 64, 128, 128, 128]
+
+
 def test_eval_step_check_equals_the_inference_graph_on_a_causal_lm(tmp_path, lm_bundle, chat_rows):
     """The check on the training engine's eval step gives the inference graph's metrics (the token-weighted
     mean over batches is the mean over all labelled tokens), for both adapters."""

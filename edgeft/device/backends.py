@@ -192,7 +192,9 @@ class PortableBackend:
 
     def eval_loss(self, batch: dict) -> float:
         if self.eval is None:
-            self.eval = _session(check_inference(), self.eval_path, self.manifest)
+            # planned as the step is (a buffer per tensor, freed after its last use): the promotion check
+            # runs here after training, and so reuses the arena the step freed instead of adding a block
+            self.eval = _session(check_inference(), self.eval_path, self.manifest, training=True)
         return float(self.eval.run(None, self.feeds(self.eval, batch))[0])
 
 

@@ -6,10 +6,14 @@ session per adapter and run every row through the full inference graph (logits a
 over the whole vocabulary); on Qwen2.5-0.5B it took most of a generation's wall time and doubled
 the process's peak memory. Now:
 
-- **Rows:** each check set (held-out, reference, earlier) is a seeded sample of at most
-  `check_rows` rows (`--check-rows`, default CHECK_ROWS). The sample depends on the set's rows, its
-  name and the seed, not on the generation, so a bundle's reference rows are checked on the same
-  sample each time. The status record says what was drawn from how many.
+- **Rows:** each check set (held-out, reference, earlier) is a seeded sample of at most N rows
+  (`--check-rows N`). By default N follows the generation's size (`auto_check_rows`): a third of
+  the rows it trains on, rounded down to a power of two, between MIN_CHECK_ROWS and CHECK_ROWS.
+  A forward pass costs about half a training step (the frozen base has no weight gradients), so
+  with the held-out rows the check costs at most about a third of the training it guards (Qwen2.5-0.5B,
+  100 new rows: 30 steps, 32 reference rows). The sample depends on the set's rows, its name, N and
+  the seed, not on the generation, so generations of a similar size check the bundle's reference rows
+  on the same sample. The status record says what was drawn from how many.
 - **Sessions:** a causal LM is checked with the training engine's own eval step (the loss graph,
   projecting onto the vocabulary only at labelled positions), at the training batch, its weights
   swapped between the two adapters: no session is built for the check. A classifier needs which
@@ -37,7 +41,16 @@ import time
 
 from ..encode import IGNORE, collate
 
-CHECK_ROWS = 128  # rows per check set; see BENCHMARKS.md section 5 for what it costs
+CHECK_ROWS = 128  # rows per check set at most, by default; see BENCHMARKS.md section 5 for what it costs
+MIN_CHECK_ROWS = 16
+
+
+def auto_check_rows(trained_rows: int | None) -> int:
+    """Rows per check set for a generation that trains on `trained_rows` rows (new + replayed, all steps)."""
+    if not trained_rows:
+        return CHECK_ROWS
+    n = max(1, trained_rows // 3)
+    return max(MIN_CHECK_ROWS, min(CHECK_ROWS, 1 << (n.bit_length() - 1)))
 
 
 def sample_rows(rows: list, limit: int | None, name: str, seed: int) -> list:

@@ -57,7 +57,8 @@ def device():
               help="Allowed regression: accuracy points (classify) or relative loss (causal-lm).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--check-rows", type=int, default=None,
-              help="Promotion check: a seeded sample of at most N rows from each of the held-out, reference and earlier sets (default 128).")
+              help="Promotion check: a seeded sample of at most N rows from each of the held-out, reference and earlier sets "
+                   "(default: a third of the rows the generation trains on, as a power of two from 16 to 128).")
 @click.option("--refuse-long", is_flag=True, help="Fail on rows longer than the bundle's sequence length instead of truncating.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted generation instead of resuming it.")
 @click.option("--force", is_flag=True, help="Train even when the memory plan exceeds the target's budget.")

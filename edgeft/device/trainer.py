@@ -28,7 +28,7 @@ from ..fsutil import atomic_write_json
 from ..schedule import DEFAULT as SCHEDULE_DEFAULT, lr_at, total_steps
 from ..datasets import load_task_rows, split
 from .data import encode_rows
-from .check import CHECK_ROWS, PromotionCheck
+from .check import CHECK_ROWS, PromotionCheck, auto_check_rows
 from .progress import ProgressLine
 from .rehearsal import disjoint, head_slices, mixed_batch_ids, mixed_micro_batches, pull_to_previous, split_reference
 from .backends import AdamW, Layout, choose_backend
@@ -63,7 +63,7 @@ class DeviceTrainConfig:
     force: bool = False
     restart: bool = False
     backend: str = "auto"
-    check_rows: int | None = CHECK_ROWS  # rows per check set in the promotion check (check.py); None: all
+    check_rows: int | None = None  # rows per check set in the promotion check; None: by the generation's size (check.py)
 
     def job_key(self) -> dict:
         """What must match for a rerun to resume the interrupted job rather than start another."""
@@ -275,8 +275,9 @@ class DeviceTrainer:
         check's seconds, are in self.check_info. `parent`: the baseline's generation, whose earlier check
         results on the same rows are reused (check.py). apply.py's checker calls this with itself as self."""
         cfg = getattr(self, "cfg", None)
-        check = PromotionCheck(self, getattr(cfg, "check_rows", CHECK_ROWS), getattr(cfg, "seed", 0) or 0,
-                               engine=getattr(self, "check_engine", None))
+        n = getattr(cfg, "check_rows", None) or auto_check_rows(getattr(self, "trained_rows", None))
+        check = PromotionCheck(self, n, getattr(cfg, "seed", 0) or 0, engine=getattr(self, "check_engine", None))
+        check.info["auto"] = getattr(cfg, "check_rows", None) is None
         try:
             state = getattr(self, "state", None)
             out, rows = check.compare(base_params, new_params, parent, state.data["generations"] if state is not None and parent is not None else None)
@@ -318,6 +319,7 @@ class DeviceTrainer:
                                            "created": job["created"], "data": job["data"], "metrics": {}}, None, promote=False)
                 self.state.clear_job()
                 raise
+            self.trained_rows = job["total_steps"] * self.cfg.grad_accum * self.batch  # sizes the check (check.auto_check_rows)
             metrics, rows = self.compare(self.state.params(job["parent"]), result["params"], parent=job["parent"])
             promote, reason = self.decide(metrics, rows)
             record = {"id": job["generation"], "parent": job["parent"], "status": "promoted" if promote else "rejected", "reason": reason,
