@@ -42,6 +42,11 @@ def test_add_examples_checks_rows_and_keeps_them_across_instances(tmp_path, cls_
 def test_update_trains_each_pending_row_once(tmp_path, cls_bundle):
     learner = Learner(cls_bundle, tmp_path / "state")
     assert learner.update(min_rows=1) is None  # nothing pending
+    other = Learner(cls_bundle, tmp_path / "other", verify=False)
+    other.add_examples(rows(1)[:1])
+    with pytest.raises(UsageError, match="unknown training option.*max_stepz"):
+        other.update(max_stepz=3)
+    assert other.status()["round"] is None and other.status()["pending_rows"] == 1  # nothing committed
     learner.add_examples(rows(1))
     assert learner.update(min_rows=9) is None and learner.status()["pending_rows"] == 8  # not enough yet
     learner.add_examples(rows(1)[:2])

@@ -55,6 +55,19 @@ def validate_rows(rows, task: str, labels: list[str], where: str = "row") -> lis
     return out
 
 
+def training_config(data, eval_data, options: dict):
+    """DeviceTrainConfig, with an unknown option as a UsageError rather than a TypeError."""
+    import dataclasses
+
+    from .trainer import DeviceTrainConfig
+
+    known = {f.name for f in dataclasses.fields(DeviceTrainConfig)} - {"data", "eval_data"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise UsageError(f"unknown training option(s): {', '.join(unknown)}", f"use: {', '.join(sorted(known))}")
+    return DeviceTrainConfig(data=str(data), eval_data=str(eval_data) if eval_data else None, **options)
+
+
 class Learner:
     """One bundle and its device state folder: predict, generate, collect rows, train generations."""
 
@@ -170,9 +183,9 @@ class Learner:
     def train(self, data, eval_data=None, progress: bool = False, **options) -> dict:
         """One generation on a data file (what `edgeft device train` runs); options are
         DeviceTrainConfig's (max_steps, epochs, lr, replay_ratio, tolerance, seed, ...)."""
-        from .trainer import DeviceTrainConfig, DeviceTrainer
+        from .trainer import DeviceTrainer
 
-        cfg = DeviceTrainConfig(data=str(data), eval_data=str(eval_data) if eval_data else None, **options)
+        cfg = training_config(data, eval_data, options)
         summary = DeviceTrainer(self.bundle, self.state_dir, cfg, log=self.log, progress=progress).run()
         if summary["promoted"]:
             self.refresh()  # built beside the old session, then swapped in
@@ -181,6 +194,7 @@ class Learner:
     def update(self, min_rows: int = 1, **options) -> dict | None:
         """Train one generation on the pending rows, then consume them; None when fewer than
         `min_rows` are waiting. An interrupted round is resumed first, with its own options."""
+        training_config("pending rows", None, options)  # an unknown option fails now, not in a committed round
         with self._updating, self.store.lock():
             r = self.store.open_round(min_rows, options)
             if r is None:
