@@ -46,7 +46,7 @@ def device():
 @click.option("--max-steps", type=int, help="Optimizer steps; overrides --epochs.")
 @click.option("--lr", type=float, help="Peak learning rate (default 5e-4 classify, 1e-4 causal-lm).")
 @click.option("--replay-ratio", type=float, default=None,
-              help="Share of each batch replayed from the bundle's reference rows and earlier generations' data (default 0.25; 0: none).")
+              help="Share of each batch replayed from the bundle's reference rows and earlier generations' data (default 0.5; 0: none).")
 @click.option("--l2-previous", type=float, default=None,
               help="Pull toward the previous generation's adapter: adds L*(w - w_prev) to the gradient (default 0).")
 @click.option("--freeze-head/--no-freeze-head", default=None,
