@@ -79,6 +79,9 @@ def measure(model_type: str, fields: dict, layers: int, vocab: int, scheme_name:
     for p in model.parameters():
         p.requires_grad_(False)
     quantize_frozen(model, parse_scheme(scheme_name), skip="lm_head")
+    for m in model.modules():  # as on CUDA: the vocabulary projection rebuilds its weight for backward (packed.py)
+        if hasattr(m, "keep_for_backward"):
+            m.keep_for_backward = False
     info = ModelInfo(Path("."), model_type, [], MODULES, "lm_head")
     model = attach_lora(model, info, "causal-lm", 16, 32, 0.05, MODULES).train()
     objective = make_objective("causal-lm", model)

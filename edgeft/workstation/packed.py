@@ -41,9 +41,10 @@ class PackedWeight(torch.nn.Module):
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
         self.register_buffer("lut", lut)  # nf4: byte -> its two codebook values, as one int64
-        # The vocabulary projection runs only at labelled positions, so rebuilding its V x H weight a
-        # second time for backward cost as much as the projection itself (Qwen2.5-0.5B: 0.7 s of a
-        # 7 s step). It keeps the forward's rebuild instead, for the one step: V x H x 4 bytes.
+        # The vocabulary projection runs only at labelled positions, so on a CPU rebuilding its V x H
+        # weight a second time for backward cost as much as the projection itself (Qwen2.5-0.5B: 0.7 s
+        # of a 7 s step); there it keeps the forward's rebuild for the step (V x H x 4 bytes of RAM).
+        # A GPU rebuilds it in a millisecond, and its memory is the scarce thing: it rebuilds.
         self.keep_for_backward = False
 
     # -- building ----------------------------------------------------------------
@@ -195,7 +196,7 @@ class _PackedLinearFn(torch.autograd.Function):
     def forward(ctx, x, bias, packed):
         ctx.packed = packed
         w = packed.dequantize()
-        ctx.kept = w if packed.keep_for_backward else None
+        ctx.kept = w if packed.keep_for_backward and w.device.type == "cpu" else None
         return F.linear(x, w, bias)  # under autocast F.linear casts as nn.Linear would
 
     @staticmethod
