@@ -275,6 +275,10 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{state} exists: pass a fresh --workdir")
             gens = run_story(edgeft, a.bundle, state, shards, tests, seed, args, base, metric, log)
             results.append({"mode": mode, "options": args, "seed": seed, "generations": gens})
+            partial = {"bundle": str(a.bundle), "task": task, "metric": metric.key, "no_update": base, "results": results,
+                       "summary": summarize(results, base, a.hurt, metric), "partial": True}
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(partial, indent=1) + "\n", encoding="utf-8")  # a killed run keeps what it measured
     summary = summarize(results, base, a.hurt, metric)
     report = {"bundle": str(a.bundle), "task": task, "metric": metric.key, "tests": {k: str(v) for k, v in tests.items()},
               "no_update": base, "results": results, "summary": summary,
