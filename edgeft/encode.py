@@ -76,6 +76,18 @@ def encode_causal(tokenizer, rows: list[dict], max_len: int) -> tuple[list[Encod
     return out, truncated
 
 
+def require_answers(encoded: list[Encoded], where: str, max_len: int, hint: str, warn) -> None:
+    """A causal row cut before its first answer token teaches nothing and scores a loss of 0: a
+    set with no answer left at all is an error (training would silently do nothing; Qwen's chat
+    template and a GSM8K question fill 64 tokens), some such rows a warning."""
+    empty = sum(1 for e in encoded if all(t == IGNORE for t in e.labels))
+    if encoded and empty == len(encoded):
+        raise DataError(f"{where}: no row keeps an answer token within {max_len} tokens (the prompt, as the model's template "
+                        "renders it, fills them)", hint)
+    if empty:
+        warn(f"warning: {where}: {empty} of {len(encoded)} rows keep no answer token within {max_len} tokens and teach nothing")
+
+
 def batch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
     """Deterministic per (seed, epoch), so a resumed run sees the same batches."""
     order = list(range(n))

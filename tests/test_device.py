@@ -376,3 +376,13 @@ def test_token_log_probs_match_float64_log_softmax():
     target = rng.integers(0, 4096, 37)
     want = log_softmax(logits.astype(np.float64))[np.arange(37), target]
     np.testing.assert_allclose(token_log_probs(logits, target), want, rtol=1e-6, atol=1e-6)
+
+
+def test_rows_cut_before_their_answer_are_refused_on_the_device(tmp_path, lm_bundle):
+    """The bundle's sequence length is fixed: rows whose prompt fills it keep no answer token, and
+    training on only such rows would change nothing; the device says so instead of a loss of 0."""
+    long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    data = write_jsonl(tmp_path / "long.jsonl", [{"prompt": f"{long_prompt} {i}?", "completion": " yes"} for i in range(12)])
+    state = tmp_path / "state"
+    r, _ = device("train", "--bundle", lm_bundle, "--state", state, "--data", data, "--max-steps", 1, "--quiet")
+    assert r.exit_code == 3 and "no row keeps an answer token within 32 tokens" in r.output and "shorten the prompts" in r.output

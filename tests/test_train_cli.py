@@ -144,6 +144,23 @@ def test_causal_chat_masks_prompt_and_learns(tmp_path, tiny_llama, chat_rows):
     assert s["after"]["eval_loss"] < s["before"]["eval_loss"] - 0.5
 
 
+def test_prompts_that_fill_max_seq_len_are_refused(tmp_path, tiny_llama):
+    """Rows cut before their answer teach nothing and score a loss of 0: training on them would be
+    a silent no-op (Qwen2.5's template and a GSM8K question fill 64 tokens), so it is refused."""
+    long_prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    rows = [{"prompt": f"{long_prompt} {i}?", "completion": " yes"} for i in range(12)]
+    data, out = write_jsonl(tmp_path / "long.jsonl", rows), tmp_path / "run"
+    r = run("train", "--model", tiny_llama, "--data", data, "--task", "causal-lm", "--out", out, "--max-seq-len", 16,
+            "--max-steps", 1, "--quiet")
+    assert r.exit_code == 3 and "no row keeps an answer token within 16 tokens" in r.output and "--max-seq-len" in r.output
+    assert not out.exists()
+    short = [{"prompt": f"q{i}?", "completion": " yes"} for i in range(6)]
+    mixed, val = write_jsonl(tmp_path / "mixed.jsonl", rows[:6] + short), write_jsonl(tmp_path / "val.jsonl", short)
+    r = run("train", "--model", tiny_llama, "--data", mixed, "--eval-data", val, "--task", "causal-lm", "--out", out,
+            "--max-seq-len", 16, "--max-steps", 1, "--quiet")
+    assert r.exit_code == 0 and "training data: 6 of 12 rows keep no answer token within 16 tokens" in r.output, r.output
+
+
 def test_early_stopping(tmp_path, cls_data, tiny_bert):
     out = tmp_path / "run"
     r = run(*train_args(tiny_bert, cls_data, out, "--max-steps", 40, "--eval-every", 1, "--patience", 1, "--lr", 0, "--json"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..encode import Encoded, encode_causal, encode_classify
+from ..encode import Encoded, encode_causal, encode_classify, require_answers
 from ..errors import DataError
 
 UNLIMITED = 1 << 30
@@ -29,4 +29,6 @@ def encode_rows(rows: list[dict], task: str, tokenizer, labels: list[str], seq: 
         else:
             for i in long:
                 encoded[i] = Encoded(encoded[i].input_ids[:seq], encoded[i].labels[:seq])
+    if task != "classify":
+        require_answers(encoded, where, seq, f"the bundle trains on {seq} tokens: shorten the prompts", warn)
     return encoded

@@ -53,7 +53,7 @@ class Trainer:
         import torch
 
         from ..datasets import load_causal
-        from ..encode import encode_causal, encode_classify
+        from ..encode import encode_causal, encode_classify, require_answers
         from .load import inspect_model_dir, resolve_device
 
         cfg = self.cfg
@@ -87,6 +87,9 @@ class Trainer:
         else:
             self.train_set, self.truncated = encode_causal(self.tokenizer, train_rows, cfg.max_seq_len)
             self.val_set, _ = encode_causal(self.tokenizer, val_rows, cfg.max_seq_len)
+            hint = f"raise --max-seq-len (now {cfg.max_seq_len}), or shorten the prompts"
+            require_answers(self.train_set, "training data", cfg.max_seq_len, hint, self.log)
+            require_answers(self.val_set, "validation data", cfg.max_seq_len, hint, self.log)
             self.reference_set = encode_causal(self.tokenizer, load_causal(cfg.reference_data), cfg.max_seq_len)[0] if cfg.reference_data else None
         from ..encode import batches_per_epoch
         from ..schedule import total_steps
