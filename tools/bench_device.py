@@ -314,6 +314,7 @@ def process(args) -> dict:
                      "wall_seconds": round(wall, 1), "check_share": round(check["seconds"] / wall, 3) if check.get("seconds") is not None else None,
                      "plan": s["plan"], "plan_mib": s["plan_mib"], "peak_rss_mib": round(rss, 1), "peak_rss_mib_self": s["peak_rss_mib"],
                      "peak_over_plan": round(rss / s["plan_mib"], 3) if s["plan_mib"] else None, "promoted": s["promoted"], "reason": s["reason"]})
+        print(f"  generation {s['generation']} done: {json.dumps({k: v for k, v in gens[-1].items() if k != 'plan'})}", flush=True)
     e, e_wall, e_rss, _ = timed([edgeft, "device", "eval", "--bundle", args.bundle, "--data", str(data), "--state", str(work / "state"),
                                  "--json"], args.threads)
     shutil.rmtree(work, ignore_errors=True)
