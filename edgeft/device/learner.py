@@ -187,8 +187,8 @@ class Learner:
 
         cfg = training_config(data, eval_data, options)
         summary = DeviceTrainer(self.bundle, self.state_dir, cfg, log=self.log, progress=progress).run()
-        if summary["promoted"]:
-            self.refresh()  # built beside the old session, then swapped in
+        if summary["promoted"] and self._model is not None:  # an app that predicts: built beside the old session, then swapped in
+            self.refresh()  # (`device train` never predicts: no session its memory plan does not count)
         return summary
 
     def update(self, min_rows: int = 1, **options) -> dict | None:
