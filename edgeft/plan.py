@@ -29,8 +29,19 @@ HOLD_BASE_MIB = 256
 MIB = 1 << 20
 
 
+class _Budgeted:
+    """A plan's total against its budget (both plans share the verdict and the JSON)."""
+
+    @property
+    def fits(self) -> bool:
+        return self.total_mib <= self.budget_mib
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "fits": self.fits}
+
+
 @dataclass
-class MemoryPlan:
+class MemoryPlan(_Budgeted):
     target: str
     budget_mib: int
     base_packed_mib: float
@@ -52,13 +63,6 @@ class MemoryPlan:
     eval_activations_mib: float = 0.0
     inference_activations_mib: float = 0.0
     inference_batch: int = 0
-
-    @property
-    def fits(self) -> bool:
-        return self.total_mib <= self.budget_mib
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "fits": self.fits}
 
     def render(self) -> str:
         rebuilt = "fp32 base held for backward" if self.holds_base else "fp32 weights rebuilt at the peak"
@@ -159,7 +163,7 @@ DATA_PER_BYTE = 64
 
 
 @dataclass
-class ProcessPlan:
+class ProcessPlan(_Budgeted):
     """Peak RSS of a whole `edgeft device train` / `device eval` process: the bundle's step plan
     (made at export, MemoryPlan) and what the device adds: the tokenizer, the rows, and the forward
     passes of the promotion check or the evaluation, which reuse the memory the step freed."""
@@ -170,13 +174,6 @@ class ProcessPlan:
     parts: dict
     total_mib: float
     step_mib: float | None = None
-
-    @property
-    def fits(self) -> bool:
-        return self.total_mib <= self.budget_mib
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "fits": self.fits}
 
     def render(self) -> str:
         lines = [f"memory plan of `edgeft {self.command}` on {self.target} (budget {self.budget_mib} MiB)"]

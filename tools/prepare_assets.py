@@ -716,6 +716,25 @@ def read_sentiment_csv(path: Path) -> tuple[dict[str, list[str]], dict]:
     return pools, dict(stats)
 
 
+def draw_splits(pools: dict[str, list[str]], sizes: list[tuple[str, dict[str, int]]], rng: random.Random,
+                what: str) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Disjoint splits drawn in order from shuffled per-label pools: each split takes its count of
+    every label, then is shuffled. Returns the splits and how far into each pool they reached."""
+    splits: dict[str, list[dict]] = {}
+    cursor = {lab: 0 for lab in pools}
+    for name, counts in sizes:
+        rows = []
+        for lab, n in counts.items():
+            chunk = pools[lab][cursor[lab] : cursor[lab] + n]
+            if len(chunk) != n:
+                raise RuntimeError(f"not enough {lab} {what} for {name}")
+            cursor[lab] += n
+            rows += [{"text": t, "label": lab} for t in chunk]
+        rng.shuffle(rows)
+        splits[name] = rows
+    return splits, cursor
+
+
 def prepare_sentiment(out: Path) -> str:
     target = out / "data" / "sentiment"
     if is_complete(target, SENTIMENT_FILES):
@@ -735,19 +754,9 @@ def prepare_sentiment(out: Path) -> str:
         counts[SENTIMENT_LABELS[i % 3]] += SHARD_ROWS - 3 * base
         shard_counts[name] = counts
 
-    splits: dict[str, list[dict]] = {}
-    cursor = {lab: 0 for lab in SENTIMENT_LABELS}
-    for name, per_class in SENTIMENT_SPLITS:
-        rows = []
-        for lab in SENTIMENT_LABELS:
-            n = per_class if per_class is not None else shard_counts[name][lab]
-            chunk = pools[lab][cursor[lab] : cursor[lab] + n]
-            if len(chunk) != n:
-                raise RuntimeError(f"not enough {lab} tweets for {name}")
-            cursor[lab] += n
-            rows += [{"text": t, "label": lab} for t in chunk]
-        rng.shuffle(rows)
-        splits[name] = rows
+    sizes = [(name, {lab: per_class if per_class is not None else shard_counts[name][lab] for lab in SENTIMENT_LABELS})
+             for name, per_class in SENTIMENT_SPLITS]
+    splits, cursor = draw_splits(pools, sizes, rng, "tweets")
     leftover = [t for lab in SENTIMENT_LABELS for t in pools[lab][cursor[lab] :]]
     rng.shuffle(leftover)
     splits["reference"] = [{"text": t} for t in leftover[:REFERENCE_ROWS]]
@@ -815,21 +824,10 @@ def prepare_reviews(out: Path) -> str:
         pools[next(iter(labs))].append(text)
     stats.update({f"usable_{lab}": len(v) for lab, v in pools.items()})
     rng = random.Random(SEED)
-    splits: dict[str, list[dict]] = {}
-    cursor = {lab: 0 for lab in pools}
     for lab in sorted(pools):
         pools[lab].sort()  # file order aside, the same texts give the same splits
         rng.shuffle(pools[lab])
-    for name, per_class in REVIEWS_SPLITS:
-        rows = []
-        for lab in sorted(pools):
-            chunk = pools[lab][cursor[lab] : cursor[lab] + per_class]
-            if len(chunk) != per_class:
-                raise RuntimeError(f"not enough {lab} reviews for {name}")
-            cursor[lab] += per_class
-            rows += [{"text": t, "label": lab} for t in chunk]
-        rng.shuffle(rows)
-        splits[name] = rows
+    splits, _ = draw_splits(pools, [(name, {lab: n for lab in sorted(pools)}) for name, n in REVIEWS_SPLITS], rng, "reviews")
     with AtomicDir(target) as ad:
         for name, rows in splits.items():
             write_jsonl(ad.tmp / f"{name}.jsonl", rows)
