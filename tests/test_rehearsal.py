@@ -284,3 +284,60 @@ def test_killed_rehearsal_job_resumes_to_the_same_weights_even_if_the_store_chan
     a = load_file(str(tmp_path / "clean" / "generations" / "g0002.safetensors"))
     b = load_file(str(killed / "generations" / "g0002.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# -- the guard against generation 0 -------------------------------------------------
+
+def test_guard_rejects_losses_that_add_up_across_generations():
+    """Each step loses too little against its parent to be seen, but the sum against generation 0 is plain."""
+    from types import SimpleNamespace
+
+    from edgeft.device.trainer import DeviceTrainer
+
+    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01))
+    origin = [True] * 40 + [False] * 10
+    parent = [True] * 34 + [False] * 16      # 6 rows lost against the origin
+    cand = [True] * 31 + [False] * 19        # 3 more: chance against the parent, 9 lost of 9 changed against the origin
+    acc = lambda xs: {"accuracy": sum(xs) / len(xs)}  # noqa: E731
+    metrics = {"baseline": {"reference": acc(parent)}, "candidate": {"reference": acc(cand)}}
+    rows = {("baseline", "reference"): parent, ("candidate", "reference"): cand, ("origin", "reference"): origin}
+    ok, why = DeviceTrainer.decide(owner, metrics, rows)
+    assert ok, why
+    ok, why = DeviceTrainer.decide(owner, {**metrics, "origin": {"reference": acc(origin)}}, rows)
+    assert not ok and "against generation 0" in why and "0.8000 -> 0.6200" in why
+
+
+def test_second_generation_is_checked_against_generation_0_without_scoring_it_again(tmp_path, ref_bundle):
+    state = tmp_path / "state"
+    r, s1 = device("train", "--bundle", ref_bundle, "--state", state, "--data", write_jsonl(tmp_path / "a.jsonl", new_rows("a")),
+                   "--tolerance", "1", "--json", "--quiet")
+    assert r.exit_code == 0 and s1["promoted"] and "origin" not in s1["metrics"], r.output  # the parent is generation 0
+    r, s2 = device("train", "--bundle", ref_bundle, "--state", state, "--data", write_jsonl(tmp_path / "b.jsonl", new_rows("b")),
+                   "--tolerance", "1", "--json", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert list(s2["metrics"]["origin"]) == ["reference"]
+    assert s2["metrics"]["origin"]["reference"] == s1["metrics"]["baseline"]["reference"]  # reused from generation 1's check
+    assert s2["check"]["correct"]["origin"]["reference"] == s1["check"]["correct"]["baseline"]["reference"]
+
+
+def test_blend_promotes_the_weight_average_of_the_parent_and_the_trained_adapter(tmp_path, ref_bundle):
+    from edgeft.device.rehearsal import blend
+    from edgeft.device.state import load_arrays
+
+    prev, new = {"a": np.array([1.0, 2.0], np.float32)}, {"a": np.array([3.0, -2.0], np.float32)}
+    assert blend(prev, new, 0.25)["a"].tolist() == [1.5, 1.0] and blend(prev, new, 1) is new
+    data = write_jsonl(tmp_path / "new.jsonl", new_rows("x"))
+    gens = {}
+    for b in ("1", "0.5"):
+        r, s = device("train", "--bundle", ref_bundle, "--state", tmp_path / b, "--data", data, "--blend", b, "--tolerance", "1", "--json", "--quiet")
+        assert r.exit_code == 0 and s["promoted"] and s["rehearsal"]["blend"] == float(b), r.output
+        gens[b] = load_arrays(tmp_path / b / "generations" / "g0001.safetensors")
+    from edgeft.device.learner import Learner
+
+    parent = Learner(ref_bundle, tmp_path / "1", verify=False).state().params(0)
+    assert set(gens["1"]) == set(parent)
+    for k in parent:  # same seed, same batches: the blended generation is halfway between the parent and the trained adapter
+        np.testing.assert_allclose(gens["0.5"][k], (parent[k] + gens["1"][k]) / 2, rtol=0, atol=1e-6)
+    assert any(not np.allclose(gens["1"][k], parent[k]) for k in parent)
+    r, _ = device("train", "--bundle", ref_bundle, "--state", tmp_path / "bad", "--data", data, "--blend", "0", "--quiet")
+    assert r.exit_code == 2 and "--blend" in r.output

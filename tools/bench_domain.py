@@ -6,7 +6,7 @@ Tomatoes reviews (assets/data/reviews, from tools/prepare_assets.py) in three ge
 `edgeft device train` each, for every seed and mode:
 
   rehearsal   the device defaults: replayed rows mixed into every batch (edgeft/device/rehearsal.py)
-  naive       plain fine-tuning on the new rows: --replay-ratio 0 --l2-previous 0 --no-freeze-head
+  naive       plain fine-tuning on the new rows: --replay-ratio 0 --l2-previous 0 --no-freeze-head --blend 1
 
 After each generation: accuracy of the candidate (the new generation, promoted or not) and of the
 device's current generation on the held-out reviews test set (the device's domain) and on the
@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = {"rehearsal": [], "naive": ["--replay-ratio", "0", "--l2-previous", "0", "--no-freeze-head"]}
+MODES = {"rehearsal": [], "naive": ["--replay-ratio", "0", "--l2-previous", "0", "--no-freeze-head", "--blend", "1"]}
 
 
 def edgeft_cmd(spec: str | None) -> list[str]:

@@ -99,10 +99,12 @@ def earlier_result(generations: list, parent: int, split: str, print_: str) -> t
         c = g.get("check") or {}
         if (c.get("fingerprints") or {}).get(split) != print_:
             continue
-        side = "candidate" if g.get("id") == parent else "baseline" if g.get("parent") == parent else None
-        m = (g.get("metrics") or {}).get(side or "", {}).get(split)
-        if side and m is not None:
-            return dict(m), unbits((c.get("correct") or {}).get(side, {}).get(split))
+        sides = ["candidate"] if g.get("id") == parent else ["baseline"] if g.get("parent") == parent else []
+        sides += ["origin"] if parent == 0 else []
+        for side in sides:
+            m = (g.get("metrics") or {}).get(side, {}).get(split)
+            if m is not None:
+                return dict(m), unbits((c.get("correct") or {}).get(side, {}).get(split))
     return None
 
 
@@ -120,36 +122,45 @@ class PromotionCheck:
         self.info = {"rows_per_set": check_rows, "seed": seed, "drawn": {n: len(r) for n, r in self.sets.items()},
                      "of": {n: len(r) for n, r in full.items() if r}}
 
-    def compare(self, base_params: dict, new_params: dict, parent: int | None = None, generations: list | None = None) -> tuple[dict, dict]:
+    def compare(self, base_params: dict, new_params: dict, parent: int | None = None, generations: list | None = None,
+                origin_params: dict | None = None) -> tuple[dict, dict]:
         """(metrics, per-row correctness) as DeviceTrainer.compare returns them. With `parent` (the
-        baseline's generation) and the state's `generations`, a set the parent was already checked on is reused."""
+        baseline's generation) and the state's `generations`, a set the parent was already checked on is reused.
+        With `origin_params` (generation 0, the bundle's adapter) and a parent after it, the bundle's
+        reference rows are also scored for the origin ("origin" in the result): small losses against
+        each parent add up over generations, and only the origin sees the sum."""
         t0 = time.perf_counter()
         use_engine = self.engine is not None and self.owner.task == "causal-lm"
         graph = "eval-step" if use_engine else "inference"
         batch = self.batch if use_engine else None
         prints = {split: fingerprint(data, batch or 0, graph) for split, data in self.sets.items()}
         known = {}
-        if parent is not None and generations:
-            for split in self.sets:
-                hit = earlier_result(generations, parent, split, prints[split])
+        origin_split = [s for s in ("reference",) if s in self.sets] if origin_params is not None and parent else []
+        for side, gen, splits in (("baseline", parent, self.sets), ("origin", 0, origin_split)):
+            for split in splits if gen is not None and generations else ():
+                hit = earlier_result(generations, gen, split, prints[split])
                 if hit is not None:
-                    known[split] = hit
+                    known[(side, split)] = hit
         self.info.update(engine=f"training engine's eval step ({self.engine.name}), batch {self.batch}" if use_engine
-                         else "one inference session, weights swapped", fingerprints=prints, baseline_reused=sorted(known))
+                         else "one inference session, weights swapped", fingerprints=prints,
+                         baseline_reused=sorted(s for side, s in known if side == "baseline"))
         run = self._with_engine if use_engine else self._with_inference
-        out, rows = run((base_params, [s for s in self.sets if s not in known]), (new_params, list(self.sets)))
-        for split, (m, correct) in known.items():
-            out["baseline"][split], rows[("baseline", split)] = m, correct
-        out["baseline"] = {split: out["baseline"][split] for split in self.sets}  # the sets' order
+        sides = [("origin", origin_params, [s for s in origin_split if ("origin", s) not in known])] if origin_split else []
+        sides += [("baseline", base_params, [s for s in self.sets if ("baseline", s) not in known]), ("candidate", new_params, list(self.sets))]
+        out, rows = run(*sides)
+        for (side, split), (m, correct) in known.items():
+            out[side][split], rows[(side, split)] = m, correct
+        for side in out:
+            out[side] = {split: out[side][split] for split in self.sets if split in out[side]}  # the sets' order
         if not use_engine:
-            self.info["correct"] = {side: {split: bits(rows.get((side, split))) for split in self.sets} for side in ("baseline", "candidate")}
+            self.info["correct"] = {side: {split: bits(rows.get((side, split))) for split in out[side]} for side in out}
         self.info["seconds"] = round(time.perf_counter() - t0, 2)
         return out, rows
 
     def _with_engine(self, *sides) -> tuple[dict, dict]:
         out, rows = {}, {}
         pad = self.owner.tokenizer.pad_token_id
-        for name, (params, splits) in zip(("baseline", "candidate"), sides):
+        for name, params, splits in sides:
             out[name] = {}
             if not splits:
                 continue
@@ -165,7 +176,7 @@ class PromotionCheck:
         out, rows = {}, {}
         predictor = None
         try:
-            for name, (params, splits) in zip(("baseline", "candidate"), sides):
+            for name, params, splits in sides:
                 out[name] = {}
                 if not splits:
                     continue
