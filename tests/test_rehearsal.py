@@ -304,7 +304,7 @@ def test_guard_rejects_losses_that_add_up_across_generations():
     ok, why = DeviceTrainer.decide(owner, metrics, rows)
     assert ok, why
     ok, why = DeviceTrainer.decide(owner, {**metrics, "origin": {"reference": acc(origin)}}, rows)
-    assert not ok and "against generation 0" in why and "0.8000 -> 0.6200" in why
+    assert not ok and "against the workstation" in why and "0.8000 -> 0.6200" in why
 
 
 def test_second_generation_is_checked_against_generation_0_without_scoring_it_again(tmp_path, ref_bundle):
@@ -341,3 +341,14 @@ def test_blend_promotes_the_weight_average_of_the_parent_and_the_trained_adapter
     assert any(not np.allclose(gens["1"][k], parent[k]) for k in parent)
     r, _ = device("train", "--bundle", ref_bundle, "--state", tmp_path / "bad", "--data", data, "--blend", "0", "--quiet")
     assert r.exit_code == 2 and "--blend" in r.output
+
+
+def test_the_origin_is_the_workstations_last_adapter_on_the_line():
+    from types import SimpleNamespace
+
+    from edgeft.device.state import DeviceState
+
+    gens = {0: {"id": 0}, 1: {"id": 1, "parent": 0}, 2: {"id": 2, "parent": 1, "source": "update"}, 3: {"id": 3, "parent": 2},
+            4: {"id": 4, "parent": 3}, 5: {"id": 5, "parent": 1}}
+    fake = SimpleNamespace(generation=gens.__getitem__)
+    assert [DeviceState.origin(fake, g) for g in range(6)] == [0, 0, 2, 2, 2, 0]

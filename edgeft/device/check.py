@@ -94,13 +94,13 @@ def unbits(text: str | None) -> list | None:
 
 def earlier_result(generations: list, parent: int, split: str, print_: str) -> tuple[dict, list | None] | None:
     """(metrics, per-row correctness) of generation `parent` on a set with this fingerprint, from any record
-    that checked it: the parent's own (as the candidate) or a sibling's (as the baseline)."""
+    that checked it: the parent's own (as the candidate), a sibling's (as the baseline) or a descendant's (as the origin)."""
     for g in reversed(generations):
         c = g.get("check") or {}
         if (c.get("fingerprints") or {}).get(split) != print_:
             continue
         sides = ["candidate"] if g.get("id") == parent else ["baseline"] if g.get("parent") == parent else []
-        sides += ["origin"] if parent == 0 else []
+        sides += ["origin"] if (g.get("check") or {}).get("origin") == parent else []
         for side in sides:
             m = (g.get("metrics") or {}).get(side, {}).get(split)
             if m is not None:
@@ -123,11 +123,11 @@ class PromotionCheck:
                      "of": {n: len(r) for n, r in full.items() if r}}
 
     def compare(self, base_params: dict, new_params: dict, parent: int | None = None, generations: list | None = None,
-                origin_params: dict | None = None) -> tuple[dict, dict]:
+                origin: int | None = None, origin_params: dict | None = None) -> tuple[dict, dict]:
         """(metrics, per-row correctness) as DeviceTrainer.compare returns them. With `parent` (the
         baseline's generation) and the state's `generations`, a set the parent was already checked on is reused.
-        With `origin_params` (generation 0, the bundle's adapter) and a parent after it, the bundle's
-        reference rows are also scored for the origin ("origin" in the result): small losses against
+        With `origin_params` (generation `origin`: the bundle's adapter, or the workstation's last update),
+        the bundle's reference rows are also scored for it ("origin" in the result): small losses against
         each parent add up over generations, and only the origin sees the sum."""
         t0 = time.perf_counter()
         use_engine = self.engine is not None and self.owner.task == "causal-lm"
@@ -135,14 +135,14 @@ class PromotionCheck:
         batch = self.batch if use_engine else None
         prints = {split: fingerprint(data, batch or 0, graph) for split, data in self.sets.items()}
         known = {}
-        origin_split = [s for s in ("reference",) if s in self.sets] if origin_params is not None and parent else []
-        for side, gen, splits in (("baseline", parent, self.sets), ("origin", 0, origin_split)):
+        origin_split = [s for s in ("reference",) if s in self.sets] if origin_params is not None else []
+        for side, gen, splits in (("baseline", parent, self.sets), ("origin", origin, origin_split)):
             for split in splits if gen is not None and generations else ():
                 hit = earlier_result(generations, gen, split, prints[split])
                 if hit is not None:
                     known[(side, split)] = hit
         self.info.update(engine=f"training engine's eval step ({self.engine.name}), batch {self.batch}" if use_engine
-                         else "one inference session, weights swapped", fingerprints=prints,
+                         else "one inference session, weights swapped", fingerprints=prints, origin=origin if origin_split else None,
                          baseline_reused=sorted(s for side, s in known if side == "baseline"))
         run = self._with_engine if use_engine else self._with_inference
         sides = [("origin", origin_params, [s for s in origin_split if ("origin", s) not in known])] if origin_split else []

@@ -100,6 +100,13 @@ class DeviceState:
         known = ", ".join(str(g["id"]) for g in self.data["generations"])
         raise StateError(f"no generation {gen}", f"generations: {known} (see `edgeft device status`)")
 
+    def origin(self, gen: int) -> int:
+        """The generation the workstation last set on `gen`'s line: 0 (the bundle) or the nearest
+        ancestor applied as an update from the workstation. Device generations are checked against it."""
+        while gen != 0 and self.generation(gen).get("source") != "update":
+            gen = self.generation(gen)["parent"]
+        return gen
+
     def params(self, gen: int | None = None) -> dict:
         """A generation's trainable weights by ONNX name; generation 0 is the bundle's adapter."""
         gen = self.current if gen is None else gen

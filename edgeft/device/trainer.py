@@ -284,8 +284,9 @@ class DeviceTrainer:
         try:
             state = getattr(self, "state", None)
             generations = state.data["generations"] if state is not None and parent is not None else None
-            origin = state.params(0) if generations and parent else None
-            out, rows = check.compare(base_params, new_params, parent, generations, origin_params=origin)
+            origin = state.origin(parent) if generations else None
+            out, rows = check.compare(base_params, new_params, parent, generations, origin,
+                                      state.params(origin) if origin not in (None, parent) else None)
         finally:
             self.check_engine = None  # the engine's sessions go with it
             gc.collect()
@@ -297,23 +298,23 @@ class DeviceTrainer:
         sign test over the rows the two adapters disagree on (p < 0.05). A few hundred rows move by
         several points between equally good adapters; the test keeps that noise from blocking updates.
         The candidate must pass against its parent on every set and, on the bundle's reference rows,
-        against generation 0 too (metrics["origin"]), so losses too small to see one generation at a
-        time cannot add up."""
+        against the workstation's last adapter too (metrics["origin"]: generation 0 or the last update
+        applied), so losses too small to see one generation at a time cannot add up."""
         key = "accuracy" if self.task == "classify" else "eval_loss"
         tol = self.cfg.tolerance
         if not metrics["candidate"]:
             return False, "no held-out or reference rows to check it on (pass --eval-data); kept, not promoted"
         worse = []
-        against = [("baseline", split, "") for split in metrics["candidate"]]
-        against += [("origin", split, " (against generation 0)") for split in metrics.get("origin", {})]
-        for side, split, note in against:
-            old, new = metrics[side][split][key], metrics["candidate"][split][key]
+        against = [("baseline", name, "") for name in metrics["candidate"]]
+        against += [("origin", name, " (against the workstation's adapter)") for name in metrics.get("origin", {})]
+        for side, name, note in against:
+            old, new = metrics[side][name][key], metrics["candidate"][name][key]
             if key == "accuracy":
-                p = sign_test(rows[(side, split)], rows[("candidate", split)])
+                p = sign_test(rows[(side, name)], rows[("candidate", name)])
                 if new < old - tol and p < 0.05:
-                    worse.append(f"{split} {key} {old:.4f} -> {new:.4f} (p={p:.3f}){note}")
+                    worse.append(f"{name} {key} {old:.4f} -> {new:.4f} (p={p:.3f}){note}")
             elif new > old * (1 + tol):
-                worse.append(f"{split} {key} {old:.4f} -> {new:.4f}{note}")
+                worse.append(f"{name} {key} {old:.4f} -> {new:.4f}{note}")
         if worse:
             return False, "regressed beyond the tolerance ({}): {}".format(tol, "; ".join(worse))
         return True, "no regression on " + " and ".join(metrics["candidate"])
