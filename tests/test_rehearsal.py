@@ -318,6 +318,9 @@ def test_second_generation_is_checked_against_generation_0_without_scoring_it_ag
     assert list(s2["metrics"]["origin"]) == ["reference"]
     assert s2["metrics"]["origin"]["reference"] == s1["metrics"]["baseline"]["reference"]  # reused from generation 1's check
     assert s2["check"]["correct"]["origin"]["reference"] == s1["check"]["correct"]["baseline"]["reference"]
+    assert s2["check"]["origin"] == 0
+    r, _ = device("train", "--bundle", ref_bundle, "--state", state, "--data", tmp_path / "b.jsonl", "--tolerance", "1", "--quiet")
+    assert r.exit_code == 0 and "reference against generation 0: accuracy" in r.output, r.output
 
 
 def test_blend_promotes_the_weight_average_of_the_parent_and_the_trained_adapter(tmp_path, ref_bundle):

@@ -96,6 +96,10 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_rati
     for split in s["metrics"]["candidate"]:
         old, new = s["metrics"]["baseline"][split], s["metrics"]["candidate"][split]
         lines.append(f"{split}: " + ", ".join(f"{k} {old[k]:.4f} -> {new[k]:.4f}" for k in ("accuracy", "eval_loss") if k in new))
+    for split, old in s["metrics"].get("origin", {}).items():
+        new = s["metrics"]["candidate"][split]
+        lines.append(f"{split} against generation {s['check']['origin']}: "
+                     + ", ".join(f"{k} {old[k]:.4f} -> {new[k]:.4f}" for k in ("accuracy", "eval_loss") if k in new))
     lines.append(peak_line(s))
     if s.get("check"):
         c = s["check"]
