@@ -63,12 +63,35 @@ def mean_product(adapters: list[dict], w: np.ndarray, a_name: str, b_name: str) 
     return out
 
 
-def refactor(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B (out, r), A (r, in)) with B @ A the best rank-r approximation of delta, balanced: B and A
-    carry sqrt of each singular value, so neither factor dwarfs the other when training resumes."""
-    u, s, vt = np.linalg.svd(delta, full_matrices=False)  # u (out, m), s (m,), vt (m, in), m = min(out, in)
-    u, s, vt = u[:, :rank], s[:rank], vt[:rank]
-    if len(s) < rank:  # a layer narrower than the rank: pad with zero directions
+def stacked(adapters: list[dict], w: np.ndarray, a_name: str, b_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(P (out, K*r), Q (K*r, in)) with P @ Q = sum_k w_k B_k @ A_k: the clients' factors side by side."""
+    p = np.concatenate([np.sqrt(wk) * ad[b_name].astype(np.float64) for ad, wk in zip(adapters, w)], axis=1)
+    q = np.concatenate([np.sqrt(wk) * ad[a_name].astype(np.float64) for ad, wk in zip(adapters, w)], axis=0)
+    return p, q
+
+
+def small_svd(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    try:
+        return np.linalg.svd(m, full_matrices=False)
+    except np.linalg.LinAlgError:  # LAPACK's divide and conquer can fail to converge; the eigenproblem of m^T m cannot
+        s2, v = np.linalg.eigh(m.T @ m)
+        order = np.argsort(s2)[::-1]
+        s = np.sqrt(np.clip(s2[order], 0, None))
+        v = v[:, order]
+        u = (m @ v) / np.where(s > 0, s, 1.0)
+        return u, s, v.T
+
+
+def refactor(p: np.ndarray, q: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B (out, r), A (r, in)) with B @ A the best rank-r approximation of p @ q, balanced: B and A
+    carry the square root of each singular value, so neither factor dwarfs the other when training
+    resumes. Computed from the factors, never the (out, in) product: QR of each side, then the SVD of
+    a (K*r, K*r) matrix (the full product's SVD fails to converge on some real layers, and is slower)."""
+    qp, rp = np.linalg.qr(p)  # p (out, k) = qp (out, k) rp (k, k)
+    qq, rq = np.linalg.qr(q.T)  # q.T (in, k) = qq (in, k) rq (k, k)
+    u, s, vt = small_svd(rp @ rq.T)  # p @ q = qp (u s vt) qq.T
+    u, s, vt = qp @ u[:, :rank], s[:rank], vt[:rank] @ qq.T
+    if len(s) < rank:  # fewer directions than the rank (one client, a narrow layer): pad with zero directions
         u = np.pad(u, ((0, 0), (0, rank - len(s))))
         vt = np.pad(vt, ((0, rank - len(s)), (0, 0)))
         s = np.pad(s, (0, rank - len(s)))
@@ -84,7 +107,7 @@ def exact(adapters: list[dict], weights) -> dict:
     out = {n: weighted_mean([a[n] for a in adapters], w) for n in whole}
     for a_name, b_name in pairs.values():
         rank = adapters[0][a_name].shape[0]
-        out[b_name], out[a_name] = refactor(mean_product(adapters, w, a_name, b_name), rank)
+        out[b_name], out[a_name] = refactor(*stacked(adapters, w, a_name, b_name), rank)
     return {n: out[n] for n in adapters[0]}  # the input's order
 
 

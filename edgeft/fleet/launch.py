@@ -58,6 +58,10 @@ def flower_bin(name: str) -> str:
 def flower_env(home: Path | None = None) -> dict:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # Flower spawns its helpers by name
+    # numpy's BLAS on one thread: the aggregation's small QR/SVDs ran 300x slower with OpenBLAS's threads
+    # spinning against ONNX Runtime's on a busy 2-core machine (0.1 s against 34 s, measured); ORT keeps its own pool
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
     if home is not None:
         env["FLWR_HOME"] = str(home)
     return env
