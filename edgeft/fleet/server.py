@@ -150,14 +150,17 @@ class FleetStrategy(FedAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         size = arrays.count_bytes()
         self.sent = {m.metadata.dst_node_id: size for m in messages}
+        self.messages = messages  # Flower stamps their message ids when it pushes them
         self.fleet.log(f"round {server_round}: sending the adapter ({size} bytes) to {len(messages)} nodes")
         return messages
 
     def aggregate_train(self, server_round: int, replies):
         replies = list(replies)
+        # an error the SuperLink answers for a node (unavailable) comes from the SuperLink: name the node it was sent to
+        to_node = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "messages", [])}
         entries = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = to_node.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             if msg.has_error():
                 entries.append({"node": node, "error": f"the device failed or dropped out: {msg.error.reason}", "bytes_down": self.sent.get(node)})
                 continue
