@@ -78,6 +78,16 @@ def test_exact_truncates_to_the_best_rank_r_and_balances_the_factors():
     assert product_error(e, ads, [1, 1, 1]) < product_error(fedavg(ads, [1, 1, 1]), ads, [1, 1, 1])
 
 
+def test_update_error_is_relative_to_what_the_round_changed():
+    start = adapter([[2]], [[2]])  # B·A = 4
+    ads = [adapter([[2]], [[2.5]]), adapter([[2]], [[1.5]])]  # 5 and 3: the mean product 4, the round moved nothing on average
+    f = fedavg(ads, [1, 1])
+    assert (f[B] @ f[A]).item() == pytest.approx(4.0)
+    ads = [adapter([[1]], [[1]]), adapter([[3]], [[3]])]  # products 1 and 9, mean 5; fedavg gives 4; from start 4: moved by 1
+    assert product_error(fedavg(ads, [1, 1]), ads, [1, 1], start) == pytest.approx(1.0)  # |4 - 5| / |5 - 4|
+    assert product_error(exact(ads, [1, 1]), ads, [1, 1], start) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_refactor_pads_a_layer_with_fewer_directions_than_the_rank():
     p, q = stacked([adapter([[1.0, 2.0]], [[3.0]])], np.array([1.0]), A, B)
     b, a = refactor(p, q, 3)

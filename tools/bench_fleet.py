@@ -139,6 +139,7 @@ def fleet(bundle: Path, shards: list[Path], work: Path, rounds: int, steps: int,
         per_round.append({"round": r["round"], "clients": r["clients"], "heldout_accuracy": r["heldout"].get("accuracy"),
                           f"heldout_accuracy_{other}": r.get(other, {}).get("heldout", {}).get("accuracy"),
                           "product_error": r.get("product_error"), f"product_error_{other}": r.get(other, {}).get("product_error"),
+                          "update_error": r.get("update_error"), f"update_error_{other}": r.get(other, {}).get("update_error"),
                           "bytes_down_per_client": max(e["bytes_down"] for e in mine), "bytes_up_per_client": max(e["bytes_up"] for e in mine),
                           "device_seconds": [e.get("seconds") for e in mine]})
     return {"out": str(out), "wall_s": round(wall, 1), "rounds": per_round, "start_heldout_accuracy": summary["rounds"][0]["heldout"].get("accuracy")}
@@ -195,12 +196,12 @@ def main() -> None:
     for agg, f in result["fleet"].items():
         print(f"\nfleet ({agg}) per round:")
         other = "fedavg" if agg == "exact" else "exact"
-        print(f"| round | clients | held-out acc ({agg}) | held-out acc ({other}, same updates) | product error {agg} | product error {other} "
-              "| bytes down / up per client |")
+        print(f"| round | clients | held-out acc ({agg}) | held-out acc ({other}, same updates) | B·A error vs the round's update: {agg} "
+              f"| {other} | bytes down / up per client |")
         print("|---:|---:|---:|---:|---:|---:|---:|")
         for r in f["rounds"]:
-            print(f"| {r['round']} | {r['clients']} | {r['heldout_accuracy']:.4f} | {r[f'heldout_accuracy_{other}']:.4f} | {r['product_error']:.4f} "
-                  f"| {r[f'product_error_{other}']:.4f} | {r['bytes_down_per_client']:,} / {r['bytes_up_per_client']:,} |")
+            print(f"| {r['round']} | {r['clients']} | {r['heldout_accuracy']:.4f} | {r[f'heldout_accuracy_{other}']:.4f} | {r['update_error']:.4f} "
+                  f"| {r[f'update_error_{other}']:.4f} | {r['bytes_down_per_client']:,} / {r['bytes_up_per_client']:,} |")
         f["beats_best_local"] = f["test"]["accuracy"] > best_local
         f["gap_to_centralized_points"] = round(100 * (c["accuracy"] - f["test"]["accuracy"]), 2)
         print(f"beats the best local-only ({best_local:.4f}): {f['beats_best_local']}; "

@@ -119,8 +119,11 @@ def aggregate(method: str, adapters: list[dict], weights) -> dict:
     return (exact if method == "exact" else fedavg)(adapters, weights)
 
 
-def product_error(aggregated: dict, adapters: list[dict], weights) -> float:
-    """||B @ A - sum_k w_k B_k @ A_k||_F / ||sum_k w_k B_k @ A_k||_F over all LoRA pairs together."""
+def product_error(aggregated: dict, adapters: list[dict], weights, start: dict | None = None) -> float:
+    """||B @ A - sum_k w_k B_k @ A_k||_F over all LoRA pairs together, relative to ||sum_k w_k B_k @ A_k||_F,
+    or, given the round's `start` adapter, to the size of the round's mean update ||sum_k w_k B_k @ A_k - B_0 @ A_0||_F
+    (the devices share the start, so the products are close to each other and to it: the error that matters
+    is against what the round changed)."""
     w = normalise(weights)
     pairs, _ = lora_pairs(aggregated)
     err = ref = 0.0
@@ -128,5 +131,6 @@ def product_error(aggregated: dict, adapters: list[dict], weights) -> float:
         target = mean_product(adapters, w, a_name, b_name)
         got = aggregated[b_name].astype(np.float64) @ aggregated[a_name].astype(np.float64)
         err += float(np.sum((got - target) ** 2))
-        ref += float(np.sum(target ** 2))
+        base = start[b_name].astype(np.float64) @ start[a_name].astype(np.float64) if start is not None else 0.0
+        ref += float(np.sum((target - base) ** 2))
     return float(np.sqrt(err / ref)) if ref > 0 else 0.0

@@ -111,12 +111,15 @@ class Fleet:
         method = self.settings["aggregation"]
         t0 = time.perf_counter()
         agg = aggregate(method, adapters, weights)
-        info = {"method": method, "seconds": round(time.perf_counter() - t0, 3), "product_error": round(product_error(agg, adapters, weights), 6)}
+        start = getattr(self, "current", None)  # the adapter this round started from
+        errors = lambda a: {"product_error": round(product_error(a, adapters, weights), 6),  # noqa: E731
+                            **({"update_error": round(product_error(a, adapters, weights, start), 6)} if start is not None else {})}
+        info = {"method": method, "seconds": round(time.perf_counter() - t0, 3), **errors(agg)}
         if self.settings.get("compare"):  # the other method on the same updates, scored on the same rows
             for other in METHODS:
                 if other != method:
                     alt = aggregate(other, adapters, weights)
-                    info[other] = {"product_error": round(product_error(alt, adapters, weights), 6), "heldout": self.evaluate(alt)}
+                    info[other] = {**errors(alt), "heldout": self.evaluate(alt)}
         self.pending = {"round": rnd, "clients": len(accepted), "samples": sum(weights),
                         "nodes": [r["node"] for r in accepted], **info}
         return agg
@@ -151,6 +154,7 @@ class FleetStrategy(FedAvg):
         size = arrays.count_bytes()
         self.sent = {m.metadata.dst_node_id: size for m in messages}
         self.messages = messages  # Flower stamps their message ids when it pushes them
+        self.fleet.current = to_numpy(arrays)
         self.fleet.log(f"round {server_round}: sending the adapter ({size} bytes) to {len(messages)} nodes")
         return messages
 
