@@ -88,6 +88,16 @@ def test_update_error_is_relative_to_what_the_round_changed():
     assert product_error(exact(ads, [1, 1]), ads, [1, 1], start) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("method", ["exact", "fedavg"])
+def test_server_step_extends_the_mean_step(method):
+    start = adapter([[1]], [[1]], head=0.0)  # B·A = 1
+    ads = [adapter([[1]], [[2]], head=1.0), adapter([[1]], [[4]], head=3.0)]  # B·A 2 and 4: the mean moved by 2, the head by 2
+    one = aggregate(method, ads, [1, 1], start, 1.0)
+    two = aggregate(method, ads, [1, 1], start, 2.0)
+    assert (one[B] @ one[A]).item() == pytest.approx(3.0) and one[HEAD][0] == pytest.approx(2.0)
+    assert (two[B] @ two[A]).item() == pytest.approx(5.0) and two[HEAD][0] == pytest.approx(4.0)  # 1 + 2 x 2, 0 + 2 x 2
+
+
 def test_refactor_pads_a_layer_with_fewer_directions_than_the_rank():
     p, q = stacked([adapter([[1.0, 2.0]], [[3.0]])], np.array([1.0]), A, B)
     b, a = refactor(p, q, 3)

@@ -100,12 +100,12 @@ def encoded_test(bundle: Path, path: Path):
     return encode_rows(load_task_rows(path, m.task, m.labels), m.task, tok, m.labels, m.max_seq_len, where=str(path), warn=lambda _: None), tok
 
 
-def fleet(bundle: Path, shards: list[Path], work: Path, rounds: int, steps: int, aggregation: str, port: int) -> dict:
+def fleet(bundle: Path, shards: list[Path], work: Path, rounds: int, steps: int, aggregation: str, port: int, server_lr: float = 1.0) -> dict:
     out = work / f"fleet-{aggregation}"
     py = str(ROOT / ".venv/bin/python")
     server = subprocess.Popen([py, "-m", "edgeft", "fleet", "serve", "--bundle", str(bundle), "--out", str(out), "--rounds", str(rounds),
                                "--steps", str(steps), "--min-clients", "3", "--eval-data", str(DATA / "holdout.jsonl"), "--aggregation",
-                               aggregation, "--compare-aggregations", "--port", str(port), "--insecure", "--json"],
+                               aggregation, "--server-lr", str(server_lr), "--compare-aggregations", "--port", str(port), "--insecure", "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
     sys.path.insert(0, str(ROOT))
     from edgeft.fleet.launch import stop, wait_reachable
@@ -152,33 +152,43 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="steps per device per round")
     ap.add_argument("--aggregations", default="exact,fedavg")
     ap.add_argument("--port", type=int, default=9390)
+    ap.add_argument("--server-lr", type=float, default=1.0, help="the fleet's server step (edgeft fleet serve --server-lr)")
+    ap.add_argument("--baselines", type=Path, help="reuse the start, local-only and centralized arms of an earlier run's JSON (same bundle, rounds, steps)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fleet.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     bundle = args.bundle.resolve()
-    result = {"bundle": str(bundle), "rounds": args.rounds, "steps_per_round": args.steps, "devices": 3, "test": "test.jsonl"}
+    result = {"bundle": str(bundle), "rounds": args.rounds, "steps_per_round": args.steps, "devices": 3, "test": "test.jsonl",
+              "server_lr": args.server_lr}
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         work = Path(tmp)
         *shards, union = skewed_shards(work)
         result["shards"] = [{label: sum(json.loads(line)["label"] == label for line in p.read_text().splitlines()) for label in LABELS} for p in shards]
         test = encoded_test(bundle, DATA / "test.jsonl")
-        result["start"] = test_accuracy(bundle, work / "s0", 0, test)
         total = args.rounds * args.steps
-        local = []
-        for k, shard in enumerate(shards):
+        old = json.loads(args.baselines.read_text()) if args.baselines else None
+        if old and (old["rounds"], old["steps_per_round"], old["bundle"]) != (args.rounds, args.steps, str(bundle)):
+            sys.exit(f"{args.baselines} was measured with other rounds, steps or bundle")
+        result["start"] = old["start"] if old else test_accuracy(bundle, work / "s0", 0, test)
+        local = old["local_only"] if old else []
+        for k, shard in enumerate(shards if not old else []):
             s = device_train(bundle, shard, work / f"local{k}", total)
             local.append({"device": k, "steps": s["steps"], "promoted": s["promoted"], "wall_s": s["wall_s"],
                           **test_accuracy(bundle, work / f"local{k}", s["generation"], test)})
             print(f"local-only device {k}: {local[-1]}", file=sys.stderr)
         result["local_only"] = local
-        s = device_train(bundle, union, work / "central", 3 * total)
-        result["centralized"] = {"steps": s["steps"], "promoted": s["promoted"], "wall_s": s["wall_s"],
-                                 **test_accuracy(bundle, work / "central", s["generation"], test)}
+        if old:
+            result["centralized"], result["baselines_from"] = old["centralized"], str(args.baselines)
+        else:
+            s = device_train(bundle, union, work / "central", 3 * total)
+            result["centralized"] = {"steps": s["steps"], "promoted": s["promoted"], "wall_s": s["wall_s"],
+                                     **test_accuracy(bundle, work / "central", s["generation"], test)}
         print(f"centralized: {result['centralized']}", file=sys.stderr)
         result["fleet"] = {}
         for i, agg in enumerate(args.aggregations.split(",")):
-            f = fleet(bundle, shards, work, args.rounds, args.steps, agg, args.port + i)
+            f = fleet(bundle, shards, work, args.rounds, args.steps, agg, args.port + i, args.server_lr)
             f["test"] = test_accuracy(bundle, Path(f["out"]) / "state", None, test)
+            f["test_per_round"] = [test_accuracy(bundle, Path(f["out"]) / "state", g, test)["accuracy"] for g in range(1, args.rounds + 1)]
             result["fleet"][agg] = f
             print(f"fleet ({agg}): {f['test']} in {f['wall_s']} s", file=sys.stderr)
     best_local = max(r["accuracy"] for r in result["local_only"])
@@ -192,9 +202,10 @@ def main() -> None:
     c = result["centralized"]
     print(f"| centralized (union) | {c['steps']} (one machine) | {c['accuracy']:.4f} | {c['macro_f1']:.4f} | {c['wall_s']:.0f} s |")
     for agg, f in result["fleet"].items():
-        print(f"| fleet, {agg}, {args.rounds} rounds | {total} | {f['test']['accuracy']:.4f} | {f['test']['macro_f1']:.4f} | {f['wall_s']:.0f} s |")
+        print(f"| fleet, {agg}, {args.rounds} rounds, server step {args.server_lr:g} | {total} | {f['test']['accuracy']:.4f} "
+              f"| {f['test']['macro_f1']:.4f} | {f['wall_s']:.0f} s |")
     for agg, f in result["fleet"].items():
-        print(f"\nfleet ({agg}) per round:")
+        print(f"\nfleet ({agg}) per round; test accuracy after each round: {f['test_per_round']}")
         other = "fedavg" if agg == "exact" else "exact"
         print(f"| round | clients | held-out acc ({agg}) | held-out acc ({other}, same updates) | B·A error vs the round's update: {agg} "
               f"| {other} | bytes down / up per client |")

@@ -48,10 +48,20 @@ def weighted_mean(arrays: list[np.ndarray], w: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def fedavg(adapters: list[dict], weights) -> dict:
-    """Every tensor's weighted mean, A and B separately."""
+def with_server_step(adapters: list[dict], weights, start: dict | None, server_lr: float) -> tuple[list[dict], np.ndarray]:
+    """(adapters, coefficients) of the aggregate start + server_lr * (weighted mean - start): the
+    weighted mean itself when server_lr is 1 (FedAvg); above 1, the round's mean step taken longer
+    (a server learning rate, as in FedOpt): coefficients server_lr * w_k, and 1 - server_lr on the start."""
     w = normalise(weights)
-    return {n: weighted_mean([a[n] for a in adapters], w) for n in adapters[0]}
+    if start is None or server_lr == 1.0:
+        return list(adapters), w
+    return [*adapters, start], np.append(server_lr * w, 1.0 - server_lr)
+
+
+def fedavg(adapters: list[dict], weights, start: dict | None = None, server_lr: float = 1.0) -> dict:
+    """Every tensor's weighted mean, A and B separately."""
+    ads, c = with_server_step(adapters, weights, start, server_lr)
+    return {n: weighted_mean([a[n] for a in ads], c) for n in adapters[0]}
 
 
 def mean_product(adapters: list[dict], w: np.ndarray, a_name: str, b_name: str) -> np.ndarray:
@@ -63,10 +73,11 @@ def mean_product(adapters: list[dict], w: np.ndarray, a_name: str, b_name: str) 
     return out
 
 
-def stacked(adapters: list[dict], w: np.ndarray, a_name: str, b_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(P (out, K*r), Q (K*r, in)) with P @ Q = sum_k w_k B_k @ A_k: the clients' factors side by side."""
-    p = np.concatenate([np.sqrt(wk) * ad[b_name].astype(np.float64) for ad, wk in zip(adapters, w)], axis=1)
-    q = np.concatenate([np.sqrt(wk) * ad[a_name].astype(np.float64) for ad, wk in zip(adapters, w)], axis=0)
+def stacked(adapters: list[dict], c: np.ndarray, a_name: str, b_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(P (out, K*r), Q (K*r, in)) with P @ Q = sum_k c_k B_k @ A_k: the clients' factors side by side
+    (c may be negative: a server step's weight on the start)."""
+    p = np.concatenate([ck * ad[b_name].astype(np.float64) for ad, ck in zip(adapters, c)], axis=1)
+    q = np.concatenate([ad[a_name].astype(np.float64) for ad in adapters], axis=0)
     return p, q
 
 
@@ -99,24 +110,26 @@ def refactor(p: np.ndarray, q: np.ndarray, rank: int) -> tuple[np.ndarray, np.nd
     return (u * root).astype(np.float32), (root[:, None] * vt).astype(np.float32)
 
 
-def exact(adapters: list[dict], weights) -> dict:
+def exact(adapters: list[dict], weights, start: dict | None = None, server_lr: float = 1.0) -> dict:
     """The weighted mean of each pair's products B @ A, re-factored to the adapter's rank by SVD;
     tensors trained whole averaged."""
-    w = normalise(weights)
+    ads, c = with_server_step(adapters, weights, start, server_lr)
     pairs, whole = lora_pairs(adapters[0])
-    out = {n: weighted_mean([a[n] for a in adapters], w) for n in whole}
+    out = {n: weighted_mean([a[n] for a in ads], c) for n in whole}
     for a_name, b_name in pairs.values():
         rank = adapters[0][a_name].shape[0]
-        out[b_name], out[a_name] = refactor(*stacked(adapters, w, a_name, b_name), rank)
+        out[b_name], out[a_name] = refactor(*stacked(ads, c, a_name, b_name), rank)
     return {n: out[n] for n in adapters[0]}  # the input's order
 
 
-def aggregate(method: str, adapters: list[dict], weights) -> dict:
+def aggregate(method: str, adapters: list[dict], weights, start: dict | None = None, server_lr: float = 1.0) -> dict:
     if method not in METHODS:
         raise ValueError(f"unknown aggregation {method!r}; one of {', '.join(METHODS)}")
     if not adapters:
         raise ValueError("nothing to aggregate")
-    return (exact if method == "exact" else fedavg)(adapters, weights)
+    if server_lr <= 0:
+        raise ValueError(f"the server step must be positive, not {server_lr}")
+    return (exact if method == "exact" else fedavg)(adapters, weights, start, server_lr)
 
 
 def product_error(aggregated: dict, adapters: list[dict], weights, start: dict | None = None) -> float:

@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg
 serverapp = ServerApp()
 
 DEFAULTS = {"rounds": 3, "steps": 20, "lr": 0.0, "aggregation": "exact", "min-clients": 2, "fraction": 1.0, "round-timeout": 600.0,
-            "compare": False, "replay-ratio": -1.0, "eval-data": ""}
+            "compare": False, "replay-ratio": -1.0, "eval-data": "", "server-lr": 1.0}
 
 
 def to_numpy(record: ArrayRecord) -> dict:
@@ -108,18 +108,23 @@ class Fleet:
             return None
         adapters = [r["arrays"] for r in accepted]
         weights = [float(r["meta"]["num-examples"]) for r in accepted]
-        method = self.settings["aggregation"]
-        t0 = time.perf_counter()
-        agg = aggregate(method, adapters, weights)
+        method, step = self.settings["aggregation"], float(self.settings.get("server-lr", 1.0))
         start = getattr(self, "current", None)  # the adapter this round started from
-        errors = lambda a: {"product_error": round(product_error(a, adapters, weights), 6),  # noqa: E731
-                            **({"update_error": round(product_error(a, adapters, weights, start), 6)} if start is not None else {})}
-        info = {"method": method, "seconds": round(time.perf_counter() - t0, 3), **errors(agg)}
+        t0 = time.perf_counter()
+        agg = aggregate(method, adapters, weights, start, step)
+        seconds = round(time.perf_counter() - t0, 3)
+
+        def errors(m: str, a: dict) -> dict:  # how far the method's B·A is from the mean of the devices' (without the server step)
+            a = a if step == 1.0 else aggregate(m, adapters, weights)
+            return {"product_error": round(product_error(a, adapters, weights), 6),
+                    **({"update_error": round(product_error(a, adapters, weights, start), 6)} if start is not None else {})}
+
+        info = {"method": method, "server_lr": step, "seconds": seconds, **errors(method, agg)}
         if self.settings.get("compare"):  # the other method on the same updates, scored on the same rows
             for other in METHODS:
                 if other != method:
-                    alt = aggregate(other, adapters, weights)
-                    info[other] = {**errors(alt), "heldout": self.evaluate(alt)}
+                    alt = aggregate(other, adapters, weights, start, step)
+                    info[other] = {**errors(other, alt), "heldout": self.evaluate(alt)}
         self.pending = {"round": rnd, "clients": len(accepted), "samples": sum(weights),
                         "nodes": [r["node"] for r in accepted], **info}
         return agg
