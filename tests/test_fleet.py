@@ -299,6 +299,48 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ci
+@pytest.mark.skipif(not DEVICE_PY.is_file(), reason="needs .venv-device (tools/bootstrap-device)")
+def test_tiny_flower_deployment_one_round(tmp_path, cls_bundle):
+    """The whole Flower path in about a minute: `edgeft fleet serve` and three `edgeft device fleet-join`
+    as separate processes (the devices in .venv-device), one round on the tiny bundle."""
+    from edgeft.fleet.launch import wait_reachable
+
+    r = subprocess.run([str(DEVICE_PY), "-c", "import flwr"], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(".venv-device lacks the [fleet] extra")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    port = 9900 + os.getpid() % 90
+    out = tmp_path / "fleet"
+    held = write_jsonl(tmp_path / "held.jsonl", [{"text": "i loved it", "label": "pos"}, {"text": "sad movie", "label": "neg"}] * 4)
+    server = subprocess.Popen([sys.executable, "-m", "edgeft", "fleet", "serve", "--bundle", cls_bundle, "--out", out, "--rounds", "1",
+                               "--steps", "2", "--min-clients", "3", "--round-timeout", "120", "--eval-data", held, "--port", str(port),
+                               "--insecure", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    devices = []
+    try:
+        assert wait_reachable("127.0.0.1", port, 60, server), "the SuperLink did not start"
+        for k, (a, b) in enumerate([("i loved it", "great result"), ("terrible day", "sad movie"), ("great result", "sad movie")]):
+            data = write_jsonl(tmp_path / f"d{k}.jsonl", [{"text": a, "label": "pos" if "great" in a or "loved" in a else "neg"},
+                                                          {"text": b, "label": "pos" if "great" in b else "neg"}] * 6)
+            devices.append(subprocess.Popen([str(DEVICE_PY), "-m", "edgeft", "device", "fleet-join", "--bundle", cls_bundle, "--data", data,
+                                             "--state", tmp_path / f"s{k}", "--name", f"d{k}", "--server", f"127.0.0.1:{port}", "--insecure"],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True))
+        stdout, stderr = server.communicate(timeout=300)
+        assert server.returncode == 0, stderr[-3000:]
+    finally:
+        for p in devices:
+            kill_tree(p)
+        if server.poll() is None:
+            kill_tree(server)
+    summary = json.loads(stdout)
+    assert [r["round"] for r in summary["rounds"]] == [0, 1] and summary["rounds"][1]["clients"] == 3
+    replies = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if '"reply"' in line]
+    assert sorted(e["device"] for e in replies if e["accepted"]) == ["d0", "d1", "d2"]
+    assert all(e["bytes_up"] > 0 and e["bytes_up"] == e["bytes_down"] and e["samples"] == 11 for e in replies)  # 12 rows, 10% held out
+    assert (out / "rounds" / "r0001" / "update" / "update.json").is_file()
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not REAL_BUNDLE.is_dir() or not DEVICE_PY.is_file(), reason="needs runs/quickstart-sentiment.bundle (tools/quickstart) and .venv-device")
 def test_real_flower_deployment_survives_a_dropout_a_bad_update_and_a_restart(tmp_path):
     r = subprocess.run([str(DEVICE_PY), "-c", "import flwr, edgeft.fleet.client, sys; print('torch' in sys.modules)"],
