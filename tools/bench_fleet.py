@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--aggregations", default="exact,fedavg")
     ap.add_argument("--port", type=int, default=9390)
     ap.add_argument("--server-lr", type=float, default=1.0, help="the fleet's server step (edgeft fleet serve --server-lr)")
-    ap.add_argument("--baselines", type=Path, help="reuse the start, local-only and centralized arms of an earlier run's JSON (same bundle, rounds, steps)")
+    ap.add_argument("--baselines", type=Path, help="reuse the start, local-only and centralized arms of an earlier run's JSON (same bundle and rounds x steps)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fleet.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -167,8 +167,8 @@ def main() -> None:
         test = encoded_test(bundle, DATA / "test.jsonl")
         total = args.rounds * args.steps
         old = json.loads(args.baselines.read_text()) if args.baselines else None
-        if old and (old["rounds"], old["steps_per_round"], old["bundle"]) != (args.rounds, args.steps, str(bundle)):
-            sys.exit(f"{args.baselines} was measured with other rounds, steps or bundle")
+        if old and (old["rounds"] * old["steps_per_round"], old["bundle"]) != (total, str(bundle)):
+            sys.exit(f"{args.baselines} was measured with another bundle or another total of steps per device")
         result["start"] = old["start"] if old else test_accuracy(bundle, work / "s0", 0, test)
         local = old["local_only"] if old else []
         for k, shard in enumerate(shards if not old else []):

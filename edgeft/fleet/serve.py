@@ -72,18 +72,25 @@ def serve(bundle: Path, out: Path, settings: dict, host: str, port: int, tls: di
                                 "is the port in use? pass another --port")
         log(f"SuperLink listening on {host}:{port}; devices join with: edgeft device fleet-join --bundle BUNDLE --data ROWS "
             f"--server {connect_host if host in ('0.0.0.0', '::') else host}:{port}" + (" --insecure" if tls.get("insecure") else " --root-certificates CA"))
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # killed or Ctrl-C: the SuperLink and `flwr run` go too
         with open(out / "server.log", "w", encoding="utf-8") as server_log:
             run = subprocess.Popen([flower_bin("flwr"), "run", str(app), "edgeft", "--stream"], stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, env=env, cwd=str(flower), text=True, start_new_session=True)
-            for line in run.stdout:
-                server_log.write(line)
-                server_log.flush()
-                if "[edgeft]" in line or "ERROR" in line:
-                    log(line.rstrip().split("[edgeft] ", 1)[-1])
-                if timeout and time.perf_counter() - t0 > timeout:
-                    stop(run)
-                    break
-            run.wait()
+            try:
+                for line in run.stdout:
+                    server_log.write(line)
+                    server_log.flush()
+                    if "[edgeft]" in line or "ERROR" in line:
+                        log(line.rstrip().split("[edgeft] ", 1)[-1])
+                    if timeout and time.perf_counter() - t0 > timeout:
+                        break
+            finally:
+                try:
+                    run.wait(5)  # `flwr run` ends once the run has (its log stream closed)
+                except subprocess.TimeoutExpired:
+                    pass
+                stop(run)
+                signal.signal(signal.SIGTERM, previous)
     finally:
         stop(link)
         link_log.close()

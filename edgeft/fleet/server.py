@@ -104,7 +104,7 @@ class Fleet:
         from .aggregate import METHODS, aggregate, product_error
 
         if not accepted:
-            self.output.event("aggregate", round=rnd, clients=0, note="no update accepted: the adapter stays as it was")
+            self.log(f"round {rnd}: no update accepted; the adapter stays as it was")
             return None
         adapters = [r["arrays"] for r in accepted]
         weights = [float(r["meta"]["num-examples"]) for r in accepted]
