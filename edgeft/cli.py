@@ -390,3 +390,7 @@ def quiet_libraries() -> None:
 from .device.cli import device  # noqa: E402  (the device group is torch-free; it lives with the device code)
 
 main.add_command(device)
+
+from .fleet.cli import fleet  # noqa: E402  (torch-free; Flower is imported only when a fleet command runs)
+
+main.add_command(fleet)

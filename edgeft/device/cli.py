@@ -303,3 +303,7 @@ from .watch_cli import install_service, watch  # noqa: E402  (the service comman
 
 device.add_command(watch)
 device.add_command(install_service)
+
+from ..fleet.cli import fleet_join  # noqa: E402  (a device joins a fleet: Flower is imported only when it runs)
+
+device.add_command(fleet_join)
