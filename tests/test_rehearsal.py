@@ -352,6 +352,6 @@ def test_the_origin_is_the_workstations_last_adapter_on_the_line():
     from edgeft.device.state import DeviceState
 
     gens = {0: {"id": 0}, 1: {"id": 1, "parent": 0}, 2: {"id": 2, "parent": 1, "source": "update"}, 3: {"id": 3, "parent": 2},
-            4: {"id": 4, "parent": 3}, 5: {"id": 5, "parent": 1}}
+            4: {"id": 4, "parent": 3}, 5: {"id": 5, "parent": 1}, 6: {"id": 6, "parent": 4, "source": "fleet"}, 7: {"id": 7, "parent": 6}}
     fake = SimpleNamespace(generation=gens.__getitem__)
-    assert [DeviceState.origin(fake, g) for g in range(6)] == [0, 0, 2, 2, 2, 0]
+    assert [DeviceState.origin(fake, g) for g in range(8)] == [0, 0, 2, 2, 2, 0, 6, 6]

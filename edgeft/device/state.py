@@ -102,8 +102,9 @@ class DeviceState:
 
     def origin(self, gen: int) -> int:
         """The generation the workstation last set on `gen`'s line: 0 (the bundle) or the nearest
-        ancestor applied as an update from the workstation. Device generations are checked against it."""
-        while gen != 0 and self.generation(gen).get("source") != "update":
+        ancestor applied as an update from the workstation or received from the fleet's server.
+        Device generations are checked against it."""
+        while gen != 0 and self.generation(gen).get("source") not in ("update", "fleet"):
             gen = self.generation(gen)["parent"]
         return gen
 

@@ -42,7 +42,7 @@ def train_round(bundle: Path, data: Path, state_dir: Path | None, arrays: dict, 
     """(trained adapter by ONNX name, metadata) for one round. `options`: round, base_fingerprint,
     max_steps (or epochs), lr, replay_ratio, seed."""
     from ..bundle import read_manifest
-    from ..device.state import DeviceState, default_state_dir
+    from ..device.state import default_state_dir
     from ..device.trainer import DeviceTrainConfig, DeviceTrainer
     from ..update import bundle_shapes
 
@@ -57,6 +57,7 @@ def train_round(bundle: Path, data: Path, state_dir: Path | None, arrays: dict, 
     state_dir = Path(state_dir) if state_dir else default_state_dir(bundle)
     cfg = DeviceTrainConfig(data=str(data), max_steps=options.get("max_steps") or None, epochs=float(options.get("epochs") or 1.0),
                             lr=options.get("lr") or None, seed=int(options.get("seed", rnd)), restart=True, force=bool(options.get("force")),
+                            blend=1.0,  # the trained adapter goes back as is: averaging is the server's (aggregate.py)
                             **({"replay_ratio": float(options["replay_ratio"])} if options.get("replay_ratio") is not None else {}))
     trainer = DeviceTrainer(bundle, state_dir, cfg, log=log, progress=False)  # checks options, bundle hashes and the memory plan
     trainer.prepare_data()  # the rows are read and checked before the state is touched
