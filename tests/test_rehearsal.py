@@ -355,3 +355,21 @@ def test_the_origin_is_the_workstations_last_adapter_on_the_line():
             4: {"id": 4, "parent": 3}, 5: {"id": 5, "parent": 1}, 6: {"id": 6, "parent": 4, "source": "fleet"}, 7: {"id": 7, "parent": 6}}
     fake = SimpleNamespace(generation=gens.__getitem__)
     assert [DeviceState.origin(fake, g) for g in range(8)] == [0, 0, 2, 2, 2, 0, 6, 6]
+
+
+def test_guard_rejects_a_classifier_whose_loss_on_earlier_rows_jumps():
+    """Measured (BENCHMARKS.md section 10, seed 1): a flipped-label feed, blended, kept 128 rows' accuracy
+    within chance but raised the loss on earlier generations' held-out reviews by 25%."""
+    from types import SimpleNamespace
+
+    from edgeft.device.trainer import DeviceTrainer
+
+    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01))
+    before, after = [True] * 100 + [False] * 28, [True] * 97 + [False] * 31
+    m = lambda acc, loss: {"accuracy": acc, "eval_loss": loss}  # noqa: E731
+    rows = {("baseline", "earlier"): before, ("candidate", "earlier"): after}
+    flipped = {"baseline": {"earlier": m(0.78125, 0.5287)}, "candidate": {"earlier": m(0.7578, 0.6610)}}
+    ok, why = DeviceTrainer.decide(owner, flipped, rows)
+    assert not ok and "earlier eval_loss 0.5287 -> 0.6610" in why
+    learning = {"baseline": {"earlier": m(0.74, 0.5985)}, "candidate": {"earlier": m(0.79, 0.5579)}}
+    assert DeviceTrainer.decide(owner, learning, {("baseline", "earlier"): after, ("candidate", "earlier"): before})[0]

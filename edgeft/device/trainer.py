@@ -43,6 +43,7 @@ REPLAY_RATIO = 0.5  # share of each batch taken from replay rows (first generati
 L2_PREVIOUS = 0.0  # pull toward the previous generation's adapter (1.0 measured: less gained, no less lost)
 FREEZE_HEAD = False  # keep a fully trained head (modules_to_save) at the previous generation's values (measured: no effect)
 BLEND = 0.5  # promote previous + BLEND x (trained - previous) (first review generation: tweets +0.7 points, where 1.0 lost 2.9)
+EARLIER_LOSS = 0.10  # classify: the loss on earlier generations' held-out rows may rise by this share at most (section 10)
 
 
 @dataclass
@@ -299,7 +300,10 @@ class DeviceTrainer:
         several points between equally good adapters; the test keeps that noise from blocking updates.
         The candidate must pass against its parent on every set and, on the bundle's reference rows,
         against the workstation's last adapter too (metrics["origin"]: generation 0 or the last update
-        applied), so losses too small to see one generation at a time cannot add up."""
+        applied), so losses too small to see one generation at a time cannot add up. A classifier's
+        loss on earlier generations' held-out rows (the device's own domain, never trained on) may
+        not rise by more than EARLIER_LOSS either: a feed with wrong labels shows there long before
+        128 rows' accuracy can, while a generation that learns the domain lowers it."""
         key = "accuracy" if self.task == "classify" else "eval_loss"
         tol = self.cfg.tolerance
         if not metrics["candidate"]:
@@ -315,6 +319,9 @@ class DeviceTrainer:
                     worse.append(f"{name} {key} {old:.4f} -> {new:.4f} (p={p:.3f}){note}")
             elif new > old * (1 + tol):
                 worse.append(f"{name} {key} {old:.4f} -> {new:.4f}{note}")
+        earlier = (metrics["baseline"].get("earlier"), metrics["candidate"].get("earlier"))
+        if key == "accuracy" and None not in earlier and earlier[1]["eval_loss"] > earlier[0]["eval_loss"] * (1 + EARLIER_LOSS):
+            worse.append(f"earlier eval_loss {earlier[0]['eval_loss']:.4f} -> {earlier[1]['eval_loss']:.4f} (more than {EARLIER_LOSS:.0%})")
         if worse:
             return False, "regressed beyond the tolerance ({}): {}".format(tol, "; ".join(worse))
         return True, "no regression on " + " and ".join(metrics["candidate"])
