@@ -69,7 +69,8 @@ def env() -> dict:
 
 def device_train(bundle: Path, data: Path, state: Path, steps: int) -> dict:
     cmd = [str(ROOT / ".venv-device/bin/python"), "-m", "edgeft", "device", "train", "--bundle", str(bundle), "--data", str(data),
-           "--state", str(state), "--max-steps", str(steps), "--quiet", "--json"]
+           "--state", str(state), "--max-steps", str(steps), "--quiet", "--json",
+           "--blend", "1"]  # the trained adapter as is, as a fleet round sends it (fleet/local.py), and as section 11 measured
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env())
     if p.returncode:
