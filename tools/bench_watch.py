@@ -111,6 +111,7 @@ def chaos(cmd: list[str], inbox: Path, state: Path, log: Path, files: list[list[
             wait_for(log, "started", before["started"], 120, proc)
             time.sleep(rng.uniform(0, 0.3))
         elif mode == "training":
+            wait_for(log, "started", before["started"], 120, proc)  # a loaded machine takes long to start
             wait_for(log, "training", before["training"], 30, proc)  # none when too few rows arrived: a kill anyway
             time.sleep(rng.uniform(0, 2.0) * rng.choice([0.1, 1, 4]))
         else:
