@@ -142,6 +142,36 @@ def write_update_manifest(folder: Path, values: dict) -> UpdateManifest:
     return manifest
 
 
+def write_update(out: Path, bundle: Path, manifest: Manifest, weights: dict, adapter_config: Path, record: dict,
+                 lora: dict, source: dict, parity: dict) -> tuple[UpdateManifest, int]:
+    """An adapter-only update folder for `bundle` (what `edgeft export --update-for` and a fleet round
+    write), made atomically: the weights, the PEFT config and `record` as adapter/edgeft.json, update.json.
+    Returns (its manifest, its bytes)."""
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from . import __version__
+    from .basemodel import set_peft_base_name
+    from .fsutil import atomic_dir
+
+    with atomic_dir(out) as tmp:
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "edgeft-update", "base": manifest.base.fingerprint})
+        (tmp / "adapter").mkdir()
+        shutil.copy2(adapter_config, tmp / "adapter" / "adapter_config.json")
+        set_peft_base_name(tmp / "adapter", manifest.base.name)
+        (tmp / "adapter" / "edgeft.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        written = write_update_manifest(tmp, {
+            "edgeft_version": __version__, "base": manifest.base.to_dict(),
+            "bundle": {"manifest_sha256": bundle_identity(bundle), "target": manifest.target_name, "created": manifest.created},
+            "task": manifest.task, "labels": manifest.labels if manifest.task == "classify" else [], "scheme": manifest.scheme,
+            "trainable": {n: {"peft_key": k, "shape": list(weights[n].shape), "dtype": "float32"} for n, k in manifest.trainable.items()},
+            "lora": lora, "source": source, "parity": parity,
+        })
+        size = update_bytes(tmp)
+    return written, size
+
+
 def to_json(d: dict) -> str:
     """One line per top-level field, and per tensor and file: readable, and a few hundred tensors stay a few dozen KB."""
     def value(v):

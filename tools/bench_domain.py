@@ -215,6 +215,15 @@ def render(path: Path) -> None:
         for g in r["generations"]:
             if not g["promoted"]:
                 print(f"  {r['mode']} seed {r['seed']} gen {g['generation']}: {g['reason']}")
+    if metric.higher:  # classify: what today's earlier-rows loss rule decides on the recorded check (a run made before it)
+        from edgeft.device.trainer import EARLIER_LOSS
+
+        for r in report["results"]:
+            for g in r["generations"]:
+                e = g["guard"].get("earlier")
+                if e and e["candidate_loss"] > e["baseline_loss"] * (1 + EARLIER_LOSS):
+                    print(f"  earlier-rows loss rule rejects {r['mode']} seed {r['seed']} gen {g['generation']} ({'promoted' if g['promoted'] else 'rejected'} "
+                          f"in the run): {e['baseline_loss']:.4f} -> {e['candidate_loss']:.4f}")
 
 
 def main(argv=None) -> int:

@@ -123,11 +123,12 @@ class PromotionCheck:
                      "of": {n: len(r) for n, r in full.items() if r}}
 
     def compare(self, base_params: dict, new_params: dict, parent: int | None = None, generations: list | None = None,
-                origin: int | None = None, origin_params: dict | None = None) -> tuple[dict, dict]:
+                origin: int | None = None, origin_params=None) -> tuple[dict, dict]:
         """(metrics, per-row correctness) as DeviceTrainer.compare returns them. With `parent` (the
         baseline's generation) and the state's `generations`, a set the parent was already checked on is reused.
-        With `origin_params` (generation `origin`: the bundle's adapter, or the workstation's last update),
-        the bundle's reference rows are also scored for it ("origin" in the result): small losses against
+        With `origin` (a generation other than the parent: the bundle's adapter, or the workstation's last
+        update) and `origin_params` (loads its weights, only when no earlier check scored it on the same
+        rows), the bundle's reference rows are also scored for it ("origin" in the result): small losses against
         each parent add up over generations, and only the origin sees the sum."""
         t0 = time.perf_counter()
         use_engine = self.engine is not None and self.owner.task == "causal-lm"
@@ -135,7 +136,7 @@ class PromotionCheck:
         batch = self.batch if use_engine else None
         prints = {split: fingerprint(data, batch or 0, graph) for split, data in self.sets.items()}
         known = {}
-        origin_split = [s for s in ("reference",) if s in self.sets] if origin_params is not None else []
+        origin_split = [s for s in ("reference",) if s in self.sets] if origin is not None else []
         for side, gen, splits in (("baseline", parent, self.sets), ("origin", origin, origin_split)):
             for split in splits if gen is not None and generations else ():
                 hit = earlier_result(generations, gen, split, prints[split])
@@ -145,7 +146,8 @@ class PromotionCheck:
                          else "one inference session, weights swapped", fingerprints=prints, origin=origin if origin_split else None,
                          baseline_reused=sorted(s for side, s in known if side == "baseline"))
         run = self._with_engine if use_engine else self._with_inference
-        sides = [("origin", origin_params, [s for s in origin_split if ("origin", s) not in known])] if origin_split else []
+        todo = [s for s in origin_split if ("origin", s) not in known]
+        sides = [("origin", origin_params() if todo else None, todo)] if origin_split else []
         sides += [("baseline", base_params, [s for s in self.sets if ("baseline", s) not in known]), ("candidate", new_params, list(self.sets))]
         out, rows = run(*sides)
         for (side, split), (m, correct) in known.items():

@@ -93,13 +93,12 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_rati
     lines = [f"generation {s['generation']}: {'PROMOTED' if s['promoted'] else 'not promoted'} ({s['reason']}); current is {s['current']}",
              f"steps: {s['steps']} in {s['seconds']} s on {s['backend']}" + (f" (resumed at step {s['resumed_at_step']})" if s["resumed_at_step"] is not None else "")
              + (f", loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}" if s["first_loss"] is not None else "")]
-    for split in s["metrics"]["candidate"]:
-        old, new = s["metrics"]["baseline"][split], s["metrics"]["candidate"][split]
-        lines.append(f"{split}: " + ", ".join(f"{k} {old[k]:.4f} -> {new[k]:.4f}" for k in ("accuracy", "eval_loss") if k in new))
-    for split, old in s["metrics"].get("origin", {}).items():
-        new = s["metrics"]["candidate"][split]
-        lines.append(f"{split} against generation {s['check']['origin']}: "
-                     + ", ".join(f"{k} {old[k]:.4f} -> {new[k]:.4f}" for k in ("accuracy", "eval_loss") if k in new))
+    m = s["metrics"]
+    against = [(split, "", m["baseline"][split]) for split in m["candidate"]]
+    against += [(split, f" against generation {s['check']['origin']}", old) for split, old in m.get("origin", {}).items()]
+    for split, note, old in against:
+        new = m["candidate"][split]
+        lines.append(f"{split}{note}: " + ", ".join(f"{k} {old[k]:.4f} -> {new[k]:.4f}" for k in ("accuracy", "eval_loss") if k in new))
     lines.append(peak_line(s))
     if s.get("check"):
         c = s["check"]

@@ -286,8 +286,8 @@ class DeviceTrainer:
             state = getattr(self, "state", None)
             generations = state.data["generations"] if state is not None and parent is not None else None
             origin = state.origin(parent) if generations else None
-            out, rows = check.compare(base_params, new_params, parent, generations, origin,
-                                      state.params(origin) if origin not in (None, parent) else None)
+            out, rows = check.compare(base_params, new_params, parent, generations, origin if origin != parent else None,
+                                      lambda: state.params(origin))
         finally:
             self.check_engine = None  # the engine's sessions go with it
             gc.collect()

@@ -15,12 +15,10 @@ OUT/
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
-from ..fsutil import append_jsonl, atomic_dir, atomic_write_json
+from ..fsutil import append_jsonl, atomic_write_json
 
 
 def now() -> str:
@@ -67,26 +65,10 @@ def write_update(bundle: Path, manifest, weights: dict, out: Path, source: dict)
     """An adapter-only update (update.py's format, what `edgeft export --update-for` writes) for `bundle`.
     Its parity figures say it was not checked against torch: the server holds the bundle, not a torch model;
     every device checks it against its bundle (base, shapes, hashes) when it applies it."""
-    from safetensors.numpy import save_file
+    from .. import update
 
-    from .. import __version__
-    from ..basemodel import set_peft_base_name
-    from ..update import WEIGHTS, bundle_identity, read_lora_signature, update_bytes, write_update_manifest
-
-    with atomic_dir(out) as tmp:
-        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "edgeft-update", "base": manifest.base.fingerprint})
-        (tmp / "adapter").mkdir()
-        shutil.copy2(bundle / "adapter" / "adapter_config.json", tmp / "adapter" / "adapter_config.json")
-        set_peft_base_name(tmp / "adapter", manifest.base.name)
-        meta = {"task": manifest.task, "labels": manifest.labels, "scheme": manifest.scheme, "base": manifest.base.to_dict(), "source": source}
-        (tmp / "adapter" / "edgeft.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        write_update_manifest(tmp, {
-            "edgeft_version": __version__, "base": manifest.base.to_dict(),
-            "bundle": {"manifest_sha256": bundle_identity(bundle), "target": manifest.target_name, "created": manifest.created},
-            "task": manifest.task, "labels": manifest.labels if manifest.task == "classify" else [], "scheme": manifest.scheme,
-            "trainable": {n: {"peft_key": manifest.trainable[n], "shape": list(weights[n].shape), "dtype": "float32"} for n in manifest.trainable},
-            "lora": read_lora_signature(bundle / "adapter"), "source": source,
-            "parity": {"checked": False, "why": "a fleet aggregate: made on the server from device adapters, not from a torch run"},
-        })
-        size = update_bytes(tmp)
+    record = {"task": manifest.task, "labels": manifest.labels, "scheme": manifest.scheme, "base": manifest.base.to_dict(), "source": source}
+    parity = {"checked": False, "why": "a fleet aggregate: made on the server from device adapters, not from a torch run"}
+    _, size = update.write_update(out, bundle, manifest, weights, bundle / "adapter" / "adapter_config.json", record,
+                                  update.read_lora_signature(bundle / "adapter"), source, parity)
     return size

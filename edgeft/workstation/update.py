@@ -16,7 +16,6 @@ Predictor), on a sample batch, within export validation's tolerance.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -27,11 +26,10 @@ from ..errors import ExportError, ModelError, UsageError
 
 def make_update(source, old_bundle, out: Path, overwrite: bool = False, base_model: str | None = None,
                 labels: list[str] | None = None, target: str | None = None, log=print) -> dict:
-    from .. import __version__
-    from ..basemodel import BaseId, set_peft_base_name
+    from ..basemodel import BaseId
     from ..bundle import verify_bundle
-    from ..fsutil import atomic_dir, check_output
-    from ..update import WEIGHTS, bundle_identity, bundle_shapes, mismatches, read_lora_signature, tensor_shapes, update_bytes, write_update_manifest
+    from ..fsutil import check_output
+    from ..update import bundle_shapes, mismatches, read_lora_signature, tensor_shapes, write_update
     from .adapters import check_adapter_file, read_adapter_meta, resolve_base
 
     t0 = time.perf_counter()
@@ -86,24 +84,10 @@ def make_update(source, old_bundle, out: Path, overwrite: bool = False, base_mod
 
     source_meta = {"name": (Path(meta["run_dir"]) if meta.get("run_dir") else adapter_dir).name, "step": meta.get("step"),
                    "metrics": meta.get("metrics") or {}}
-    with atomic_dir(out) as tmp:
-        from safetensors.numpy import save_file
-
-        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "edgeft-update", "base": manifest.base.fingerprint})
-        (tmp / "adapter").mkdir()
-        shutil.copy2(adapter_dir / "adapter_config.json", tmp / "adapter" / "adapter_config.json")
-        set_peft_base_name(tmp / "adapter", manifest.base.name)
-        record = {k: v for k, v in meta.items() if k not in ("adapter_dir", "run_dir", "peft_base", "legacy_base_path")}
-        record["base"] = manifest.base.to_dict()  # the name + fingerprint, never the workstation's path hint
-        (tmp / "adapter" / "edgeft.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        written = write_update_manifest(tmp, {
-            "edgeft_version": __version__, "base": manifest.base.to_dict(),
-            "bundle": {"manifest_sha256": bundle_identity(old_bundle), "target": manifest.target_name, "created": manifest.created},
-            "task": task, "labels": labels if task == "classify" else [], "scheme": manifest.scheme,
-            "trainable": {n: {"peft_key": manifest.trainable[n], "shape": list(w.shape), "dtype": "float32"} for n, w in weights.items()},
-            "lora": bundle_lora, "source": source_meta, "parity": parity,
-        })
-        size = update_bytes(tmp)
+    record = {k: v for k, v in meta.items() if k not in ("adapter_dir", "run_dir", "peft_base", "legacy_base_path")}
+    record["base"] = manifest.base.to_dict()  # the name + fingerprint, never the workstation's path hint
+    written, size = write_update(out, old_bundle, manifest, weights, adapter_dir / "adapter_config.json", record, bundle_lora,
+                                 source_meta, parity)
     bundle_size = sum(e["bytes"] for e in manifest.files.values())
     return {"update": str(out), "bundle": str(old_bundle), "base": manifest.base.to_dict(), "target": manifest.target_name,
             "scheme": manifest.scheme, "task": task, "tensors": len(weights), "trainable_params": int(sum(w.size for w in weights.values())),
