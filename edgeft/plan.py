@@ -4,7 +4,9 @@ Peak RSS on the device is estimated as
   packed base (the scheme's bytes per parameter)
 + fp32 weights: a small base (under HOLD_BASE_MIB in fp32) is held from forward to backward;
   a larger one is rebuilt from its codes where each weight is used and dropped after, so what
-  counts is the largest weight (the tied embedding), held twice around the loss
+  counts is the largest weight rebuilt, twice (forward, backward): the embedding is looked up on
+  its packed rows and the head projected chunk by chunk (VOCAB_CHUNK_BYTES), so it is a layer's
+  weight or a chunk, not a vocabulary-sized tensor
 + trainable parameters x 4 copies (value, gradient, AdamW m and v), fp32
 + activations kept for backward at the target's batch x sequence length
 + the runtime itself (ONNX Runtime, Python, numpy, tokenizers).
@@ -27,6 +29,15 @@ RUNTIME_MIB = 160  # measured: python + onnxruntime + numpy + tokenizers, idle
 # the step's peak). See edgeft.workstation.portable_memory.
 HOLD_BASE_MIB = 256
 MIB = 1 << 20
+# A large base's steps project onto the vocabulary in chunks of at most this many fp32 bytes of the
+# head (edgeft.workstation.vocab_chunks), as a power-of-two row count of at least VOCAB_MIN_ROWS.
+VOCAB_CHUNK_BYTES = 32 * MIB
+VOCAB_MIN_ROWS = 1024
+
+
+def vocab_chunk_rows(vocab: int, hidden: int, chunk_bytes: int = VOCAB_CHUNK_BYTES, min_rows: int = VOCAB_MIN_ROWS) -> int:
+    rows = max(min_rows, chunk_bytes // (4 * hidden))
+    return min(vocab, 1 << (rows.bit_length() - 1))
 
 
 class _Budgeted:
@@ -58,11 +69,13 @@ class MemoryPlan(_Budgeted):
     vocab: int = 0
     hidden: int = 0
     layers: int = 0
+    vocab_chunk_rows: int = 0  # 0: the steps project onto the whole vocabulary at once
     # forward passes: the eval step at the training batch (the promotion check of a causal LM) and the
     # inference graph at its evaluation batch and the bundle's sequence length (`device eval`)
     eval_activations_mib: float = 0.0
     inference_activations_mib: float = 0.0
     inference_batch: int = 0
+    inference_rebuilt_mib: float = 0.0  # the inference graph rebuilds the head whole
 
     def render(self) -> str:
         rebuilt = "fp32 base held for backward" if self.holds_base else "fp32 weights rebuilt at the peak"
@@ -95,7 +108,10 @@ def device_shape(target, trained_seq: int | None, batch: int | None = None, seq:
     return batch or target.batch_size, seq or min(target.max_seq_len, trained_seq or target.max_seq_len)
 
 
-def plan_memory(model_dir: Path, adapter_dir: Path, target, task: str, batch: int, seq: int) -> MemoryPlan:
+def plan_memory(model_dir: Path, adapter_dir: Path, target, task: str, batch: int, seq: int, vocab_chunked: bool = True) -> MemoryPlan:
+    """vocab_chunked: a large base's steps look the embedding up on packed rows and project onto the
+    vocabulary in chunks (what export makes of every architecture it recognizes; it plans again with
+    False when it could not)."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     base = sum(safetensors_numel(p) for p in Path(model_dir).glob("*.safetensors"))
     trainable = safetensors_numel(Path(adapter_dir) / "adapter_model.safetensors")
@@ -105,25 +121,29 @@ def plan_memory(model_dir: Path, adapter_dir: Path, target, task: str, batch: in
     heads = cfg.get("num_attention_heads") or cfg.get("n_heads", 12)
     vocab = cfg.get("vocab_size", 32000)
     tokens = batch * seq
+    holds = base * 4 / MIB < HOLD_BASE_MIB
+    chunk = vocab_chunk_rows(vocab, hidden) if vocab_chunked and not holds and task == "causal-lm" else 0
     # kept per layer and token (SmolLM2, measured): ~8-10 hidden-sized and 2 intermediate-sized fp32
     # tensors (the backward pass recomputes the rest), plus the attention probabilities
     activations = layers * (tokens * (10 * hidden + 2 * inter) + batch * heads * seq * seq) * 4
-    if task == "causal-lm":
-        activations += tokens * vocab * 4 * 3  # log-probabilities, softmax, gradient; at most every position
-    holds = base * 4 / MIB < HOLD_BASE_MIB
+    if task == "causal-lm":  # at most every position: log-probabilities, softmax, gradient (chunked: a chunk's logits, exp, two temporaries)
+        activations += tokens * (chunk * 4 if chunk else vocab * 3) * 4
     infer_batch = inference_batch(task, batch)
-    forward = forward_activations(task, batch, seq, hidden, inter, heads, vocab, labelled_only=True)
+    forward = forward_activations(task, batch, seq, hidden, inter, heads, chunk or vocab, labelled_only=True)
     inference = forward_activations(task, infer_batch, seq, hidden, inter, heads, vocab, labelled_only=False)
+    # the largest weight rebuilt whole: the head unless chunked (an embedding is looked up on its packed rows)
+    largest = max(inter, chunk) * hidden if chunk or task != "causal-lm" else max(vocab, inter) * hidden
     parts = {
         "base_packed_mib": base * target.scheme.bytes_per_param / MIB,
-        "base_rebuilt_mib": (base if holds else 2 * vocab * hidden) * 4 / MIB,
+        "base_rebuilt_mib": (base if holds else 2 * largest) * 4 / MIB,
         "trainable_mib": trainable * 4 * 4 / MIB,
         "activations_mib": activations / MIB,
         "runtime_mib": float(RUNTIME_MIB),
     }
     return MemoryPlan(target=target.name, budget_mib=target.budget_mb, total_mib=sum(parts.values()), batch=batch, seq=seq, holds_base=holds,
-                      task=task, vocab=vocab, hidden=hidden, layers=layers, eval_activations_mib=round(forward / MIB, 1),
+                      task=task, vocab=vocab, hidden=hidden, layers=layers, vocab_chunk_rows=chunk, eval_activations_mib=round(forward / MIB, 1),
                       inference_activations_mib=round(inference / MIB, 1), inference_batch=infer_batch,
+                      inference_rebuilt_mib=round((base if holds else 2 * max(vocab, inter) * hidden) * 4 / MIB, 1),
                       **{k: round(v, 1) for k, v in parts.items()})
 
 
@@ -231,7 +251,7 @@ def plan_process(manifest, bundle: Path, command: str, data_bytes: int) -> Proce
     else:
         parts["trainable params"] = step["trainable_mib"] / 4
         batch = step.get("inference_batch") or step["batch"]
-        parts[f"inference ({batch} x {manifest.max_seq_len}): weights + activations"] = rebuilt + infer_act
+        parts[f"inference ({batch} x {manifest.max_seq_len}): weights + activations"] = step.get("inference_rebuilt_mib", rebuilt) + infer_act
     parts["tokenizer"] = tokenizer
     parts["rows"] = rows
     parts = {k: round(v, 1) for k, v in parts.items()}

@@ -67,19 +67,35 @@ def assert_base_stored_once(bundle, manifest):
     assert (bundle / "checkpoint").stat().st_size < 64 * 1024  # ORT's nominal checkpoint: names and shapes
 
 
-@pytest.mark.parametrize("scheme,hold", [("int3-g32", False), ("nf4", True)])
+@pytest.mark.parametrize("scheme,hold", [("int3-g32", False), ("nf4", False), ("nf4", True)])
 def test_causal_bundle_matches_torch(tmp_path, lm_run, scheme, hold, monkeypatch):
     if not hold:  # the tiny model's base is small enough to hold; make it rebuild as a large one does
         monkeypatch.setattr("edgeft.plan.HOLD_BASE_MIB", 0)
+        monkeypatch.setattr("edgeft.workstation.vocab_chunks.MIN_ROWS", 64)  # the 300-word head in 5 chunks
+        monkeypatch.setattr("edgeft.workstation.vocab_chunks.CHUNK_BYTES", 64 * 64 * 4)
     r = run("export", "--run", lm_run, "--target", target(tmp_path, scheme), "--out", tmp_path / "b", "--json")
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     p = out["parity"]
     assert p["logits_rel"] < 1e-5 and p["grad_rel"] < 1e-5 and p["step_max_abs"] < 1e-6
     assert p["portable_grad_rel"] < 1e-5 and p["portable_loss_rel"] < 1e-6 and p["portable_step_rel"] < 1e-4
+    assert p["portable_eval_loss_rel"] < 1e-6
     assert out["memory_plan"]["holds_base"] is hold
     assert_standard_ops(tmp_path / "b")
     assert_backward_recomputes(tmp_path / "b", hold)
+    assert_vocab_chunked(tmp_path / "b", chunks=None if hold else 5)
+
+
+def assert_vocab_chunked(bundle, chunks):
+    """A large base's steps never hold the head, or the (N, V) log-probabilities, whole."""
+    import onnx
+
+    portable = json.loads((bundle / "manifest.json").read_text())["portable"]
+    assert (portable.get("vocab_chunks") or {}).get("chunks") == chunks
+    for f in (portable["train_step"], portable["eval_step"]):
+        ops = [n.op_type for n in onnx.load(str(bundle / f)).graph.node]
+        assert ("LogSoftmax" in ops) is (chunks is None), f
+        assert ops.count("Gemm") >= (2 * chunks if chunks and f.endswith("train_step.onnx") else chunks or 0), f
 
 
 def assert_backward_recomputes(bundle, holds_base: bool):

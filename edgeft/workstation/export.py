@@ -29,6 +29,7 @@ from ..errors import EdgeftError
 from .device_model import PREFIX, LossGraph, device_model, peft_key, sample_batch
 from .export_graphs import IR_VERSION, OPSET, BundleGraphs, base_as_inputs, export_graph, shorten_names, split_graphs  # noqa: F401
 from .onnx_base import PackedWeight, pack_int, pack_nf4, packed_tensors
+from .packed_rows import Layout
 
 OPTIMIZER = {"name": "AdamW", "semantics": "torch.optim.AdamW", "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
 REFERENCE, REFERENCE_ROWS = "reference.jsonl", 256
@@ -197,6 +198,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         base_as_inputs(work / "logits.onnx", tmp / "inference_model.onnx", packed, {}, short=True)
         frozen.update({name: value for p in packed for name, value in packed_tensors(p).items()})
         _save_frozen(frozen, tmp / FROZEN)
+        layouts = {p.name: Layout.of(p) for p in packed}  # what the portable step needs to rebuild parts of a weight
         base_bytes = sum(p.nbytes for p in packed)
         base_params = sum(int(np.prod(p.shape)) for p in packed)
         del packed, frozen
@@ -222,7 +224,9 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         from .portable import write_portable
 
         stage("rewriting the training step into standard ops (portable/)", "report the model with the log")
-        portable = write_portable(tmp, OPTIMIZER, base_names, recompute=not plan.holds_base)
+        portable = write_portable(tmp, OPTIMIZER, base_names, recompute=not plan.holds_base, layouts=layouts)
+        if plan.vocab_chunk_rows and "vocab_chunks" not in portable:  # a head this architecture's graph did not let us chunk
+            plan = plan_memory(Path(base_model), Path(meta["adapter_dir"]), target, task, batch, seq, vocab_chunked=False)
         shutil.rmtree(work)
         export_seconds = time.perf_counter() - t0
 

@@ -231,12 +231,16 @@ def replace_with_packed(model, packed: list[PackedWeight], as_inputs: bool = Tru
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     inputs = [i for i in model.graph.input if i.name not in by_name]
+    body, gathered = _gather_packed_rows(list(model.graph.node), by_name)
+    readers = {i for n in body for i in n.input}
     nodes, data, consts = [], {}, {}
     for p in packed:
         n, d, c = rebuild_subgraph(p)
-        nodes += n
         data.update(d)
-        consts.update(c)
+        if p.name in readers:  # a lookup alone (an embedding that is not also the head) is never rebuilt whole
+            nodes += n
+            consts.update(c)
+    consts.update(gathered)
     if as_inputs:
         inputs += [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)) for k, v in data.items()]
     else:
@@ -245,10 +249,31 @@ def replace_with_packed(model, packed: list[PackedWeight], as_inputs: bool = Tru
     model.graph.input.extend(inputs)
     model.graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(v), k) for k, v in consts.items())
     # the rebuilt weights must exist before any node reads them
-    body = list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(nodes + body)
     return data
+
+
+def _gather_packed_rows(nodes: list, by_name: dict) -> tuple[list, dict]:
+    """(nodes, constants) with each row lookup of a packed weight (Gather on axis 0: an embedding)
+    done on its packed rows (packed_rows.gather_rows): the lookup needs the batch's rows, not the
+    weight in fp32 (Qwen2.5-0.5B's embedding: 519 MiB)."""
+    from onnx import helper
+
+    from .packed_rows import Layout, gather_rows
+
+    out, consts = [], {}
+    for k, node in enumerate(nodes):
+        p = by_name.get(node.input[0]) if node.op_type == "Gather" and node.input else None
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        lay = Layout.of(p) if p is not None and axis == 0 else None
+        if lay is None or not lay.row_addressable:
+            out.append(node)
+            continue
+        n, c = gather_rows(lay, node.input[1], node.output[0], f"{p.name}::rows{k}")
+        out += n
+        consts.update(c)
+    return out, consts
 
 
 def replace_initializers(model, packed: list[PackedWeight]) -> None:

@@ -33,6 +33,7 @@ import numpy as np
 
 from .portable_memory import constant_names, rebuild_graph, recompute_for_backward
 from .portable_ops import OPSET, Rewriter, check_standard
+from .vocab_chunks import chunk_vocab, prune_dead
 
 FOLDER = "portable"
 STEP, EVAL, ADAMW, REBUILD = "train_step.onnx", "eval_step.onnx", "adamw.onnx", "rebuild.onnx"
@@ -40,10 +41,13 @@ STEP, EVAL, ADAMW, REBUILD = "train_step.onnx", "eval_step.onnx", "adamw.onnx", 
 DISABLED_OPTIMIZERS = ["CommonSubexpressionElimination"]
 
 
-def portable_graph(path: Path, frozen: set[str] = frozenset(), recompute: bool = True):
-    """ORT's training (or eval) graph as standard ops: params stay inputs, gradients become outputs."""
+def portable_graph(path: Path, frozen: set[str] = frozenset(), recompute: bool = True, layouts: dict | None = None, info: dict | None = None):
+    """ORT's training (or eval) graph as standard ops: params stay inputs, gradients become outputs.
+
+    layouts: the packed weights' layouts (packed_rows.Layout by name); with them a large base's
+    vocabulary projection runs chunk by chunk (vocab_chunks.py), and `info` says how."""
     import onnx
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
     model = onnx.load(str(path))
     graph = model.graph
@@ -61,11 +65,21 @@ def portable_graph(path: Path, frozen: set[str] = frozenset(), recompute: bool =
         else:
             outputs.append(out)
     nodes = rewriter.nodes
+    inits = list(graph.initializer) + rewriter.inits
+    if layouts and recompute:
+        nodes, consts, chunked = chunk_vocab(nodes, layouts, training=bool(accumulated))
+        if chunked:
+            nodes = prune_dead(nodes, [o.name for o in outputs])
+            read = {i for n in nodes for i in n.input}
+            inits = [t for t in inits if t.name in read] + [numpy_helper.from_array(v, k) for k, v in consts.items()]
+            user = [i for i in user if i.name in read or i.name in ("input_ids", "attention_mask", "labels")]
+            if info is not None:
+                info.update(chunked)
     if accumulated and frozen and recompute:
-        constants = constant_names(list(graph.initializer) + rewriter.inits, nodes)
+        constants = constant_names(inits, nodes)
         nodes = recompute_for_backward(nodes, set(frozen), constants, graph.output[0].name)
-    new = helper.make_graph(nodes, graph.name, user, outputs, list(graph.initializer) + rewriter.inits,
-                            value_info=[v for v in graph.value_info])
+    made = {o for n in nodes for o in n.output}
+    new = helper.make_graph(nodes, graph.name, user, outputs, inits, value_info=[v for v in graph.value_info if v.name in made])
     result = helper.make_model(new, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeft")
     result.ir_version = 8
     check_standard(result)
@@ -113,7 +127,7 @@ def _same_graph(model, path: Path) -> bool:
     return same and [(o.domain, o.version) for o in other.opset_import] == [("", OPSET)] and other.ir_version <= 9
 
 
-def write_portable(bundle: Path, optimizer: dict, frozen: list[str], recompute: bool = True) -> dict:
+def write_portable(bundle: Path, optimizer: dict, frozen: list[str], recompute: bool = True, layouts: dict | None = None) -> dict:
     """Writes `portable/` next to ORT's artifacts; returns its manifest entry.
 
     frozen: the names of the frozen base's tensors (inputs of ORT's graphs, and of these).
@@ -124,9 +138,12 @@ def write_portable(bundle: Path, optimizer: dict, frozen: list[str], recompute: 
     folder = Path(bundle) / FOLDER
     folder.mkdir(exist_ok=True)
     frozen = set(frozen)
-    steps = [portable_graph(Path(bundle) / source, frozen, recompute) for source in ("training_model.onnx", "eval_model.onnx")]
+    chunked: dict = {}
+    steps = [portable_graph(Path(bundle) / source, frozen, recompute, layouts, chunked) for source in ("training_model.onnx", "eval_model.onnx")]
     entry = {"folder": FOLDER, "train_step": f"{FOLDER}/{STEP}", "eval_step": f"{FOLDER}/{EVAL}", "optimizer": f"{FOLDER}/{ADAMW}",
              "opset": OPSET, "disabled_optimizers": DISABLED_OPTIMIZERS}
+    if chunked:
+        entry["vocab_chunks"] = chunked
     if not recompute:
         atomic_write_bytes(folder / REBUILD, rebuild_graph(steps, frozen).SerializeToString())
         entry["rebuild"] = f"{FOLDER}/{REBUILD}"

@@ -130,6 +130,7 @@ def validate_bundle(bundle: Path, expected: dict, trainable: list[str], portable
     step.set_params(start)
     result["portable_loss_rel"] = loss_rel(step.forward_backward(feeds))
     result["portable_grad_rel"] = _rel(step.take_grads(), expected["grads"])
+    result["portable_eval_loss_rel"] = loss_rel(step.eval_loss(feeds))  # the promotion check's graph
     del step
     release_memory()
 
