@@ -143,7 +143,7 @@ def plan_memory(model_dir: Path, adapter_dir: Path, target, task: str, batch: in
     return MemoryPlan(target=target.name, budget_mib=target.budget_mb, total_mib=sum(parts.values()), batch=batch, seq=seq, holds_base=holds,
                       task=task, vocab=vocab, hidden=hidden, layers=layers, vocab_chunk_rows=chunk, eval_activations_mib=round(forward / MIB, 1),
                       inference_activations_mib=round(inference / MIB, 1), inference_batch=infer_batch,
-                      inference_rebuilt_mib=round((base if holds else 2 * max(vocab, inter) * hidden) * 4 / MIB, 1),
+                      inference_rebuilt_mib=round((base if holds else 2 * largest) * 4 / MIB, 1),
                       **{k: round(v, 1) for k, v in parts.items()})
 
 

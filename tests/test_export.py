@@ -96,6 +96,9 @@ def assert_vocab_chunked(bundle, chunks):
         ops = [n.op_type for n in onnx.load(str(bundle / f)).graph.node]
         assert ("LogSoftmax" in ops) is (chunks is None), f
         assert ops.count("Gemm") >= (2 * chunks if chunks and f.endswith("train_step.onnx") else chunks or 0), f
+    inference = onnx.load(str(bundle / "inference_model.onnx")).graph  # the head chunk by chunk, logits concatenated
+    concat = [n for n in inference.node if n.op_type == "Concat" and len(n.input) == chunks]
+    assert bool(concat) is (chunks is not None)
 
 
 def assert_backward_recomputes(bundle, holds_base: bool):

@@ -119,11 +119,13 @@ def add_layernorm_stats(model) -> None:
             node.output.append(f"{node.output[0]}::stat{len(node.output)}_{i}")
 
 
-def base_as_inputs(source: Path, target: Path, packed: list[PackedWeight], initial: dict, short: bool = False) -> list[str]:
+def base_as_inputs(source: Path, target: Path, packed: list[PackedWeight], initial: dict, short: bool = False,
+                   chunk_head: bool = False) -> list[str]:
     """An exported graph (every parameter an input, export_params=False) made into a bundle graph:
     the parameters in `initial` (the trainable ones, for ORT's training artifacts) become initializers,
     each packed weight a subgraph rebuilding it from its packed tensors, which like every other
-    frozen tensor stay inputs; `short`: with shortened value names. Returns the frozen input names
+    frozen tensor stay inputs; `short`: with shortened value names; `chunk_head`: the vocabulary
+    projection chunk by chunk (vocab_chunks.chunk_head_logits). Returns the frozen input names
     (what base.safetensors holds)."""
     import onnx
     from onnx import numpy_helper
@@ -135,6 +137,11 @@ def base_as_inputs(source: Path, target: Path, packed: list[PackedWeight], initi
     model.graph.input.extend(inputs)
     model.graph.initializer.extend(numpy_helper.from_array(initial[n], n) for n in initial if n in names)
     replace_with_packed(model, [p for p in packed if p.name in names])
+    if chunk_head:
+        from .packed_rows import Layout
+        from .vocab_chunks import chunk_head_logits
+
+        chunk_head_logits(model, {p.name: Layout.of(p) for p in packed if p.name in names})
     add_layernorm_stats(model)
     model.ir_version = IR_VERSION
     if short:

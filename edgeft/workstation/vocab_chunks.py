@@ -161,3 +161,39 @@ def prune_dead(nodes: list, outputs: list[str]) -> list:
             kept.append(n)
             needed.update(i for i in n.input if i)
     return kept[::-1]
+
+
+def chunk_head_logits(model, layouts: dict) -> dict | None:
+    """The inference graph's head, chunk by chunk (in place): logits = Concat_c(h @ W_c^T) over the
+    last axis, each chunk rebuilt from its codes and dropped, so generating a token never holds the
+    head in fp32. Returns what was done, or None when the graph has no such head."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    nodes = list(graph.node)
+    producer = {o: n for n in nodes for o in n.output if o}
+    for mm in nodes:
+        tr = producer.get(mm.input[1]) if mm.op_type == "MatMul" else None
+        if tr is None or tr.op_type != "Transpose" or [list(a.ints) for a in tr.attribute if a.name == "perm"] != [[1, 0]]:
+            continue
+        lay = packed_source(tr.input[0], producer, layouts)
+        if lay is None or lay.out < max(lay.cols, 2 * chunk_rows(lay.out, lay.cols)):  # a head, and worth chunking
+            continue
+        rows = chunk_rows(lay.out, lay.cols)
+        new, consts, parts = [], {}, []
+        for k, a in enumerate(range(0, lay.out, rows)):
+            c = f"head::{k}."
+            n, cs = row_range(lay, a, min(lay.out, a + rows), c + "w", c + "rows")
+            new += n + [helper.make_node("Transpose", [c + "w"], [c + "wt"], perm=[1, 0]), helper.make_node("MatMul", [mm.input[0], c + "wt"], [c + "z"])]
+            consts.update(cs)
+            parts.append(c + "z")
+        new.append(helper.make_node("Concat", parts, [mm.output[0]], axis=-1))
+        i = nodes.index(mm)
+        kept = prune_dead(nodes[:i] + new + nodes[i + 1 :], [o.name for o in graph.output])
+        read = {x for n in kept for x in n.input}
+        inits = [t for t in graph.initializer if t.name in read] + [numpy_helper.from_array(v, k) for k, v in consts.items()]
+        del graph.node[:], graph.initializer[:]
+        graph.node.extend(kept)
+        graph.initializer.extend(inits)
+        return {"head": lay.name, "vocab": lay.out, "chunk_rows": rows, "chunks": len(parts)}
+    return None
