@@ -162,3 +162,38 @@ def test_the_parents_check_results_are_reused(tmp_path, kind, cls_run, lm_run, c
     fresh, _ = t.compare(t.state.params(1), t.state.params(2))
     a, b = fresh["baseline"]["reference"], second["metrics"]["baseline"]["reference"]
     assert a["rows"] == b["rows"] and abs(a["eval_loss"] - b["eval_loss"]) <= 1e-5 * abs(b["eval_loss"])
+
+
+def _header_only_safetensors(path, tensors: dict) -> None:
+    """A safetensors file whose header names `tensors` (name -> shape): what plan_memory reads."""
+    import struct
+
+    header, offset = {}, 0
+    for name, shape in tensors.items():
+        n = 4 * int(np.prod(shape))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text)
+
+
+def test_a_large_vocabulary_is_never_planned_whole(tmp_path):
+    """Qwen2.5-0.5B's shape: the step plans a head chunk and a layer weight, not the 152k x 896 head in fp32."""
+    from edgeft.plan import MIB, plan_memory
+    from edgeft.targets import load_target
+
+    vocab, hidden, inter = 151936, 896, 4864
+    model, adapter = tmp_path / "m", tmp_path / "a"
+    model.mkdir(), adapter.mkdir()
+    (model / "config.json").write_text(json.dumps({"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+                                                   "num_hidden_layers": 24, "num_attention_heads": 14}))
+    _header_only_safetensors(model / "model.safetensors", {"embed": (vocab, hidden), "head": (vocab, hidden), "layers": (24 * 12, hidden, hidden)})
+    _header_only_safetensors(adapter / "adapter_model.safetensors", {"lora": (1000, 16)})
+    target = load_target("raspberry-pi-4-4gb")
+    chunked = plan_memory(model, adapter, target, "causal-lm", 2, 128)
+    whole = plan_memory(model, adapter, target, "causal-lm", 2, 128, vocab_chunked=False)
+    head_mib = vocab * hidden * 4 / MIB
+    assert chunked.vocab_chunk_rows == 8192 and whole.vocab_chunk_rows == 0
+    assert chunked.base_rebuilt_mib == round(2 * 8192 * hidden * 4 / MIB, 1) and whole.base_rebuilt_mib > 2 * head_mib - 1
+    assert chunked.activations_mib < whole.activations_mib - 2 * 128 * vocab * 4 / MIB
+    assert chunked.total_mib < whole.total_mib - head_mib
