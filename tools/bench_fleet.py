@@ -17,9 +17,17 @@ balanced) with the bundle's inference graph:
 It runs the fleet once per aggregation (exact, then fedavg, each with --compare-aggregations: the
 other aggregation of the same updates scored on the same held-out rows every round).
 
-    # the starting bundle: the 30-step MiniLM run (weak on purpose: 0.59 validation accuracy)
-    .venv/bin/edgeft export --run runs/minilm-pi5-30steps --target raspberry-pi-5-8gb --out runs/minilm-pi5-30steps.bundle
+    # the starting bundle: the 30-step MiniLM run (weak on purpose: 0.59 validation accuracy), with the
+    # holdout tweets as its reference rows (what the devices rehearse and check forgetting on)
+    .venv/bin/edgeft train --model assets/models/all-MiniLM-L6-v2 --task classify --data assets/data/sentiment/train.jsonl \
+      --eval-data assets/data/sentiment/val.jsonl --target raspberry-pi-5-8gb --max-seq-len 64 --batch-size 32 --max-steps 30 \
+      --out runs/minilm-pi5-30steps
+    .venv/bin/edgeft export --run runs/minilm-pi5-30steps --target raspberry-pi-5-8gb --out runs/minilm-pi5-30steps.bundle \
+      --reference-data assets/data/sentiment/holdout.jsonl
     .venv/bin/python tools/bench_fleet.py --bundle runs/minilm-pi5-30steps.bundle --rounds 5 --steps 30
+    # the fleet alone, the other arms from an earlier run (same bundle, same rounds x steps); the devices' schedule and moments:
+    .venv/bin/python tools/bench_fleet.py --bundle runs/minilm-pi5-30steps.bundle --aggregations exact --schedule round --moments reset \
+      --baselines bench-results/fleet.json --out bench-results/fleet-round-reset.json
 """
 
 from __future__ import annotations
@@ -101,12 +109,13 @@ def encoded_test(bundle: Path, path: Path):
     return encode_rows(load_task_rows(path, m.task, m.labels), m.task, tok, m.labels, m.max_seq_len, where=str(path), warn=lambda _: None), tok
 
 
-def fleet(bundle: Path, shards: list[Path], work: Path, rounds: int, steps: int, aggregation: str, port: int, server_lr: float = 1.0) -> dict:
+def fleet(bundle: Path, shards: list[Path], work: Path, rounds: int, steps: int, aggregation: str, port: int, server_lr: float = 1.0,
+          schedule: str = "run", moments: str = "keep") -> dict:
     out = work / f"fleet-{aggregation}"
     py = str(ROOT / ".venv/bin/python")
     server = subprocess.Popen([py, "-m", "edgeft", "fleet", "serve", "--bundle", str(bundle), "--out", str(out), "--rounds", str(rounds),
                                "--steps", str(steps), "--min-clients", "3", "--eval-data", str(DATA / "holdout.jsonl"), "--aggregation",
-                               aggregation, "--server-lr", str(server_lr), "--compare-aggregations", "--port", str(port), "--insecure", "--json"],
+                               aggregation, "--server-lr", str(server_lr), "--schedule", schedule, "--moments", moments, "--compare-aggregations", "--port", str(port), "--insecure", "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
     sys.path.insert(0, str(ROOT))
     from edgeft.fleet.launch import stop, wait_reachable
@@ -142,7 +151,8 @@ def fleet(bundle: Path, shards: list[Path], work: Path, rounds: int, steps: int,
                           "product_error": r.get("product_error"), f"product_error_{other}": r.get(other, {}).get("product_error"),
                           "update_error": r.get("update_error"), f"update_error_{other}": r.get(other, {}).get("update_error"),
                           "bytes_down_per_client": max(e["bytes_down"] for e in mine), "bytes_up_per_client": max(e["bytes_up"] for e in mine),
-                          "device_seconds": [e.get("seconds") for e in mine]})
+                          "device_seconds": [e.get("seconds") for e in mine],
+                          "device_best_step": [e.get("best-step") for e in mine], "moments_carried": [e.get("moments-carried") for e in mine]})
     return {"out": str(out), "wall_s": round(wall, 1), "rounds": per_round, "start_heldout_accuracy": summary["rounds"][0]["heldout"].get("accuracy")}
 
 
@@ -154,13 +164,15 @@ def main() -> None:
     ap.add_argument("--aggregations", default="exact,fedavg")
     ap.add_argument("--port", type=int, default=9390)
     ap.add_argument("--server-lr", type=float, default=1.0, help="the fleet's server step (edgeft fleet serve --server-lr)")
+    ap.add_argument("--schedule", choices=["run", "round"], default="run", help="the devices' learning-rate schedule (edgeft fleet serve --schedule)")
+    ap.add_argument("--moments", choices=["keep", "reset"], default="keep", help="the devices' AdamW moments between rounds (edgeft fleet serve --moments)")
     ap.add_argument("--baselines", type=Path, help="reuse the start, local-only and centralized arms of an earlier run's JSON (same bundle and rounds x steps)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fleet.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     bundle = args.bundle.resolve()
     result = {"bundle": str(bundle), "rounds": args.rounds, "steps_per_round": args.steps, "devices": 3, "test": "test.jsonl",
-              "server_lr": args.server_lr}
+              "server_lr": args.server_lr, "schedule": args.schedule, "moments": args.moments}
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         work = Path(tmp)
         *shards, union = skewed_shards(work)
@@ -187,7 +199,7 @@ def main() -> None:
         print(f"centralized: {result['centralized']}", file=sys.stderr)
         result["fleet"] = {}
         for i, agg in enumerate(args.aggregations.split(",")):
-            f = fleet(bundle, shards, work, args.rounds, args.steps, agg, args.port + i, args.server_lr)
+            f = fleet(bundle, shards, work, args.rounds, args.steps, agg, args.port + i, args.server_lr, args.schedule, args.moments)
             f["test"] = test_accuracy(bundle, Path(f["out"]) / "state", None, test)
             f["test_per_round"] = [test_accuracy(bundle, Path(f["out"]) / "state", g, test)["accuracy"] for g in range(1, args.rounds + 1)]
             result["fleet"][agg] = f
@@ -203,7 +215,8 @@ def main() -> None:
     c = result["centralized"]
     print(f"| centralized (union) | {c['steps']} (one machine) | {c['accuracy']:.4f} | {c['macro_f1']:.4f} | {c['wall_s']:.0f} s |")
     for agg, f in result["fleet"].items():
-        print(f"| fleet, {agg}, {args.rounds} rounds, server step {args.server_lr:g} | {total} | {f['test']['accuracy']:.4f} "
+        print(f"| fleet, {agg}, {args.rounds} rounds, server step {args.server_lr:g}, schedule {args.schedule}, moments {args.moments} "
+              f"| {total} | {f['test']['accuracy']:.4f} "
               f"| {f['test']['macro_f1']:.4f} | {f['wall_s']:.0f} s |")
     for agg, f in result["fleet"].items():
         print(f"\nfleet ({agg}) per round; test accuracy after each round: {f['test_per_round']}")
