@@ -237,7 +237,7 @@ def test_fleet_rounds_carry_adamw_moments_only_within_a_run(tmp_path, cls_bundle
     data = write_jsonl(tmp_path / "local.jsonl", [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("sad movie", "neg")] * 10])
     opts = {"base_fingerprint": m.base.fingerprint, "max_steps": 3, "rounds": 3, "schedule": "run", "moments": "keep", "fleet_id": "run-a"}
     one, meta = train_round(cls_bundle, data, st, start, {**opts, "round": 1}, log=lambda _: None)
-    assert not meta["moments_carried"] and not loaded
+    assert not meta["moments_carried"] and not loaded and meta["best_step"] is None  # the round's last step, not a best checkpoint
     saved = load_file(str(st / MOMENTS))
     assert set(saved) == {"exp_avg", "exp_avg_sq"} and np.abs(saved["exp_avg_sq"]).sum() > 0
     two, meta = train_round(cls_bundle, data, st, one, {**opts, "round": 2}, log=lambda _: None)

@@ -9,7 +9,7 @@ balanced) with the bundle's inference graph:
 
   fleet        `edgeft fleet serve` + three `edgeft device fleet-join` (a real Flower deployment on
                localhost: SuperLink, three SuperNodes, separate processes), ROUNDS rounds of STEPS
-               steps per device; the server scores each round on holdout.jsonl (rows no device has)
+               steps per device; the server scores each round on val.jsonl (rows no device has)
   local-only   `edgeft device train` on one shard alone, ROUNDS x STEPS steps (each device's total)
   centralized  `edgeft device train` on the union of the shards, 3 x ROUNDS x STEPS steps (the
                fleet's total steps, on all the data in one place)
@@ -45,6 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "data" / "sentiment"
 LABELS = ["negative", "neutral", "positive"]
+# the server's held-out rows: val.jsonl (600), which no device trains on. Not holdout.jsonl: the bundle's reference
+# rows are a sample of it, and every arm's devices rehearse half of them (measured before 2026-12-02 with holdout.jsonl)
+HELDOUT = "val.jsonl"
 
 
 def skewed_shards(folder: Path, major: float = 0.6, seed: int = 0) -> list[Path]:
@@ -114,7 +117,7 @@ def fleet(bundle: Path, shards: list[Path], work: Path, rounds: int, steps: int,
     out = work / f"fleet-{aggregation}"
     py = str(ROOT / ".venv/bin/python")
     server = subprocess.Popen([py, "-m", "edgeft", "fleet", "serve", "--bundle", str(bundle), "--out", str(out), "--rounds", str(rounds),
-                               "--steps", str(steps), "--min-clients", "3", "--eval-data", str(DATA / "holdout.jsonl"), "--aggregation",
+                               "--steps", str(steps), "--min-clients", "3", "--eval-data", str(DATA / HELDOUT), "--aggregation",
                                aggregation, "--server-lr", str(server_lr), "--schedule", schedule, "--moments", moments, "--compare-aggregations", "--port", str(port), "--insecure", "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
     sys.path.insert(0, str(ROOT))

@@ -77,6 +77,9 @@ class DeviceTrainConfig:
     # ones to moments_out. None: fresh moments, nothing written.
     moments_in: str | None = None
     moments_out: str | None = None
+    # the generation's weights: those of the checkpoint with the lowest held-out loss (True), or of its last
+    # step (False: a fleet round, one stretch of the run's schedule, whose moments are the last step's)
+    keep_best: bool = True
 
     def job_key(self) -> dict:
         """What must match for a rerun to resume the interrupted job rather than start another."""
@@ -155,7 +158,10 @@ class DeviceTrainer:
             reference = load_task_rows(self.bundle / "reference.jsonl", self.task, self.labels)
         ref_rehearse, ref_check = split_reference(reference)
         earlier_check = self.state.replay_check_rows()
-        rehearse = disjoint(ref_rehearse + self.state.replay_rows(), ref_check, earlier_check)
+        # earlier generations' rows that are this generation's own data (a fleet's rounds, a rerun on the same
+        # file) are not rehearsal: they would only crowd the replay share with what the new share already trains on
+        earlier = disjoint(self.state.replay_rows(), self.train_rows, self.held_rows)
+        rehearse = disjoint(ref_rehearse + earlier, ref_check, earlier_check)
         return {"rehearsal": rehearse, "reference": ref_check, "earlier": earlier_check}
 
     def set_replay(self, sources: dict) -> None:
@@ -260,7 +266,8 @@ class DeviceTrainer:
             progress["step"], progress["adam_step"] = step + 1, optimizer.step
             bar.update(step + 1, loss=loss, lr=step_lr, rss_mib=round(rss_mib()))
             if progress["step"] % cfg.checkpoint_every == 0 or progress["step"] == job["total_steps"]:
-                self.track_best(engine, layout.views(optimizer.params), progress)
+                if cfg.keep_best:
+                    self.track_best(engine, layout.views(optimizer.params), progress)
                 self.save_checkpoint(optimizer, progress)
         bar.close()
         seconds = time.perf_counter() - t0

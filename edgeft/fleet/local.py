@@ -10,7 +10,10 @@ Flower-free (client.py wraps it in a Flower ClientApp).
    (r-1)*S .. r*S of one warmup-and-cosine schedule R*S steps long, so the devices warm up once and
    decay once over the whole run instead of every round; with `moments` "keep", AdamW starts from
    the moments this device's previous round of the same run left (MOMENTS in the device state,
-   written atomically, tied to the generation that wrote them), not from zero.
+   written atomically, tied to the generation that wrote them), not from zero. Its result is its last
+   step's weights (not the checkpoint with the lowest loss on a few local held-out rows: the server
+   judges the fleet's adapter), and its rehearsal leaves out the device's own rows that earlier
+   rounds retained (they are this round's data already).
 3. That generation's weights go back, whether or not the device's own guard promoted it (the guard
    decides what the device runs; the server decides what the fleet runs, on its held-out data), with
    the number of local rows trained on, the sha256 of the weights and the base they are for.
@@ -99,6 +102,7 @@ def train_round(bundle: Path, data: Path, state_dir: Path | None, arrays: dict, 
     cfg = DeviceTrainConfig(data=str(data), max_steps=options.get("max_steps") or None, epochs=float(options.get("epochs") or 1.0),
                             lr=options.get("lr") or None, seed=int(options.get("seed", rnd)), restart=True, force=bool(options.get("force")),
                             blend=1.0,  # the trained adapter goes back as is: averaging is the server's (aggregate.py)
+                            keep_best=False,  # the round's last step: the stretch of the run's schedule it was sent to take
                             moments_out=str(moments) if keep else None, **schedule_span(options, rnd),
                             **({"replay_ratio": float(options["replay_ratio"])} if options.get("replay_ratio") is not None else {}))
     trainer = DeviceTrainer(bundle, state_dir, cfg, log=log, progress=False)  # checks options, bundle hashes and the memory plan
