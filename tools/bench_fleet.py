@@ -78,9 +78,9 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OPENBLAS_NUM_THREADS": "1"}
 
 
-def device_train(bundle: Path, data: Path, state: Path, steps: int) -> dict:
+def device_train(bundle: Path, data: Path, state: Path, steps: int, seed: int = 0) -> dict:
     cmd = [str(ROOT / ".venv-device/bin/python"), "-m", "edgeft", "device", "train", "--bundle", str(bundle), "--data", str(data),
-           "--state", str(state), "--max-steps", str(steps), "--quiet", "--json",
+           "--state", str(state), "--max-steps", str(steps), "--seed", str(seed), "--quiet", "--json",
            "--blend", "1"]  # the trained adapter as is, as a fleet round sends it (fleet/local.py), and as section 11 measured
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env())
@@ -169,26 +169,27 @@ def main() -> None:
     ap.add_argument("--server-lr", type=float, default=1.0, help="the fleet's server step (edgeft fleet serve --server-lr)")
     ap.add_argument("--schedule", choices=["run", "round"], default="run", help="the devices' learning-rate schedule (edgeft fleet serve --schedule)")
     ap.add_argument("--moments", choices=["keep", "reset"], default="keep", help="the devices' AdamW moments between rounds (edgeft fleet serve --moments)")
+    ap.add_argument("--seed", type=int, default=0, help="how the rows are dealt to the devices, and device train --seed of the local and centralized arms")
     ap.add_argument("--baselines", type=Path, help="reuse the start, local-only and centralized arms of an earlier run's JSON (same bundle and rounds x steps)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fleet.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     bundle = args.bundle.resolve()
     result = {"bundle": str(bundle), "rounds": args.rounds, "steps_per_round": args.steps, "devices": 3, "test": "test.jsonl",
-              "server_lr": args.server_lr, "schedule": args.schedule, "moments": args.moments}
+              "server_lr": args.server_lr, "schedule": args.schedule, "moments": args.moments, "seed": args.seed}
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         work = Path(tmp)
-        *shards, union = skewed_shards(work)
+        *shards, union = skewed_shards(work, seed=args.seed)
         result["shards"] = [{label: sum(json.loads(line)["label"] == label for line in p.read_text().splitlines()) for label in LABELS} for p in shards]
         test = encoded_test(bundle, DATA / "test.jsonl")
         total = args.rounds * args.steps
         old = json.loads(args.baselines.read_text()) if args.baselines else None
-        if old and (old["rounds"] * old["steps_per_round"], old["bundle"]) != (total, str(bundle)):
-            sys.exit(f"{args.baselines} was measured with another bundle or another total of steps per device")
+        if old and (old["rounds"] * old["steps_per_round"], old["bundle"], old.get("seed", 0)) != (total, str(bundle), args.seed):
+            sys.exit(f"{args.baselines} was measured with another bundle, seed or total of steps per device")
         result["start"] = old["start"] if old else test_accuracy(bundle, work / "s0", 0, test)
         local = old["local_only"] if old else []
         for k, shard in enumerate(shards if not old else []):
-            s = device_train(bundle, shard, work / f"local{k}", total)
+            s = device_train(bundle, shard, work / f"local{k}", total, args.seed)
             local.append({"device": k, "steps": s["steps"], "promoted": s["promoted"], "wall_s": s["wall_s"],
                           **test_accuracy(bundle, work / f"local{k}", s["generation"], test)})
             print(f"local-only device {k}: {local[-1]}", file=sys.stderr)
@@ -196,7 +197,7 @@ def main() -> None:
         if old:
             result["centralized"], result["baselines_from"] = old["centralized"], str(args.baselines)
         else:
-            s = device_train(bundle, union, work / "central", 3 * total)
+            s = device_train(bundle, union, work / "central", 3 * total, args.seed)
             result["centralized"] = {"steps": s["steps"], "promoted": s["promoted"], "wall_s": s["wall_s"],
                                      **test_accuracy(bundle, work / "central", s["generation"], test)}
         print(f"centralized: {result['centralized']}", file=sys.stderr)
