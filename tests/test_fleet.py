@@ -257,6 +257,17 @@ def test_fleet_rounds_carry_adamw_moments_only_within_a_run(tmp_path, cls_bundle
     assert not meta["moments_carried"] and not (tmp_path / "r" / MOMENTS).exists()
 
 
+def test_defaults_are_the_measured_ones():
+    """BENCHMARKS.md section 11: one schedule over the run, AdamW's moments carried, A and B averaged
+    (exact's SVD re-factoring moves every layer to a new basis each round, under the carried moments)."""
+    from edgeft.fleet.cli import serve
+    from edgeft.fleet.server import DEFAULTS
+
+    options = {p.name: p.default for p in serve.params}
+    assert (options["aggregation"], options["schedule"], options["moments"]) == ("fedavg", "run", "keep")
+    assert (DEFAULTS["aggregation"], DEFAULTS["schedule"], DEFAULTS["moments"]) == ("fedavg", "run", "keep")
+
+
 def test_moments_that_do_not_fit_the_bundle_are_refused_by_name(tmp_path, cls_bundle):
     from edgeft.device.state import save_arrays
     from edgeft.device.trainer import DeviceTrainConfig, DeviceTrainer

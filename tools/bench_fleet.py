@@ -14,7 +14,7 @@ balanced) with the bundle's inference graph:
   centralized  `edgeft device train` on the union of the shards, 3 x ROUNDS x STEPS steps (the
                fleet's total steps, on all the data in one place)
 
-It runs the fleet once per aggregation (exact, then fedavg, each with --compare-aggregations: the
+It runs the fleet once per aggregation (fedavg, then exact, each with --compare-aggregations: the
 other aggregation of the same updates scored on the same held-out rows every round).
 
     # the starting bundle: the 30-step MiniLM run (weak on purpose: 0.59 validation accuracy), with the
@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--bundle", required=True, type=Path)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30, help="steps per device per round")
-    ap.add_argument("--aggregations", default="exact,fedavg")
+    ap.add_argument("--aggregations", default="fedavg,exact")
     ap.add_argument("--port", type=int, default=9390)
     ap.add_argument("--server-lr", type=float, default=1.0, help="the fleet's server step (edgeft fleet serve --server-lr)")
     ap.add_argument("--schedule", choices=["run", "round"], default="run", help="the devices' learning-rate schedule (edgeft fleet serve --schedule)")

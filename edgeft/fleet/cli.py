@@ -24,8 +24,9 @@ def fleet():
 @click.option("--steps", type=int, default=20, show_default=True, help="Optimizer steps per device per round.")
 @click.option("--lr", type=float, help="Devices' peak learning rate (default: device train's, 5e-4 classify, 1e-4 causal-lm).")
 @click.option("--replay-ratio", type=float, help="Devices' share of each batch replayed from the bundle's reference rows (default: device train's).")
-@click.option("--aggregation", type=click.Choice(["exact", "fedavg"]), default="exact", show_default=True,
-              help="exact: the sample-weighted mean of each layer's B·A, re-factored to rank r by SVD; fedavg: A and B averaged separately.")
+@click.option("--aggregation", type=click.Choice(["exact", "fedavg"]), default="fedavg", show_default=True,
+              help="fedavg: every tensor's sample-weighted mean, A and B separately (keeps the coordinates the devices' carried "
+                   "AdamW moments refer to); exact: the weighted mean of each layer's B·A, re-factored to rank r by SVD.")
 @click.option("--server-lr", type=float, default=1.0, show_default=True,
               help="Server step: the new adapter is start + S x (aggregate - start); 1 is plain averaging, above 1 takes the devices' mean step further.")
 @click.option("--schedule", type=click.Choice(["run", "round"]), default="run", show_default=True,

@@ -8,7 +8,9 @@ the round). edgeft replaces what is done with the replies (`FleetStrategy.aggreg
 - each reply is checked (validate.problems: base fingerprint, round, tensor names, shapes, fp32,
   NaN/inf, the sha256 the device sent, a positive sample count); a refused or failed reply is
   logged with its reason and left out, the round goes on with the others;
-- the accepted adapters are aggregated, weighted by samples (aggregate.py; exact by default);
+- the accepted adapters are aggregated, weighted by samples (aggregate.py; fedavg by default: with the
+  devices carrying AdamW's moments between rounds, it keeps the coordinates those moments refer to,
+  where exact's SVD re-factoring gives every layer a new basis each round; BENCHMARKS.md section 11);
 - bytes down and up per client are logged (Flower's ArrayRecord payload count).
 
 After each round the server scores the adapter on held-out rows it owns (the bundle's inference
@@ -28,7 +30,7 @@ from flwr.serverapp.strategy import FedAvg
 
 serverapp = ServerApp()
 
-DEFAULTS = {"rounds": 3, "steps": 20, "lr": 0.0, "aggregation": "exact", "min-clients": 2, "fraction": 1.0, "round-timeout": 600.0,
+DEFAULTS = {"rounds": 3, "steps": 20, "lr": 0.0, "aggregation": "fedavg", "min-clients": 2, "fraction": 1.0, "round-timeout": 600.0,
             "compare": False, "replay-ratio": -1.0, "eval-data": "", "server-lr": 1.0, "schedule": "run", "moments": "keep"}
 
 
