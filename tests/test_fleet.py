@@ -189,6 +189,101 @@ def test_device_round_trains_from_the_servers_adapter_and_returns_only_weights(t
         train_round(cls_bundle, data, tmp_path / "st", start, {"round": 2, "base_fingerprint": "sha256:" + "0" * 64, "max_steps": 1})
 
 
+def test_schedule_span_places_each_round_in_one_schedule_over_the_run():
+    from edgeft.fleet.local import schedule_span
+
+    assert schedule_span({"schedule": "run", "rounds": 5, "max_steps": 30}, 1) == {"schedule_offset": 0, "schedule_total": 150}
+    assert schedule_span({"schedule": "run", "rounds": 5, "max_steps": 30}, 4) == {"schedule_offset": 90, "schedule_total": 150}
+    assert schedule_span({"schedule": "round", "rounds": 5, "max_steps": 30}, 4) == {}  # every round its own warmup and decay
+    assert schedule_span({"max_steps": 30}, 2) == {}  # a server that sends no rounds (before 0.2)
+    assert schedule_span({"schedule": "run", "rounds": 5, "max_steps": 30}, 6) == {}  # past the run: never a schedule it overruns
+
+
+def test_fleet_rounds_continue_one_learning_rate_schedule(tmp_path, cls_bundle, monkeypatch):
+    """Round 2 of 3 (3 steps each) takes steps 3..5 of one 9-step schedule: no second warmup, one decay."""
+    import edgeft.device.trainer as trainer
+    from edgeft.bundle import read_manifest
+    from edgeft.device.state import DeviceState
+    from edgeft.fleet.local import train_round
+    from edgeft.schedule import lr_at
+
+    seen = []
+    monkeypatch.setattr(trainer, "lr_at", lambda step, total, *a: seen.append((step, total)) or lr_at(step, total, *a))
+    m = read_manifest(cls_bundle)
+    start = DeviceState(tmp_path / "st", cls_bundle, m).bundle_params()
+    data = write_jsonl(tmp_path / "local.jsonl", [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("sad movie", "neg")] * 10])
+    opts = {"base_fingerprint": m.base.fingerprint, "max_steps": 3, "rounds": 3, "lr": 1e-3}
+    _, meta = train_round(cls_bundle, data, tmp_path / "st", start, {**opts, "round": 2, "schedule": "run"}, log=lambda _: None)
+    assert seen == [(3, 9), (4, 9), (5, 9)] and meta["schedule_offset"] == 3
+    seen.clear()
+    train_round(cls_bundle, data, tmp_path / "st2", start, {**opts, "round": 2, "schedule": "round"}, log=lambda _: None)
+    assert seen == [(0, 3), (1, 3), (2, 3)]  # the round's own schedule, warmup included
+    assert lr_at(3, 9, 1e-3) > lr_at(2, 3, 1e-3)  # what the run schedule gives the round's last steps that the round schedule takes away
+
+
+def test_fleet_rounds_carry_adamw_moments_only_within_a_run(tmp_path, cls_bundle, monkeypatch):
+    import edgeft.device.backends as backends
+    from safetensors.numpy import load_file
+    from edgeft.bundle import read_manifest
+    from edgeft.device.state import DeviceState
+    from edgeft.fleet.local import MOMENTS, train_round
+
+    loaded = []
+    real = backends.AdamW.load_moments
+    monkeypatch.setattr(backends.AdamW, "load_moments", lambda self, arrays, step: loaded.append((arrays, step)) or real(self, arrays, step))
+    m = read_manifest(cls_bundle)
+    st = tmp_path / "st"
+    start = DeviceState(st, cls_bundle, m).bundle_params()
+    data = write_jsonl(tmp_path / "local.jsonl", [{"text": t, "label": y} for t, y in [("i loved it", "pos"), ("sad movie", "neg")] * 10])
+    opts = {"base_fingerprint": m.base.fingerprint, "max_steps": 3, "rounds": 3, "schedule": "run", "moments": "keep", "fleet_id": "run-a"}
+    one, meta = train_round(cls_bundle, data, st, start, {**opts, "round": 1}, log=lambda _: None)
+    assert not meta["moments_carried"] and not loaded and meta["best_step"] is None  # the round's last step, not a best checkpoint
+    saved = load_file(str(st / MOMENTS))
+    assert set(saved) == {"exp_avg", "exp_avg_sq"} and np.abs(saved["exp_avg_sq"]).sum() > 0
+    two, meta = train_round(cls_bundle, data, st, one, {**opts, "round": 2}, log=lambda _: None)
+    assert meta["moments_carried"] and len(loaded) == 1 and loaded[0][1] == 3  # round 1's moments and its 3 AdamW steps
+    np.testing.assert_array_equal(loaded[0][0]["exp_avg"], saved["exp_avg"])
+    # the same weights trained from zero moments land elsewhere: the moments change the round's steps
+    fresh, _ = train_round(cls_bundle, data, tmp_path / "other", one, {**opts, "round": 2}, log=lambda _: None)
+    assert any(not np.allclose(two[n], fresh[n]) for n in two)
+    # another run, or a round that is not later than the one that saved them: from zero
+    logs = []
+    _, meta = train_round(cls_bundle, data, st, two, {**opts, "round": 3, "fleet_id": "run-b"}, log=logs.append)
+    assert not meta["moments_carried"] and any("another fleet run" in line for line in logs)
+    _, meta = train_round(cls_bundle, data, st, two, {**opts, "round": 1, "fleet_id": "run-b"}, log=logs.append)
+    assert not meta["moments_carried"] and "from round 3" in logs[-1]
+    # reset: nothing carried, nothing written
+    _, meta = train_round(cls_bundle, data, tmp_path / "r", start, {**opts, "round": 2, "moments": "reset"}, log=lambda _: None)
+    assert not meta["moments_carried"] and not (tmp_path / "r" / MOMENTS).exists()
+
+
+def test_defaults_are_the_measured_ones():
+    """BENCHMARKS.md section 11: one schedule over the run, AdamW's moments carried, A and B averaged
+    (exact's SVD re-factoring moves every layer to a new basis each round, under the carried moments)."""
+    from edgeft.fleet.cli import serve
+    from edgeft.fleet.server import DEFAULTS
+
+    options = {p.name: p.default for p in serve.params}
+    assert (options["aggregation"], options["schedule"], options["moments"]) == ("fedavg", "run", "keep")
+    assert (DEFAULTS["aggregation"], DEFAULTS["schedule"], DEFAULTS["moments"]) == ("fedavg", "run", "keep")
+
+
+def test_moments_that_do_not_fit_the_bundle_are_refused_by_name(tmp_path, cls_bundle):
+    from edgeft.device.state import save_arrays
+    from edgeft.device.trainer import DeviceTrainConfig, DeviceTrainer
+    from edgeft.errors import StateError
+
+    data = write_jsonl(tmp_path / "local.jsonl", [{"text": "fine", "label": "pos"}] * 12)
+    save_arrays(tmp_path / "m.safetensors", {"exp_avg": np.zeros(3, np.float32), "exp_avg_sq": np.zeros(3, np.float32)}, {"step": 4})
+    t = DeviceTrainer(cls_bundle, tmp_path / "st", DeviceTrainConfig(data=str(data), max_steps=1, moments_in=str(tmp_path / "m.safetensors")),
+                      log=lambda _: None, progress=False)
+    with pytest.raises(StateError, match="moments do not fit"):
+        t.run()
+    with pytest.raises(Exception, match="run past the schedule"):
+        DeviceTrainer(cls_bundle, tmp_path / "st", DeviceTrainConfig(data=str(data), max_steps=5, schedule_offset=8, schedule_total=10),
+                      log=lambda _: None, progress=False).prepare_data()
+
+
 def test_server_refuses_bad_replies_aggregates_the_rest_and_writes_an_update_devices_accept(tmp_path, cls_bundle):
     from edgeft.device.apply import check_update
     from edgeft.device.state import DeviceState

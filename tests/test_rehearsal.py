@@ -157,6 +157,24 @@ def test_rows_that_decide_promotion_are_never_trained_on(tmp_path, ref_bundle):
     assert r.exit_code == 0 and set(s["metrics"]["candidate"]) == {"heldout", "reference", "earlier"}, r.output
 
 
+def test_earlier_rows_that_are_this_generations_own_data_are_not_rehearsed(tmp_path, ref_bundle):
+    """A fleet's rounds (or a rerun) train on the same file again: the rows earlier generations retained
+    from it must not take the replay share, which is for what the generation does not train on."""
+    from edgeft.bundle import read_manifest
+    from edgeft.device.rehearsal import row_key
+    from edgeft.device.state import DeviceState
+
+    state = tmp_path / "state"
+    state.mkdir()
+    own, other = new_rows("a"), new_rows("z", 1)
+    DeviceState(state, ref_bundle, read_manifest(ref_bundle)).retain(own + other, [], 0)
+    t = trainer(ref_bundle, state, write_jsonl(tmp_path / "a.jsonl", own))
+    rehearse = {row_key(r) for r in t.replay_rows["rehearsal"]}
+    assert not rehearse & {row_key(r) for r in own}  # neither its training rows nor its held-out split
+    assert {row_key(r) for r in other} <= rehearse  # earlier data it does not hold is still rehearsed
+    assert len(t.replay_rows["rehearsal"]) == len(other) + 12  # and the reference rows' rehearsal half
+
+
 # -- the replay store -------------------------------------------------------------
 
 def test_replay_store_stays_within_its_cap_across_generations(tmp_path, ref_bundle, monkeypatch):

@@ -9,17 +9,25 @@ balanced) with the bundle's inference graph:
 
   fleet        `edgeft fleet serve` + three `edgeft device fleet-join` (a real Flower deployment on
                localhost: SuperLink, three SuperNodes, separate processes), ROUNDS rounds of STEPS
-               steps per device; the server scores each round on holdout.jsonl (rows no device has)
+               steps per device; the server scores each round on val.jsonl (rows no device has)
   local-only   `edgeft device train` on one shard alone, ROUNDS x STEPS steps (each device's total)
   centralized  `edgeft device train` on the union of the shards, 3 x ROUNDS x STEPS steps (the
                fleet's total steps, on all the data in one place)
 
-It runs the fleet once per aggregation (exact, then fedavg, each with --compare-aggregations: the
+It runs the fleet once per aggregation (fedavg, then exact, each with --compare-aggregations: the
 other aggregation of the same updates scored on the same held-out rows every round).
 
-    # the starting bundle: the 30-step MiniLM run (weak on purpose: 0.59 validation accuracy)
-    .venv/bin/edgeft export --run runs/minilm-pi5-30steps --target raspberry-pi-5-8gb --out runs/minilm-pi5-30steps.bundle
+    # the starting bundle: the 30-step MiniLM run (weak on purpose: 0.59 validation accuracy), with the
+    # holdout tweets as its reference rows (what the devices rehearse and check forgetting on)
+    .venv/bin/edgeft train --model assets/models/all-MiniLM-L6-v2 --task classify --data assets/data/sentiment/train.jsonl \
+      --eval-data assets/data/sentiment/val.jsonl --target raspberry-pi-5-8gb --max-seq-len 64 --batch-size 32 --max-steps 30 \
+      --out runs/minilm-pi5-30steps
+    .venv/bin/edgeft export --run runs/minilm-pi5-30steps --target raspberry-pi-5-8gb --out runs/minilm-pi5-30steps.bundle \
+      --reference-data assets/data/sentiment/holdout.jsonl
     .venv/bin/python tools/bench_fleet.py --bundle runs/minilm-pi5-30steps.bundle --rounds 5 --steps 30
+    # the fleet alone, the other arms from an earlier run (same bundle, same rounds x steps); the devices' schedule and moments:
+    .venv/bin/python tools/bench_fleet.py --bundle runs/minilm-pi5-30steps.bundle --aggregations exact --schedule round --moments reset \
+      --baselines bench-results/fleet.json --out bench-results/fleet-round-reset.json
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "assets" / "data" / "sentiment"
 LABELS = ["negative", "neutral", "positive"]
+# the server's held-out rows: val.jsonl (600), which no device trains on. Not holdout.jsonl: the bundle's reference
+# rows are a sample of it, and every arm's devices rehearse half of them (measured before 2026-12-02 with holdout.jsonl)
+HELDOUT = "val.jsonl"
 
 
 def skewed_shards(folder: Path, major: float = 0.6, seed: int = 0) -> list[Path]:
@@ -67,9 +78,9 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OPENBLAS_NUM_THREADS": "1"}
 
 
-def device_train(bundle: Path, data: Path, state: Path, steps: int) -> dict:
+def device_train(bundle: Path, data: Path, state: Path, steps: int, seed: int = 0) -> dict:
     cmd = [str(ROOT / ".venv-device/bin/python"), "-m", "edgeft", "device", "train", "--bundle", str(bundle), "--data", str(data),
-           "--state", str(state), "--max-steps", str(steps), "--quiet", "--json",
+           "--state", str(state), "--max-steps", str(steps), "--seed", str(seed), "--quiet", "--json",
            "--blend", "1"]  # the trained adapter as is, as a fleet round sends it (fleet/local.py), and as section 11 measured
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env())
@@ -101,12 +112,13 @@ def encoded_test(bundle: Path, path: Path):
     return encode_rows(load_task_rows(path, m.task, m.labels), m.task, tok, m.labels, m.max_seq_len, where=str(path), warn=lambda _: None), tok
 
 
-def fleet(bundle: Path, shards: list[Path], work: Path, rounds: int, steps: int, aggregation: str, port: int, server_lr: float = 1.0) -> dict:
+def fleet(bundle: Path, shards: list[Path], work: Path, rounds: int, steps: int, aggregation: str, port: int, server_lr: float = 1.0,
+          schedule: str = "run", moments: str = "keep") -> dict:
     out = work / f"fleet-{aggregation}"
     py = str(ROOT / ".venv/bin/python")
     server = subprocess.Popen([py, "-m", "edgeft", "fleet", "serve", "--bundle", str(bundle), "--out", str(out), "--rounds", str(rounds),
-                               "--steps", str(steps), "--min-clients", "3", "--eval-data", str(DATA / "holdout.jsonl"), "--aggregation",
-                               aggregation, "--server-lr", str(server_lr), "--compare-aggregations", "--port", str(port), "--insecure", "--json"],
+                               "--steps", str(steps), "--min-clients", "3", "--eval-data", str(DATA / HELDOUT), "--aggregation",
+                               aggregation, "--server-lr", str(server_lr), "--schedule", schedule, "--moments", moments, "--compare-aggregations", "--port", str(port), "--insecure", "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True)
     sys.path.insert(0, str(ROOT))
     from edgeft.fleet.launch import stop, wait_reachable
@@ -142,7 +154,8 @@ def fleet(bundle: Path, shards: list[Path], work: Path, rounds: int, steps: int,
                           "product_error": r.get("product_error"), f"product_error_{other}": r.get(other, {}).get("product_error"),
                           "update_error": r.get("update_error"), f"update_error_{other}": r.get(other, {}).get("update_error"),
                           "bytes_down_per_client": max(e["bytes_down"] for e in mine), "bytes_up_per_client": max(e["bytes_up"] for e in mine),
-                          "device_seconds": [e.get("seconds") for e in mine]})
+                          "device_seconds": [e.get("seconds") for e in mine],
+                          "device_best_step": [e.get("best-step") for e in mine], "moments_carried": [e.get("moments-carried") for e in mine]})
     return {"out": str(out), "wall_s": round(wall, 1), "rounds": per_round, "start_heldout_accuracy": summary["rounds"][0]["heldout"].get("accuracy")}
 
 
@@ -151,29 +164,32 @@ def main() -> None:
     ap.add_argument("--bundle", required=True, type=Path)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30, help="steps per device per round")
-    ap.add_argument("--aggregations", default="exact,fedavg")
+    ap.add_argument("--aggregations", default="fedavg,exact")
     ap.add_argument("--port", type=int, default=9390)
     ap.add_argument("--server-lr", type=float, default=1.0, help="the fleet's server step (edgeft fleet serve --server-lr)")
+    ap.add_argument("--schedule", choices=["run", "round"], default="run", help="the devices' learning-rate schedule (edgeft fleet serve --schedule)")
+    ap.add_argument("--moments", choices=["keep", "reset"], default="keep", help="the devices' AdamW moments between rounds (edgeft fleet serve --moments)")
+    ap.add_argument("--seed", type=int, default=0, help="how the rows are dealt to the devices, and device train --seed of the local and centralized arms")
     ap.add_argument("--baselines", type=Path, help="reuse the start, local-only and centralized arms of an earlier run's JSON (same bundle and rounds x steps)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fleet.json")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     bundle = args.bundle.resolve()
     result = {"bundle": str(bundle), "rounds": args.rounds, "steps_per_round": args.steps, "devices": 3, "test": "test.jsonl",
-              "server_lr": args.server_lr}
+              "server_lr": args.server_lr, "schedule": args.schedule, "moments": args.moments, "seed": args.seed}
     with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
         work = Path(tmp)
-        *shards, union = skewed_shards(work)
+        *shards, union = skewed_shards(work, seed=args.seed)
         result["shards"] = [{label: sum(json.loads(line)["label"] == label for line in p.read_text().splitlines()) for label in LABELS} for p in shards]
         test = encoded_test(bundle, DATA / "test.jsonl")
         total = args.rounds * args.steps
         old = json.loads(args.baselines.read_text()) if args.baselines else None
-        if old and (old["rounds"] * old["steps_per_round"], old["bundle"]) != (total, str(bundle)):
-            sys.exit(f"{args.baselines} was measured with another bundle or another total of steps per device")
+        if old and (old["rounds"] * old["steps_per_round"], old["bundle"], old.get("seed", 0)) != (total, str(bundle), args.seed):
+            sys.exit(f"{args.baselines} was measured with another bundle, seed or total of steps per device")
         result["start"] = old["start"] if old else test_accuracy(bundle, work / "s0", 0, test)
         local = old["local_only"] if old else []
         for k, shard in enumerate(shards if not old else []):
-            s = device_train(bundle, shard, work / f"local{k}", total)
+            s = device_train(bundle, shard, work / f"local{k}", total, args.seed)
             local.append({"device": k, "steps": s["steps"], "promoted": s["promoted"], "wall_s": s["wall_s"],
                           **test_accuracy(bundle, work / f"local{k}", s["generation"], test)})
             print(f"local-only device {k}: {local[-1]}", file=sys.stderr)
@@ -181,13 +197,13 @@ def main() -> None:
         if old:
             result["centralized"], result["baselines_from"] = old["centralized"], str(args.baselines)
         else:
-            s = device_train(bundle, union, work / "central", 3 * total)
+            s = device_train(bundle, union, work / "central", 3 * total, args.seed)
             result["centralized"] = {"steps": s["steps"], "promoted": s["promoted"], "wall_s": s["wall_s"],
                                      **test_accuracy(bundle, work / "central", s["generation"], test)}
         print(f"centralized: {result['centralized']}", file=sys.stderr)
         result["fleet"] = {}
         for i, agg in enumerate(args.aggregations.split(",")):
-            f = fleet(bundle, shards, work, args.rounds, args.steps, agg, args.port + i, args.server_lr)
+            f = fleet(bundle, shards, work, args.rounds, args.steps, agg, args.port + i, args.server_lr, args.schedule, args.moments)
             f["test"] = test_accuracy(bundle, Path(f["out"]) / "state", None, test)
             f["test_per_round"] = [test_accuracy(bundle, Path(f["out"]) / "state", g, test)["accuracy"] for g in range(1, args.rounds + 1)]
             result["fleet"][agg] = f
@@ -203,7 +219,8 @@ def main() -> None:
     c = result["centralized"]
     print(f"| centralized (union) | {c['steps']} (one machine) | {c['accuracy']:.4f} | {c['macro_f1']:.4f} | {c['wall_s']:.0f} s |")
     for agg, f in result["fleet"].items():
-        print(f"| fleet, {agg}, {args.rounds} rounds, server step {args.server_lr:g} | {total} | {f['test']['accuracy']:.4f} "
+        print(f"| fleet, {agg}, {args.rounds} rounds, server step {args.server_lr:g}, schedule {args.schedule}, moments {args.moments} "
+              f"| {total} | {f['test']['accuracy']:.4f} "
               f"| {f['test']['macro_f1']:.4f} | {f['wall_s']:.0f} s |")
     for agg, f in result["fleet"].items():
         print(f"\nfleet ({agg}) per round; test accuracy after each round: {f['test_per_round']}")

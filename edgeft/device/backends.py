@@ -94,12 +94,23 @@ class AdamW:
     def arrays(self) -> dict:
         return {"params": self.params, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
-    def restore(self, arrays: dict, step: int) -> None:
+    def restore(self, arrays: dict, step: int, adam_step: int | None = None) -> None:
+        """A job's checkpoint: parameters, moments, and AdamW's step count (the job's steps unless it
+        started from earlier moments)."""
         for key in ("params", "exp_avg", "exp_avg_sq"):
             if arrays[key].shape != (self.layout.size,):
                 raise StateError(f"the interrupted job's checkpoint holds {arrays[key].shape[0]} values, the bundle {self.layout.size}",
                                  "pass --restart to discard the interrupted generation")
         self.params, self.exp_avg, self.exp_avg_sq = (np.array(arrays[k], np.float32) for k in ("params", "exp_avg", "exp_avg_sq"))
+        self.step = step if adam_step is None else adam_step
+
+    def load_moments(self, arrays: dict, step: int) -> None:
+        """Start from earlier moments (and their step count, for the bias correction); the parameters stay."""
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in arrays or arrays[key].shape != (self.layout.size,):
+                raise StateError(f"the saved optimizer moments do not fit this bundle's {self.layout.size} trainable values",
+                                 "delete them to start the moments afresh")
+        self.exp_avg, self.exp_avg_sq = (np.array(arrays[k], np.float32) for k in ("exp_avg", "exp_avg_sq"))
         self.step = step
 
 

@@ -67,6 +67,19 @@ class DeviceTrainConfig:
     restart: bool = False
     backend: str = "auto"
     check_rows: int | None = None  # rows per check set in the promotion check; None: by the generation's size (check.py)
+    # One learning-rate schedule over several generations (a fleet's rounds, fleet/local.py): this generation
+    # takes steps schedule_offset .. schedule_offset + its steps of a schedule schedule_total steps long
+    # (warmup only at its start, one decay over all of it). Default: the generation's own schedule.
+    schedule_offset: int = 0
+    schedule_total: int | None = None
+    # AdamW's moments carried between generations (a fleet's rounds): start from the moments in
+    # moments_in (exp_avg, exp_avg_sq and the step count, as moments_out wrote them) and write the final
+    # ones to moments_out. None: fresh moments, nothing written.
+    moments_in: str | None = None
+    moments_out: str | None = None
+    # the generation's weights: those of the checkpoint with the lowest held-out loss (True), or of its last
+    # step (False: a fleet round, one stretch of the run's schedule, whose moments are the last step's)
+    keep_best: bool = True
 
     def job_key(self) -> dict:
         """What must match for a rerun to resume the interrupted job rather than start another."""
@@ -92,6 +105,8 @@ class DeviceTrainer:
         self.state = DeviceState(state_dir, self.bundle, self.manifest)
         if cfg.grad_accum < 1 or cfg.checkpoint_every < 1 or (cfg.max_steps is not None and cfg.max_steps < 1) or cfg.epochs <= 0:
             raise UsageError("--grad-accum, --checkpoint-every, --max-steps and --epochs must be positive", "e.g. --max-steps 50")
+        if cfg.schedule_offset < 0 or (cfg.schedule_total is not None and cfg.schedule_total < 1):
+            raise UsageError("the schedule's offset must be at least 0 and its total positive", "e.g. schedule_offset=30, schedule_total=150")
         if not 0 <= cfg.replay_ratio <= 0.9 or cfg.l2_previous < 0 or not 0 < cfg.blend <= 1:
             raise UsageError("--replay-ratio must be between 0 and 0.9, --l2-previous at least 0 and --blend in (0, 1]",
                              f"e.g. --replay-ratio {REPLAY_RATIO} --blend {BLEND}")
@@ -131,6 +146,9 @@ class DeviceTrainer:
         else:
             self.per_epoch = batches_per_epoch(len(self.train_set), self.batch)  # the workstation's rules (edgeft.schedule)
             self.total_steps = total_steps(self.per_epoch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+        if cfg.schedule_total is not None and cfg.schedule_offset + self.total_steps > cfg.schedule_total:
+            raise UsageError(f"this generation's {self.total_steps} steps from step {cfg.schedule_offset} run past the schedule's "
+                             f"{cfg.schedule_total} steps", "lengthen the schedule or take fewer steps")
 
     def replay_sources(self) -> dict:
         """The rows rehearsed and the rows checked, as rows (rehearsal.py): the bundle's reference rows
@@ -140,7 +158,10 @@ class DeviceTrainer:
             reference = load_task_rows(self.bundle / "reference.jsonl", self.task, self.labels)
         ref_rehearse, ref_check = split_reference(reference)
         earlier_check = self.state.replay_check_rows()
-        rehearse = disjoint(ref_rehearse + self.state.replay_rows(), ref_check, earlier_check)
+        # earlier generations' rows that are this generation's own data (a fleet's rounds, a rerun on the same
+        # file) are not rehearsal: they would only crowd the replay share with what the new share already trains on
+        earlier = disjoint(self.state.replay_rows(), self.train_rows, self.held_rows)
+        rehearse = disjoint(ref_rehearse + earlier, ref_check, earlier_check)
         return {"rehearsal": rehearse, "reference": ref_check, "earlier": earlier_check}
 
     def set_replay(self, sources: dict) -> None:
@@ -204,9 +225,13 @@ class DeviceTrainer:
         if resumed and last.is_file():
             arrays, meta = load_checkpoint(last)
             progress = json.loads(meta["edgeft"])
-            optimizer.restore(arrays, progress["step"])
+            optimizer.restore(arrays, progress["step"], progress.get("adam_step"))
         else:
             progress = {"step": 0, "best_loss": None, "best_step": None, "losses": []}
+            if cfg.moments_in:
+                moments, meta = load_checkpoint(Path(cfg.moments_in), "delete it to start the moments afresh")
+                optimizer.load_moments(moments, int(meta["step"]))
+            progress["adam_step"] = optimizer.step  # AdamW's own count (bias correction): moments_in's steps plus this generation's
         engine = self.engine(self.bundle, self.manifest)
         engine.set_params(layout.views(optimizer.params))
         lr = cfg.lr or LR[self.task]
@@ -216,8 +241,9 @@ class DeviceTrainer:
             self.log(f"resuming generation {job['generation']} at step {start} of {job['total_steps']}")
         bar = ProgressLine(job["total_steps"], start, enabled=self.show_progress)
         t0 = time.perf_counter()
+        span = cfg.schedule_total or job["total_steps"]  # one schedule over several generations, or this one's own
         for step in range(start, job["total_steps"]):
-            step_lr = lr_at(step, job["total_steps"], lr, schedule["name"], schedule["warmup_ratio"])
+            step_lr = lr_at(cfg.schedule_offset + step, span, lr, schedule["name"], schedule["warmup_ratio"])
             loss = 0.0
             for micro in range(cfg.grad_accum):
                 batch = self.micro_batch(step * cfg.grad_accum + micro, job["seed"])
@@ -237,13 +263,18 @@ class DeviceTrainer:
                     optimizer.params[a:b] = anchor[a:b]  # AdamW's weight decay moves even a zero-gradient weight
             engine.set_params(layout.views(optimizer.params))
             progress["losses"].append(round(loss, 6))
-            progress["step"] = step + 1
+            progress["step"], progress["adam_step"] = step + 1, optimizer.step
             bar.update(step + 1, loss=loss, lr=step_lr, rss_mib=round(rss_mib()))
             if progress["step"] % cfg.checkpoint_every == 0 or progress["step"] == job["total_steps"]:
-                self.track_best(engine, layout.views(optimizer.params), progress)
+                if cfg.keep_best:
+                    self.track_best(engine, layout.views(optimizer.params), progress)
                 self.save_checkpoint(optimizer, progress)
         bar.close()
         seconds = time.perf_counter() - t0
+        if cfg.moments_out:
+            with writing("the optimizer's moments"):
+                save_arrays(Path(cfg.moments_out), {"exp_avg": optimizer.exp_avg, "exp_avg_sq": optimizer.exp_avg_sq},
+                            {"step": optimizer.step, "generation": job["generation"]})
         best = job_dir / "best.safetensors"
         params = load_arrays(best) if best.is_file() else {n: v.copy() for n, v in layout.views(optimizer.params).items()}
         del optimizer
@@ -352,7 +383,7 @@ class DeviceTrainer:
             self.state.add_generation(record, result["params"], promote)
             self.state.clear_job()
         return {"generation": job["generation"], "backend": result["backend"], "promoted": promote, "reason": reason, "current": self.state.current,
-                "resumed_at_step": result["resumed_at"], "steps": result["steps"], "seconds": result["seconds"],
+                "resumed_at_step": result["resumed_at"], "steps": result["steps"], "best_step": result["best_step"], "seconds": result["seconds"],
                 "steps_per_s": result["steps_per_s"], "first_loss": (result["losses"] or [None])[0],
                 "last_loss": (result["losses"] or [None])[-1], "losses": result["losses"], "metrics": metrics, "peak_rss_mib": record["peak_rss_mib"],
                 "plan_mib": self.plan_mib, "plan": self.plan.to_dict() if self.plan else None, "check": self.check_info,

@@ -24,10 +24,16 @@ def fleet():
 @click.option("--steps", type=int, default=20, show_default=True, help="Optimizer steps per device per round.")
 @click.option("--lr", type=float, help="Devices' peak learning rate (default: device train's, 5e-4 classify, 1e-4 causal-lm).")
 @click.option("--replay-ratio", type=float, help="Devices' share of each batch replayed from the bundle's reference rows (default: device train's).")
-@click.option("--aggregation", type=click.Choice(["exact", "fedavg"]), default="exact", show_default=True,
-              help="exact: the sample-weighted mean of each layer's B·A, re-factored to rank r by SVD; fedavg: A and B averaged separately.")
+@click.option("--aggregation", type=click.Choice(["exact", "fedavg"]), default="fedavg", show_default=True,
+              help="fedavg: every tensor's sample-weighted mean, A and B separately (keeps the coordinates the devices' carried "
+                   "AdamW moments refer to); exact: the weighted mean of each layer's B·A, re-factored to rank r by SVD.")
 @click.option("--server-lr", type=float, default=1.0, show_default=True,
               help="Server step: the new adapter is start + S x (aggregate - start); 1 is plain averaging, above 1 takes the devices' mean step further.")
+@click.option("--schedule", type=click.Choice(["run", "round"]), default="run", show_default=True,
+              help="Devices' learning rate: run: one warmup and one cosine decay over all rounds' steps, each round continuing it; "
+                   "round: every round warms up and decays afresh.")
+@click.option("--moments", type=click.Choice(["keep", "reset"]), default="keep", show_default=True,
+              help="keep: each device starts a round from the AdamW moments its previous round of this run left (in its state); reset: from zero.")
 @click.option("--compare-aggregations", is_flag=True, help="Also score the other aggregation of the same updates each round (logged).")
 @click.option("--min-clients", type=int, default=2, show_default=True, help="Wait for this many devices; train with at least this many per round.")
 @click.option("--fraction", type=float, default=1.0, show_default=True, help="Share of the connected devices sampled each round.")
@@ -41,7 +47,7 @@ def fleet():
 @click.option("--ssl-keyfile", type=click.Path(path_type=Path), help="TLS: the server key.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
-def serve(bundle, out, eval_data, rounds, steps, lr, replay_ratio, aggregation, server_lr, compare_aggregations, min_clients, fraction, round_timeout,
+def serve(bundle, out, eval_data, rounds, steps, lr, replay_ratio, aggregation, server_lr, schedule, moments, compare_aggregations, min_clients, fraction, round_timeout,
           host, port, insecure, ssl_ca_certfile, ssl_certfile, ssl_keyfile, overwrite, as_json):
     """Run the fleet's server: a Flower SuperLink and edgeft's ServerApp, from a bundle.
 
@@ -61,7 +67,8 @@ def serve(bundle, out, eval_data, rounds, steps, lr, replay_ratio, aggregation, 
     if rounds < 1 or steps < 1 or min_clients < 1 or not 0 < fraction <= 1 or round_timeout <= 0 or server_lr <= 0:
         raise UsageError("--rounds, --steps, --min-clients, --round-timeout and --server-lr must be positive and --fraction in (0, 1]",
                          "e.g. --rounds 3 --steps 20")
-    settings = {"rounds": rounds, "steps": steps, "lr": lr or 0.0, "aggregation": aggregation, "server-lr": server_lr, "compare": compare_aggregations,
+    settings = {"rounds": rounds, "steps": steps, "lr": lr or 0.0, "aggregation": aggregation, "server-lr": server_lr, "schedule": schedule, "moments": moments,
+                "compare": compare_aggregations,
                 "min-clients": min_clients, "fraction": fraction, "round-timeout": round_timeout,
                 "replay-ratio": -1.0 if replay_ratio is None else replay_ratio, "eval-data": str(eval_data) if eval_data else ""}
     log = lambda m: click.echo(m, err=True)  # noqa: E731

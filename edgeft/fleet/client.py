@@ -58,8 +58,9 @@ def train(msg: Message, context: Context) -> Message:
     trained, meta = train_round(bundle, data, node_setting(context, "state"), arrays, options, log=lambda m: print(f"[edgeft] {m}", flush=True))
     trained, meta = fault(trained, meta, os.environ.get("EDGEFT_FLEET_FAULT"))
     metrics = {"num-examples": int(meta["num-examples"]), "steps": int(meta["steps"]), "seconds": float(meta["seconds"]),
-               "promoted-locally": int(bool(meta["promoted_locally"]))}
-    for k in ("first_loss", "last_loss", "peak_rss_mib"):
+               "promoted-locally": int(bool(meta["promoted_locally"])), "moments-carried": int(bool(meta.get("moments_carried"))),
+               "schedule-offset": int(meta.get("schedule_offset") or 0)}
+    for k in ("first_loss", "last_loss", "peak_rss_mib", "best_step"):
         if meta.get(k) is not None:
             metrics[k.replace("_", "-")] = float(meta[k])
     content = RecordDict({"arrays": ArrayRecord({n: Array(a) for n, a in trained.items()}), "metrics": MetricRecord(metrics),

@@ -8,7 +8,9 @@ the round). edgeft replaces what is done with the replies (`FleetStrategy.aggreg
 - each reply is checked (validate.problems: base fingerprint, round, tensor names, shapes, fp32,
   NaN/inf, the sha256 the device sent, a positive sample count); a refused or failed reply is
   logged with its reason and left out, the round goes on with the others;
-- the accepted adapters are aggregated, weighted by samples (aggregate.py; exact by default);
+- the accepted adapters are aggregated, weighted by samples (aggregate.py; fedavg by default: with the
+  devices carrying AdamW's moments between rounds, it keeps the coordinates those moments refer to,
+  where exact's SVD re-factoring gives every layer a new basis each round; BENCHMARKS.md section 11);
 - bytes down and up per client are logged (Flower's ArrayRecord payload count).
 
 After each round the server scores the adapter on held-out rows it owns (the bundle's inference
@@ -19,6 +21,7 @@ and as a PEFT adapter.
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -27,8 +30,8 @@ from flwr.serverapp.strategy import FedAvg
 
 serverapp = ServerApp()
 
-DEFAULTS = {"rounds": 3, "steps": 20, "lr": 0.0, "aggregation": "exact", "min-clients": 2, "fraction": 1.0, "round-timeout": 600.0,
-            "compare": False, "replay-ratio": -1.0, "eval-data": "", "server-lr": 1.0}
+DEFAULTS = {"rounds": 3, "steps": 20, "lr": 0.0, "aggregation": "fedavg", "min-clients": 2, "fraction": 1.0, "round-timeout": 600.0,
+            "compare": False, "replay-ratio": -1.0, "eval-data": "", "server-lr": 1.0, "schedule": "run", "moments": "keep"}
 
 
 def to_numpy(record: ArrayRecord) -> dict:
@@ -93,7 +96,8 @@ class Fleet:
             self.output.event("reply", round=rnd, node=r["node"], device=r.get("device"), accepted=not reasons, reasons=reasons,
                               samples=r.get("meta", {}).get("num-examples"), sha256=r.get("meta", {}).get("sha256"),
                               bytes_down=r.get("bytes_down"), bytes_up=r.get("bytes_up"),
-                              **{k: r["meta"][k] for k in ("steps", "first-loss", "last-loss", "seconds") if k in r.get("meta", {})})
+                              **{k: r["meta"][k] for k in ("steps", "first-loss", "last-loss", "seconds", "best-step", "moments-carried", "schedule-offset")
+                                 if k in r.get("meta", {})})
             if reasons:
                 self.log(f"round {rnd}: refused the reply of node {r['node']}: {'; '.join(reasons)}")
             else:
@@ -206,7 +210,11 @@ def main(grid: Grid, context: Context) -> None:
     fleet = Fleet(Path(s["bundle"]), Path(s["out"]), s, log)
     strategy = FleetStrategy(fleet, fraction_train=float(s["fraction"]), min_train_nodes=int(s["min-clients"]),
                              min_available_nodes=int(s["min-clients"]))
+    # rounds, schedule: each device continues one learning-rate schedule over the whole run (local.schedule_span);
+    # fleet_id, moments: a device carries AdamW's moments from its previous round of this run (local.carried_moments)
     train_config = {"base_fingerprint": fleet.manifest.base.fingerprint, "max_steps": int(s["steps"]), "lr": float(s["lr"]),
+                    "rounds": int(s["rounds"]), "schedule": str(s["schedule"]), "moments": str(s["moments"]),
+                    "fleet_id": f"{context.run_id}-{uuid.uuid4().hex[:12]}",
                     **({"replay_ratio": float(s["replay-ratio"])} if float(s["replay-ratio"]) >= 0 else {})}
     t0 = time.perf_counter()
     result = strategy.start(grid=grid, initial_arrays=to_record(fleet.initial), num_rounds=int(s["rounds"]), timeout=float(s["round-timeout"]),
