@@ -152,6 +152,7 @@ def load_vision_base(path, scheme, labels: list[str], keep_codes: dict | None = 
                 flat = w.reshape(w.shape[0], -1)  # (out, in/groups * kh * kw): one int8 scale per output channel
                 if scheme.kind == "int":
                     codes = quantize(flat, scheme)
+                    codes.view = tuple(w.shape)  # export packs (out, in/groups * kh * kw) and reshapes back
                     if keep_codes is not None:
                         keep_codes[name] = codes
                     from .quantize import dequantize
