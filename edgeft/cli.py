@@ -148,7 +148,7 @@ def train(model, data, eval_data, val_fraction, task, target, quant, out, resume
         if target:
             from .targets import load_target
 
-            profile = load_target(target)
+            profile = load_target(target).for_task(task)
         from .schemes import parse_scheme
 
         scheme = parse_scheme(quant) if quant else (profile.scheme if profile else parse_scheme("int8" if task == "image-classify" else "nf4"))

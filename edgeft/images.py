@@ -28,6 +28,18 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 PATH_FIELDS = ("image", "path", "file")
 
 
+def _pil():
+    """Pillow's Image module, or a plain message naming the package (a device without it cannot read images)."""
+    try:
+        import PIL.Image
+
+        return PIL.Image
+    except ImportError:
+        from .errors import ResourceError
+
+        raise ResourceError("reading images needs Pillow, which is not installed", "pip install pillow (part of edgeft[device] and edgeft[train])") from None
+
+
 @dataclass(frozen=True)
 class Preprocess:
     size: int = 224  # the square the model sees
@@ -52,7 +64,7 @@ class Preprocess:
     # -- the steps ------------------------------------------------------------
     def resized(self, image) -> np.ndarray:
         """A PIL image (any mode) or an array -> uint8 (h, w, 3), shorter side == resize."""
-        from PIL import Image
+        Image = _pil()
 
         if isinstance(image, np.ndarray):
             image = from_array(image)
@@ -88,7 +100,7 @@ class Preprocess:
 
 def from_array(frame: np.ndarray):
     """A camera frame as numpy: (h, w) gray, (h, w, 3) RGB or (h, w, 4) RGBA; uint8, or float in [0, 1]."""
-    from PIL import Image
+    Image = _pil()
 
     a = np.asarray(frame)
     if a.ndim == 3 and a.shape[2] == 1:
@@ -104,7 +116,8 @@ def from_array(frame: np.ndarray):
 
 def open_image(path: str | Path):
     """Decode an image file fully (so a truncated file fails here, named), as a PIL image."""
-    from PIL import Image, UnidentifiedImageError
+    Image = _pil()
+    UnidentifiedImageError = Image.UnidentifiedImageError
 
     path = Path(path)
     if not path.is_file():
@@ -182,3 +195,51 @@ def image_files(paths) -> list[Path]:
     if not out:
         raise DataError("no images to predict on", "pass image files or folders holding images")
     return out
+
+
+# -- the device's side: rows -> items -> batches, as the text tokenizer does for text -------------
+def image_task_rows(path: str | Path, labels: list[str] | None = None, label_field: str = "label") -> list[dict]:
+    """Rows {"image": absolute path, "label"} (what a device trains on, keeps for replay, and a bundle
+    retains); with `labels`, a label outside them is refused, named (a device cannot grow classes)."""
+    paths, names = load_image_rows(path, label_field)
+    if labels is not None:
+        unknown = sorted(set(names) - set(labels))
+        if unknown:
+            raise DataError(f"{path}: label(s) {', '.join(map(repr, unknown[:5]))} are not ones the model was trained with",
+                            f"known labels: {', '.join(labels)}; new classes need a new workstation run")
+    return [{"image": str(Path(p).resolve()), "label": n} for p, n in zip(paths, names)]
+
+
+@dataclass
+class ImageItem:
+    """One image ready to batch: its centre crop as uint8 (size, size, 3), normalized at collate."""
+
+    pixels: np.ndarray
+    labels: int
+    pre: Preprocess
+
+    def key(self) -> list:
+        import hashlib
+
+        return [hashlib.sha256(self.pixels.tobytes()).hexdigest()[:16], self.labels]
+
+
+class ImageEncoder:
+    """The image counterpart of the device's tokenizer: rows -> ImageItems -> a batch."""
+
+    pad_token_id = 0  # a field `collate` reads; images need no padding
+
+    def __init__(self, pre: Preprocess):
+        self.pre = pre
+
+    @classmethod
+    def for_manifest(cls, manifest) -> "ImageEncoder":
+        return cls(Preprocess.from_dict(manifest.extra.get("preprocess") or {}))
+
+    def encode(self, rows: list[dict], labels: list[str]) -> list[ImageItem]:
+        return [ImageItem(self.pre.crop(self.pre.resized(open_image(r["image"]))), labels.index(r["label"]), self.pre) for r in rows]
+
+    @staticmethod
+    def collate_items(items: list[ImageItem]) -> dict:
+        return {"pixel_values": np.stack([i.pre.normalize(i.pixels) for i in items]),
+                "labels": np.asarray([i.labels for i in items], dtype=np.int64)}

@@ -173,7 +173,7 @@ def plan_image_memory(model_dir: Path, adapter_dir: Path, target, batch: int, si
 
 def inference_batch(task: str, train_batch: int) -> int:
     """The batch `edgeft device eval` runs the inference graph at (edgeft.device.infer.Predictor)."""
-    return 16 if task == "classify" else train_batch
+    return train_batch if task == "causal-lm" else 16
 
 
 def forward_activations(task: str, batch: int, seq: int, hidden: int, inter: int, heads: int, vocab: int, labelled_only: bool) -> float:

@@ -145,6 +145,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
     meta = read_adapter_meta(adapter_dir)
     check_adapter_file(meta["adapter_dir"])
     base_model = str(resolve_base(meta, base_model)[0])  # --model, else found and fingerprint-checked
+    target = target.for_task(meta.get("task", ""))  # an image backbone: the profile's [vision] scheme and batch
     scheme = target.scheme
     if meta.get("scheme") and meta["scheme"] != scheme.name:
         log(f"warning: the adapter was trained against {meta['scheme']}, the device base is {scheme.name}; "
