@@ -256,7 +256,7 @@ def export(run, adapter, model, labels, target, update_for, out, batch, seq, ove
         from .workstation.rundir import read_run_config
 
         reference_data = read_run_config(Path(run)).get("eval_data")  # config.json paths are relative to the run
-        if reference_data and not Path(reference_data).is_file():
+        if reference_data and not Path(reference_data).exists():  # a file, or a folder of class folders (images)
             click.echo(f"note: the run's validation data {reference_data} is not here; the bundle carries no reference rows", err=True)
             reference_data = None
     s = export_bundle(source, profile, out, overwrite=overwrite, force=force, batch=batch, seq=seq, base_model=base,
