@@ -200,7 +200,8 @@ def eval_command(adapter, data, quant, target, model, max_seq_len, batch_size, d
     from .workstation.load import resolve_device
 
     quiet_libraries()
-    scheme = parse_scheme(quant) if quant else load_target(target).scheme if target else parse_scheme(read_adapter_meta(adapter).get("scheme", "nf4"))
+    task = read_adapter_meta(adapter).get("task", "")
+    scheme = parse_scheme(quant) if quant else load_target(target).for_task(task).scheme if target else parse_scheme(read_adapter_meta(adapter).get("scheme", "nf4"))
     metrics = evaluate_adapter(adapter, str(data), scheme, resolve_device(device), max_seq_len, batch_size, base_model=model)
     emit(metrics, as_json, "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
 
