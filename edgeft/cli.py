@@ -354,9 +354,15 @@ def plan(run, adapter, model, target, batch, seq, as_json):
 
     source, base = _export_source(run, model, adapter)
     meta = read_adapter_meta(source)
-    profile = load_target(target)
-    p = plan_memory(resolve_base(meta, base)[0], Path(meta["adapter_dir"]), profile, meta["task"],
-                    *device_shape(profile, meta.get("max_seq_len"), batch, seq))
+    profile = load_target(target).for_task(meta["task"])
+    if meta["task"] == "image-classify":  # activations by image size (the run's), batch from the profile's [vision]
+        from .plan import plan_image_memory
+
+        p = plan_image_memory(resolve_base(meta, base)[0], Path(meta["adapter_dir"]), profile, batch or profile.batch_size,
+                              seq or (meta.get("preprocess") or {}).get("size", 224), len(meta.get("labels") or []))
+    else:
+        p = plan_memory(resolve_base(meta, base)[0], Path(meta["adapter_dir"]), profile, meta["task"],
+                        *device_shape(profile, meta.get("max_seq_len"), batch, seq))
     emit(p.to_dict(), as_json, p.render())
     if not p.fits:
         from .errors import PlanError
