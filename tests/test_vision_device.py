@@ -108,3 +108,24 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stdout[-2000:] + out.stderr[-3000:]
+
+
+def test_learner_feedback_with_images(tmp_path, image_bundle):
+    """An app saves a corrected camera frame and adds it; the next update trains on it."""
+    from PIL import Image
+
+    from edgeft.device.learner import Learner
+    from edgeft.errors import DataError
+
+    learner = Learner(image_bundle["bundle"], state_dir=tmp_path / "state")
+    rng = np.random.default_rng(9)
+    rows = []
+    for i in range(8):
+        Image.fromarray(make_image(rng, i % 2)).save(tmp_path / f"frame{i}.png")
+        rows.append({"image": str(tmp_path / f"frame{i}.png"), "label": ["bar_h", "bar_v"][i % 2]})
+    with pytest.raises(DataError, match="not one the model was trained with"):
+        learner.add_examples([{"image": rows[0]["image"], "label": "diagonal"}])
+    learner.add_examples(rows)
+    assert learner.status()["pending_rows"] == 8
+    s = learner.update(min_rows=1, max_steps=2)
+    assert s["generation"] == 1 and learner.status()["pending_rows"] == 0
