@@ -36,3 +36,28 @@ def test_effnet_lite0_elpv_end_to_end(tmp_path):
     frame = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(next((ELPV / "gen1" / "defective").glob("*.png"))))
     p = Learner(tmp_path / "bundle").predict(frame)
     assert p["label"] in ("defective", "functional")
+
+
+def test_converted_weights_recognise_an_imagenet_photo():
+    """The architecture and the converted weights agree: matplotlib's Grace Hopper portrait gets
+    ImageNet's academic gown / mortarboard / Windsor tie / suit / bow tie / military uniform."""
+    import matplotlib.cbook
+    import torch
+    from safetensors.torch import load_file
+
+    from edgeft.images import Preprocess
+    from edgeft.workstation.vision_model import EfficientNetLite, FrozenBatchNorm, read_config
+
+    cfg = read_config(MODEL)
+    model, state = EfficientNetLite(cfg, 1000).eval(), load_file(str(MODEL / "model.safetensors"))
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, FrozenBatchNorm):
+                m.load_bn(*(state[f"{name}.{k}"] for k in ("weight", "bias", "running_mean", "running_var")))
+            elif isinstance(m, torch.nn.Conv2d):
+                m.weight.copy_(state[f"{name}.weight"])
+        model.classifier.weight.copy_(state["_fc.weight"])
+        model.classifier.bias.copy_(state["_fc.bias"])
+        x = torch.from_numpy(Preprocess.from_dict(cfg["preprocess"])(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
+        top = set(model(x[None])[0].topk(5).indices.tolist())
+    assert top <= {400, 457, 652, 667, 834, 906, 617, 869} and 400 in top | {652}
