@@ -60,4 +60,4 @@ def test_converted_weights_recognise_an_imagenet_photo():
         model.classifier.bias.copy_(state["_fc.bias"])
         x = torch.from_numpy(Preprocess.from_dict(cfg["preprocess"])(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
         top = set(model(x[None])[0].topk(5).indices.tolist())
-    assert top <= {400, 457, 652, 667, 834, 906, 617, 869} and 400 in top | {652}
+    assert (400 in top or 652 in top) and len(top & {400, 457, 652, 667, 834, 906}) >= 4, top
