@@ -33,7 +33,11 @@ def conv_grad(rw, i: list[str], o: list[str], a: dict) -> None:
     i64 = lambda v: rw.const(v, np.int64)  # noqa: E731
     want = lambda k: len(o) > k and bool(o[k])  # noqa: E731
 
-    if want(0):
+    if want(0) and strides == [1, 1]:
+        # stride 1: the transposed conv with the forward's pads is exactly X's size (most convolutions
+        # of a MobileNet-style net: every pointwise one), so no cut and pad, and no copies of dX for them
+        rw.op("ConvTranspose", [dy, w], o[0], strides=strides, dilations=dilations, pads=pads, group=group, kernel_shape=kernel)
+    elif want(0):
         # no end pads: the transposed conv then reaches every row the forward windows read; cut at X's
         # size, then zero rows no window reached
         begin = [pads[0], pads[1], 0, 0]
@@ -47,7 +51,7 @@ def conv_grad(rw, i: list[str], o: list[str], a: dict) -> None:
         x_t = rw.op("Transpose", [x], perm=[1, 0, 2, 3])  # (Cin, N, H, W)
         if group == 1:
             r = rw.op("Conv", [x_t, dy_t], strides=dilations, dilations=strides, pads=pads)  # (Cin, Cout, kh', kw')
-            cut = rw.op("Slice", [r, i64([0, 0]), i64(kernel), i64([2, 3])])
+            cut = r if kernel == [1, 1] and strides == [1, 1] else rw.op("Slice", [r, i64([0, 0]), i64(kernel), i64([2, 3])])
             rw.op("Transpose", [cut], o[1], perm=[1, 0, 2, 3])
         else:
             shape = _initializer_dims(rw, w)
