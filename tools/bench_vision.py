@@ -114,7 +114,9 @@ def print_story(r: dict) -> None:
 
 
 # -- step: device vs torch --------------------------------------------------------------
-def image_batches(bundle: Path, n: int, data: Path) -> tuple[list[dict], object]:
+def image_batches(bundle: Path, n: int, data: Path):
+    """(n batches, made one at a time as `device train` collates them, and the manifest): the first
+    4 x batch images of `data` as the device decodes and crops them, cycled."""
     from edgeft.bundle import read_manifest
     from edgeft.datasets import load_task_rows
     from edgeft.images import ImageEncoder
@@ -124,7 +126,7 @@ def image_batches(bundle: Path, n: int, data: Path) -> tuple[list[dict], object]
     enc = ImageEncoder.for_manifest(m)
     b = m.train_shape.batch
     items = enc.encode(rows[: b * min(n, 4)], m.labels)
-    return [enc.collate_items([items[(i * b + j) % len(items)] for j in range(b)]) for i in range(n)], m
+    return (enc.collate_items([items[(i * b + j) % len(items)] for j in range(b)]) for i in range(n)), m
 
 
 def side_engine(args) -> dict:
