@@ -37,6 +37,12 @@ def conv_grad(rw, i: list[str], o: list[str], a: dict) -> None:
         # stride 1: the transposed conv with the forward's pads is exactly X's size (most convolutions
         # of a MobileNet-style net: every pointwise one), so no cut and pad, and no copies of dX for them
         rw.op("ConvTranspose", [dy, w], o[0], strides=strides, dilations=dilations, pads=pads, group=group, kernel_shape=kernel)
+    elif want(0) and (hw := _spatial_dims(rw, x)) is not None:
+        # X's size known (an image bundle's fixed crop): output_padding adds the last rows a window read
+        # past the transposed conv's natural size, in one op (no cut and pad copies of a large dX)
+        extra = [(h + pads[a] + pads[a + 2] - ((k - 1) * d + 1)) % s for a, (h, k, d, s) in enumerate(zip(hw, kernel, dilations, strides))]
+        rw.op("ConvTranspose", [dy, w], o[0], strides=strides, dilations=dilations, pads=pads, group=group, kernel_shape=kernel,
+              output_padding=extra)
     elif want(0):
         # no end pads: the transposed conv then reaches every row the forward windows read; cut at X's
         # size, then zero rows no window reached
@@ -72,4 +78,14 @@ def _initializer_dims(rw, name: str):
     for v in rw.graph.input:
         if v.name == name and v.type.tensor_type.HasField("shape"):
             return [d.dim_value for d in v.type.tensor_type.shape.dim]
+    return None
+
+
+def _spatial_dims(rw, name: str):
+    """(H, W) of a 4-D value when the graph states them as numbers, else None."""
+    for v in list(rw.graph.value_info) + list(rw.graph.input):
+        if v.name == name and v.type.tensor_type.HasField("shape"):
+            dims = v.type.tensor_type.shape.dim
+            if len(dims) == 4 and all(d.HasField("dim_value") for d in dims[2:]):
+                return [dims[2].dim_value, dims[3].dim_value]
     return None
