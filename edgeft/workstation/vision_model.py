@@ -127,7 +127,7 @@ def load_vision_base(path, scheme, labels: list[str], keep_codes: dict | None = 
     """The frozen backbone quantized as the device holds it, with a fresh head over `labels`."""
     from safetensors.torch import load_file
 
-    from .quantize import fake_quantize, quantize
+    from .quantize import dequantize, fake_quantize, quantize
 
     path = Path(path)
     config = read_config(path)
@@ -135,7 +135,7 @@ def load_vision_base(path, scheme, labels: list[str], keep_codes: dict | None = 
     model = EfficientNetLite(config, len(labels))
     try:
         state = load_file(str(path / "model.safetensors"))
-    except (OSError, Exception) as e:  # safetensors raises its own error type for a bad file
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for a bad or missing file)
         raise ModelError(f"{path}: cannot read model.safetensors ({str(e).splitlines()[0]})") from None
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -155,8 +155,6 @@ def load_vision_base(path, scheme, labels: list[str], keep_codes: dict | None = 
                     codes.view = tuple(w.shape)  # export packs (out, in/groups * kh * kw) and reshapes back
                     if keep_codes is not None:
                         keep_codes[name] = codes
-                    from .quantize import dequantize
-
                     module.weight.copy_(dequantize(codes).reshape(w.shape))
                 else:
                     module.weight.copy_(fake_quantize(flat, scheme).reshape(w.shape))
