@@ -32,7 +32,7 @@ def image_bundle(tmp_path_factory):
 def test_export_parity_and_manifest(image_bundle):
     s, b = image_bundle["summary"], image_bundle["bundle"]
     p = s["parity"]
-    assert p["grad_rel"] < 1e-4 and p["portable_grad_rel"] < 1e-4 and p["logits_rel"] < 1e-4 and p["reference"] == "torch float64"
+    assert p["grad_rel"] < 1e-4 and p["portable_grad_rel"] < 1e-4 and p["logits_rel"] < 1e-4 and p["reference"].startswith("torch float64")
     m = json.loads((b / "manifest.json").read_text())
     assert m["task"] == "image-classify" and m["scheme"] == "int8" and m["preprocess"]["size"] == 32
     assert m["inputs"]["pixel_values"] == ["batch", 3, 32, 32] and m["memory_plan"]["activations_mib"] > 0

@@ -60,11 +60,13 @@ def sample(batch: int, size: int, n_labels: int, seed: int = 0) -> dict:
 def vision_reference(model, labels, trainable: list[str], batch: int, size: int) -> dict:
     """validate.torch_reference for images: logits, loss, one step's gradients, the start.
 
-    Computed in float64. Through 16 blocks of convolutions fp32 accumulation alone moves the first
-    blocks' LoRA gradients: torch's own fp32 gradients of EfficientNet-Lite0 (batch 4 at 160 px) are
-    1.9e-4 (relative) from its float64 ones, over the 1e-4 the export allows. Against the float64
-    values both fp32 engines are held to the tolerance; `torch_fp32_vs_float64_grad` in the parity record is torch's own
-    distance for comparison."""
+    Two references for the gradients, torch in float64 and in fp32: the bundle must be within the
+    tolerance of one of them. ReLU6 is not smooth: an activation within rounding of 0 or 6 lands on
+    either side of the bound depending on the precision and the order of the sums, and its whole
+    gradient flips with it. On EfficientNet-Lite0 (batch 4) torch's own fp32 gradients were 0.9e-4,
+    1.9e-4 and 3.6e-4 (relative) from its float64 ones on three adapters, while ONNX Runtime's
+    were 1e-6 from the float64 ones on the first two and as far as torch fp32 on the third.
+    `torch_fp32_vs_float64_grad` in the parity record is torch's own distance."""
     import copy
 
     s = sample(batch, size, len(labels), seed=1)
@@ -83,7 +85,7 @@ def vision_reference(model, labels, trainable: list[str], batch: int, size: int)
     grads32 = np.concatenate([params32[n].grad.double().numpy().ravel() for n in trainable])
     for n in trainable:
         params32[n].grad = None
-    return {"feeds": {k: v.numpy() for k, v in s.items()}, "logits": logits, "loss": float(loss.item()), "grads": grads,
+    return {"feeds": {k: v.numpy() for k, v in s.items()}, "logits": logits, "loss": float(loss.item()), "grads": grads, "grads_alt": [grads32],
             "start": {n: params32[n].detach().numpy().copy() for n in trainable},
             "torch_fp32_grad_rel": float(np.linalg.norm(grads32 - grads) / max(np.linalg.norm(grads), 1e-30))}
 
@@ -156,7 +158,7 @@ def export_vision_bundle(meta: dict, target, out: Path, tmp: Path, stage, base_m
     export_seconds = time.perf_counter() - t0
     stage("validating the bundle against torch", "report the model and target with the log")
     parity = validate_bundle(tmp, expected, trainable, portable=portable, frozen=FROZEN)
-    parity["reference"], parity["torch_fp32_vs_float64_grad"] = "torch float64", expected["torch_fp32_grad_rel"]
+    parity["reference"], parity["torch_fp32_vs_float64_grad"] = "torch float64 or fp32 (the nearer)", expected["torch_fp32_grad_rel"]
     profile_mark("  manifest (hashing every file)")
     summary = {"bundle": str(out), "target": target.name, "scheme": scheme.name, "task": "image-classify",
                "export_seconds": round(export_seconds, 1), "base_params": base_params, "base_bytes": base_bytes,
