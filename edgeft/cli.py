@@ -70,7 +70,8 @@ def targets_show(name, as_json):
 @click.option("--data", type=click.Path(path_type=Path), help="Training data: .jsonl, .csv or .parquet.")
 @click.option("--eval-data", type=click.Path(path_type=Path), help="Validation data (default: a seeded split of --data).")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Validation share when --eval-data is absent.")
-@click.option("--task", type=click.Choice(["classify", "causal-lm"]), help="classify: {text,label} rows; causal-lm: messages, prompt/completion or text rows.")
+@click.option("--task", type=click.Choice(["classify", "causal-lm", "image-classify"]),
+              help="classify: {text,label} rows; causal-lm: messages, prompt/completion or text rows; image-classify: class folders or {image,label} rows.")
 @click.option("--target", help="Target profile name or .toml path: sets the base quantization, batch and sequence length.")
 @click.option("--quant", help="Base quantization scheme (nf4, int8, int4-g128, int3-g32...); overrides the target's.")
 @click.option("--out", type=click.Path(path_type=Path), help="Run directory to create.")
@@ -110,12 +111,15 @@ def targets_show(name, as_json):
 @click.option("--gradient-checkpointing", is_flag=True, help="Trade compute for activation memory.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the model folder (off by default).")
 @click.option("--init-adapter", type=click.Path(path_type=Path), help="Start from this adapter's weights (e.g. one exported from a device).")
+@click.option("--image-size", type=int, help="image-classify: the square the model sees (default: the model folder's, 224).")
+@click.option("--augment/--no-augment", default=True, show_default=True, help="image-classify: random crop, flip and brightness/contrast in training.")
+@click.option("--unfreeze-blocks", type=int, default=0, show_default=True, help="image-classify: also train the last N blocks whole.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary on stdout at the end.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(model, data, eval_data, val_fraction, task, target, quant, out, resume_dir, overwrite, epochs, max_steps, batch_size,
           grad_accum, max_seq_len, lr, weight_decay, warmup_ratio, schedule, max_grad_norm, lora_r, lora_alpha, lora_dropout,
           target_modules, text_field, label_field, eval_every, checkpoint_every, no_eval_before, patience, metric, reference_data, seed, device,
-          precision, gradient_checkpointing, trust_remote_code, init_adapter, as_json, quiet):
+          precision, gradient_checkpointing, trust_remote_code, init_adapter, image_size, augment, unfreeze_blocks, as_json, quiet):
     """Fine-tune a local model with quantization-aware QLoRA.
 
     \b
@@ -144,10 +148,10 @@ def train(model, data, eval_data, val_fraction, task, target, quant, out, resume
         if target:
             from .targets import load_target
 
-            profile = load_target(target)
+            profile = load_target(target).for_task(task)
         from .schemes import parse_scheme
 
-        scheme = parse_scheme(quant) if quant else (profile.scheme if profile else parse_scheme("nf4"))
+        scheme = parse_scheme(quant) if quant else (profile.scheme if profile else parse_scheme("int8" if task == "image-classify" else "nf4"))
         cfg = TrainConfig(
             model=str(model), data=str(data), task=task, out=str(out), eval_data=str(eval_data) if eval_data else None,
             val_fraction=val_fraction, target=profile.name if profile else None, scheme=scheme.name, text_field=text_field,
@@ -159,7 +163,8 @@ def train(model, data, eval_data, val_fraction, task, target, quant, out, resume
             checkpoint_every=checkpoint_every, eval_before=not no_eval_before, patience=patience, metric=metric,
             reference_data=str(reference_data) if reference_data else None, seed=seed, device=device, precision=precision,
             gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
-            init_adapter=str(init_adapter) if init_adapter else None,
+            init_adapter=str(init_adapter) if init_adapter else None, image_size=image_size, augment=augment,
+            unfreeze_blocks=unfreeze_blocks,
         )
     quiet_libraries()
     trainer = Trainer(cfg, resume=bool(resume_dir), overwrite=overwrite, progress=not quiet, log=lambda m: click.echo(m, err=True))
@@ -195,7 +200,8 @@ def eval_command(adapter, data, quant, target, model, max_seq_len, batch_size, d
     from .workstation.load import resolve_device
 
     quiet_libraries()
-    scheme = parse_scheme(quant) if quant else load_target(target).scheme if target else parse_scheme(read_adapter_meta(adapter).get("scheme", "nf4"))
+    task = read_adapter_meta(adapter).get("task", "")
+    scheme = parse_scheme(quant) if quant else load_target(target).for_task(task).scheme if target else parse_scheme(read_adapter_meta(adapter).get("scheme", "nf4"))
     metrics = evaluate_adapter(adapter, str(data), scheme, resolve_device(device), max_seq_len, batch_size, base_model=model)
     emit(metrics, as_json, "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
 
@@ -251,7 +257,7 @@ def export(run, adapter, model, labels, target, update_for, out, batch, seq, ove
         from .workstation.rundir import read_run_config
 
         reference_data = read_run_config(Path(run)).get("eval_data")  # config.json paths are relative to the run
-        if reference_data and not Path(reference_data).is_file():
+        if reference_data and not Path(reference_data).exists():  # a file, or a folder of class folders (images)
             click.echo(f"note: the run's validation data {reference_data} is not here; the bundle carries no reference rows", err=True)
             reference_data = None
     s = export_bundle(source, profile, out, overwrite=overwrite, force=force, batch=batch, seq=seq, base_model=base,
@@ -348,9 +354,15 @@ def plan(run, adapter, model, target, batch, seq, as_json):
 
     source, base = _export_source(run, model, adapter)
     meta = read_adapter_meta(source)
-    profile = load_target(target)
-    p = plan_memory(resolve_base(meta, base)[0], Path(meta["adapter_dir"]), profile, meta["task"],
-                    *device_shape(profile, meta.get("max_seq_len"), batch, seq))
+    profile = load_target(target).for_task(meta["task"])
+    if meta["task"] == "image-classify":  # activations by image size (the run's), batch from the profile's [vision]
+        from .plan import plan_image_memory
+
+        p = plan_image_memory(resolve_base(meta, base)[0], Path(meta["adapter_dir"]), profile, batch or profile.batch_size,
+                              seq or (meta.get("preprocess") or {}).get("size", 224), len(meta.get("labels") or []))
+    else:
+        p = plan_memory(resolve_base(meta, base)[0], Path(meta["adapter_dir"]), profile, meta["task"],
+                        *device_shape(profile, meta.get("max_seq_len"), batch, seq))
     emit(p.to_dict(), as_json, p.render())
     if not p.fits:
         from .errors import PlanError

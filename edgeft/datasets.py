@@ -248,7 +248,12 @@ def split(rows: list, val_fraction: float, seed: int) -> tuple[list, list]:
 
 def load_task_rows(path: str | Path, task: str, labels: list[str] | None = None) -> list[dict]:
     """Normalised rows for a task: {'text','label'} for classify (labels checked against `labels`),
-    one of the causal shapes otherwise. What the device trains on and what a bundle retains."""
+    one of the causal shapes otherwise. What the device trains on and what a bundle retains.
+    image-classify: {'image': absolute path, 'label'} from class folders or a .jsonl/.csv (edgeft.images)."""
+    if task == "image-classify":
+        from .images import image_task_rows
+
+        return image_task_rows(path, labels)
     if not Path(path).is_file():
         raise DataError(f"data file {path} does not exist", "check the path")
     if task == "classify":

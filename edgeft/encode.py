@@ -116,6 +116,10 @@ def collate(items: list[Encoded], pad_id: int, pad_to: int | None = None) -> dic
     """int64 numpy arrays; the workstation wraps them with torch.as_tensor (no copy)."""
     import numpy as np
 
+    if items and hasattr(items[0], "pixels"):  # edgeft.images.ImageItem: the encoder that made it batches it
+        from .images import ImageEncoder
+
+        return ImageEncoder.collate_items(items)
     width = pad_to or max(len(e.input_ids) for e in items)
     ids = np.full((len(items), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(items), width), dtype=np.int64)

@@ -147,9 +147,53 @@ def plan_memory(model_dir: Path, adapter_dir: Path, target, task: str, batch: in
                       **{k: round(v, 1) for k, v in parts.items()})
 
 
+def image_activations(config: dict, batch: int, size: int) -> tuple[float, float]:
+    """(bytes kept for backward, bytes of the largest forward layer) of an EfficientNet-Lite step on
+    batch x 3 x size x size images, from the block list in the model's config.json. Per block the
+    backward pass keeps, in fp32: the block input, the expansion's conv, BN and ReLU6 outputs at the
+    input resolution, the depthwise conv, BN and ReLU6 outputs and the projection's two outputs at
+    the output resolution; the stem and the head conv likewise."""
+    hw = (size // 2) ** 2  # after the stride-2 stem
+    stem = config.get("stem", 32)
+    kept = 3 * size * size + 3 * stem * hw
+    largest = 3 * stem * hw
+    for k, stride, expand, cin, cout in config["blocks"]:
+        mid = cin * expand
+        out_hw = hw // (stride * stride)
+        block = cin * hw + (3 * mid * hw if expand != 1 else 0) + 3 * mid * out_hw + 2 * cout * out_hw
+        kept += block
+        largest = max(largest, block)
+        hw = out_hw
+    kept += 3 * config.get("head", 1280) * hw
+    return kept * batch * 4.0, largest * batch * 4.0
+
+
+def plan_image_memory(model_dir: Path, adapter_dir: Path, target, batch: int, size: int, n_labels: int) -> MemoryPlan:
+    """plan_memory for an image backbone: the same parts, activations from the image size. The
+    gradients of the kept activations live at most a block at a time (counted twice, for the
+    backward pass's own temporaries)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    base = sum(safetensors_numel(p) for p in Path(model_dir).glob("*.safetensors"))
+    trainable = safetensors_numel(Path(adapter_dir) / "adapter_model.safetensors")
+    kept, largest = image_activations(cfg, batch, size)
+    infer_batch = inference_batch("classify", batch)
+    parts = {
+        "base_packed_mib": base * target.scheme.bytes_per_param / MIB,
+        "base_rebuilt_mib": base * 4 / MIB,  # a 4.65M-parameter base is rebuilt once per session and held
+        "trainable_mib": trainable * 4 * 4 / MIB,
+        "activations_mib": (kept + 2 * largest) / MIB,
+        "runtime_mib": float(RUNTIME_MIB),
+    }
+    return MemoryPlan(target=target.name, budget_mib=target.budget_mb, total_mib=sum(parts.values()), batch=batch, seq=size, holds_base=True,
+                      task="image-classify", vocab=n_labels, hidden=cfg.get("head", 1280), layers=len(cfg["blocks"]),
+                      eval_activations_mib=round(2 * largest / MIB, 1),
+                      inference_activations_mib=round(2 * image_activations(cfg, infer_batch, size)[1] / MIB, 1), inference_batch=infer_batch,
+                      **{k: round(v, 1) for k, v in parts.items()})
+
+
 def inference_batch(task: str, train_batch: int) -> int:
     """The batch `edgeft device eval` runs the inference graph at (edgeft.device.infer.Predictor)."""
-    return 16 if task == "classify" else train_batch
+    return train_batch if task == "causal-lm" else 16
 
 
 def forward_activations(task: str, batch: int, seq: int, hidden: int, inter: int, heads: int, vocab: int, labelled_only: bool) -> float:

@@ -36,12 +36,25 @@ class TargetProfile:
     max_seq_len: int
     batch_size: int
     source: str = ""
+    # [vision] (optional): what an image backbone uses instead (convolutions: int8 per channel by default)
+    vision_scheme: QuantScheme | None = None
+    vision_batch_size: int | None = None
+
+    def for_task(self, task: str) -> "TargetProfile":
+        """The profile an image-classify run trains and exports with: its [vision] scheme (int8 unless
+        the profile says otherwise) and batch; text tasks get the profile as it is."""
+        if task != "image-classify":
+            return self
+        from dataclasses import replace
+
+        return replace(self, scheme=self.vision_scheme or parse_scheme("int8"), batch_size=self.vision_batch_size or self.batch_size)
 
     def to_dict(self, source: bool = True) -> dict:
         """The profile as plain values; `source=False` leaves out the TOML's path (a manifest
         carries the profile itself, never a workstation path)."""
         d = asdict(self)
         d["scheme"] = self.scheme.name
+        d["vision_scheme"] = self.vision_scheme.name if self.vision_scheme else None
         d["execution_providers"] = list(self.execution_providers)
         if not source:
             d.pop("source")
@@ -125,4 +138,19 @@ def _validate(raw: dict, path: Path) -> TargetProfile:
         max_seq_len=_field(raw, "training.max_seq_len", int, path, min_value=8),
         batch_size=_field(raw, "training.batch_size", int, path, min_value=1),
         source=str(path),
+        **_vision(raw, path),
     )
+
+
+def _vision(raw: dict, path: Path) -> dict:
+    if "vision" not in raw:
+        return {}
+    out = {}
+    if "scheme" in raw["vision"]:
+        try:
+            out["vision_scheme"] = parse_scheme(_field(raw, "vision.scheme", str, path))
+        except UsageError as e:
+            raise TargetError(f"{path}: field 'vision.scheme': {e.message}", e.hint) from None
+    if "batch_size" in raw["vision"]:
+        out["vision_batch_size"] = _field(raw, "vision.batch_size", int, path, min_value=1)
+    return out

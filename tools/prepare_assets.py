@@ -19,6 +19,9 @@ Produces (under --out, default ``assets/``)::
                                     whether a review is positive or negative), split by movie;
                                     gsm8k_reference/gsm8k_test .jsonl: GSM8K val halves (a causal
                                     LM bundle's reference rows and its forgetting test)
+    models/efficientnet-lite0/      EfficientNet-Lite0 (ImageNet, 4.65M params) for --task
+                                    image-classify, and data/elpv/: solar-cell images
+                                    (CC-BY-NC-SA-4.0), both built by tools/vision_assets.py
 
 On request only (``--extra NAME[,NAME]``, or ``all``; not part of the default run that
 tools/test does on every CI run), larger real models, each converted with the same
@@ -962,9 +965,9 @@ def summary(out: Path, only: str | None, extra: list[str] = ()) -> None:
     print(f"assets under {out}:")
     groups = []
     if only in (None, "models"):
-        groups += [out / "models" / "SmolLM2-135M-Instruct", out / "models" / "all-MiniLM-L6-v2"]
+        groups += [out / "models" / "SmolLM2-135M-Instruct", out / "models" / "all-MiniLM-L6-v2", out / "models" / "efficientnet-lite0"]
     if only in (None, "data"):
-        groups += [out / "data" / "sentiment", out / "data" / "gsm8k", out / "data" / "reviews", out / "data" / "reviews-chat"]
+        groups += [out / "data" / "sentiment", out / "data" / "gsm8k", out / "data" / "reviews", out / "data" / "reviews-chat", out / "data" / "elpv"]
     groups += [out / "models" / EXTRA_MODELS[k].folder for k in extra]
     for d in groups:
         if not d.is_dir():
@@ -979,6 +982,19 @@ def summary(out: Path, only: str | None, extra: list[str] = ()) -> None:
         else:
             parts = ", ".join(f"{p.stem}={count_lines(p)}" for p in sorted(d.glob("*.jsonl")))
             print(f"  {rel}/  {parts}")
+
+
+def _vision(name: str):
+    """A builder of tools/vision_assets.py (EfficientNet-Lite0, elpv), imported when it runs."""
+
+    def step(out: Path) -> str:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import vision_assets
+
+        return getattr(vision_assets, name)(out)
+
+    step.__name__ = name
+    return step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1014,6 +1030,10 @@ def main(argv: list[str] | None = None) -> int:
         steps += [prepare_smollm, prepare_minilm]
     if args.only in (None, "data"):
         steps += [prepare_sentiment, prepare_gsm8k, prepare_reviews, prepare_reviews_chat]
+    if args.only in (None, "models"):
+        steps += [_vision("prepare_efficientnet")]
+    if args.only in (None, "data"):
+        steps += [_vision("prepare_elpv")]
     steps += [functools.partial(prepare_extra, key) for key in extra]
     for step in steps:
         t = time.time()

@@ -134,12 +134,11 @@ class _Check:
         from types import SimpleNamespace
 
         from ..datasets import load_task_rows
-        from .data import encode_rows
-        from .tokenizer import DeviceTokenizer
+        from .data import encode_rows, task_encoder
 
         m = state.manifest
         self.bundle, self.manifest, self.task, self.labels = state.bundle, m, m.task, m.labels
-        self.tokenizer = DeviceTokenizer(state.bundle / "tokenizer")
+        self.tokenizer = task_encoder(state.bundle, m)
         self.cfg = SimpleNamespace(tolerance=tolerance)
         enc = lambda rows, where: encode_rows(rows, m.task, self.tokenizer, m.labels, m.train_shape.seq, False, where, log)  # noqa: E731
         self.held_set = enc(load_task_rows(eval_data, m.task, m.labels), str(eval_data)) if eval_data else []

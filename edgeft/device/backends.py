@@ -137,8 +137,14 @@ class OrtTrainingBackend:
         device, options = training_session(manifest)
         self.module = api.Module(str(b / "training_model.onnx"), self.state, str(b / "eval_model.onnx"), device=device, session_options=options)
         # the checkpoint is nominal (names and shapes): give the parameters storage before any is set by name
-        size = self.module.get_parameters_size(False)
-        self.module.copy_buffer_to_parameters(self.ortvalue(np.zeros(size, np.float32))._ortvalue, False)
+        # the zeros and their OrtValue must outlive the call: a temporary is freed before ORT reads it, and a
+        # buffer large enough to be its own mmap (EfficientNet-Lite0's 367k LoRA values, 1.4 MB) is then
+        # unmapped under it (SIGSEGV in a fresh process; inside a process whose malloc had raised its mmap
+        # threshold, it read freed heap instead)
+        zeros = np.zeros(self.module.get_parameters_size(False), np.float32)
+        buffer = self.ortvalue(zeros)
+        self.module.copy_buffer_to_parameters(buffer._ortvalue, False)
+        del buffer, zeros
         self.names = list(manifest.trainable)
 
     def set_params(self, params: dict) -> None:

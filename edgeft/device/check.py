@@ -80,7 +80,7 @@ def fingerprint(data: list, batch: int, graph: str) -> str:
     """Identifies what a set's metrics were computed on: the rows' tokens and labels, in order, the batch and the graph."""
     h = hashlib.sha256(json.dumps([graph, batch]).encode())
     for e in data:
-        h.update(json.dumps([list(e.input_ids), e.labels]).encode())
+        h.update(json.dumps(e.key() if hasattr(e, "key") else [list(e.input_ids), e.labels]).encode())
     return h.hexdigest()[:16]
 
 

@@ -26,10 +26,10 @@ def open_state(bundle: Path, state_dir: Path | None, verify: bool = True):
 
 
 def predictor(state, generation: int | None):
+    from .data import task_encoder
     from .infer import Predictor
-    from .tokenizer import DeviceTokenizer
 
-    tokenizer = DeviceTokenizer(state.bundle / "tokenizer")
+    tokenizer = task_encoder(state.bundle, state.manifest)
     return Predictor(state.bundle, state.manifest, state.params(generation), tokenizer), tokenizer
 
 
@@ -118,7 +118,7 @@ def status(bundle, state_dir, as_json):
     out = {"current": data["current"], "generations": data["generations"],
            "interrupted": json.loads(pending.read_text()) if pending.is_file() else None}
     rows = [f"{'gen':>4} {'status':<9} {'parent':>6} {'steps':>6} {'heldout':>9} {'reference':>9}  data"]
-    key = "accuracy" if state.manifest.task == "classify" else "eval_loss"
+    key = "eval_loss" if state.manifest.task == "causal-lm" else "accuracy"
     for g in data["generations"]:
         m = g.get("metrics", {}).get("candidate", {})
         fmt = lambda split: f"{m[split][key]:.4f}" if split in m else "-"  # noqa: E731
@@ -189,15 +189,27 @@ def eval_(bundle, state_dir, data, generation, as_json, force=False):
 @bundle_options
 @click.option("--text", "texts", multiple=True, help="Text to classify (repeatable).")
 @click.option("--data", type=click.Path(path_type=Path), help="A .jsonl/.csv with a 'text' field, one prediction per row.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="image-classify: an image file, or a folder of images (repeatable).")
 @click.option("--generation", type=int)
 @click.option("--json", "as_json", is_flag=True)
-def predict(bundle, state_dir, texts, data, generation, as_json):
-    """Labels with probabilities (classify bundles)."""
+def predict(bundle, state_dir, texts, data, images, generation, as_json):
+    """Labels with probabilities (classify and image-classify bundles)."""
     from ..datasets import read_records
     from ..errors import DataError, UsageError
     from .learner import Learner
 
     learner = Learner(bundle, state_dir)
+    if learner.task == "image-classify" or images:
+        if learner.task != "image-classify" or texts or data:
+            raise UsageError("--image is for image-classify bundles, --text and --data for classify ones")
+        from ..images import image_files
+
+        preds = learner.predict([str(p) for p in image_files(images)], generation) if images else []
+        if not preds:
+            raise UsageError("nothing to classify", "pass --image FILE (or a folder of images)")
+        emit(preds, as_json, "\n".join(f"{p['label']:<12} {p['probability']:.3f}  {p['image']}" for p in preds))
+        return
     if learner.task != "classify":
         raise UsageError("predict is for classify bundles", "use `edgeft device generate` for causal-lm bundles")
     texts = list(texts)

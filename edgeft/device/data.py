@@ -8,9 +8,25 @@ from ..errors import DataError
 UNLIMITED = 1 << 30
 
 
+def task_encoder(bundle, manifest):
+    """What turns rows into model inputs on the device: the bundle's tokenizer, or for an image
+    bundle its preprocessing (edgeft.images.ImageEncoder: numpy and Pillow)."""
+    from pathlib import Path
+
+    if manifest.task == "image-classify":
+        from ..images import ImageEncoder
+
+        return ImageEncoder.for_manifest(manifest)
+    from .tokenizer import DeviceTokenizer
+
+    return DeviceTokenizer(Path(bundle) / "tokenizer")
+
+
 def encode_rows(rows: list[dict], task: str, tokenizer, labels: list[str], seq: int, refuse_long: bool = False,
                 where: str = "data", warn=print) -> list[Encoded]:
     """Rows longer than `seq` tokens are cut (with one warning), or refused when asked."""
+    if task == "image-classify":  # `tokenizer` is an edgeft.images.ImageEncoder: decoded, resized and cropped once
+        return tokenizer.encode(rows, labels)
     if task == "classify":
         encoded = encode_classify(tokenizer, [r["text"] for r in rows], [r["label"] for r in rows], labels, UNLIMITED)
     else:

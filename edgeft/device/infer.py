@@ -34,7 +34,7 @@ class Predictor:
         self.task, self.labels, self.tokenizer = manifest.task, manifest.labels, tokenizer
         self.seq = manifest.max_seq_len
         # a causal LM's logits are (batch x seq x vocabulary): evaluate at the training batch
-        self.eval_batch = 16 if self.task == "classify" else manifest.train_shape.batch
+        self.eval_batch = manifest.train_shape.batch if self.task == "causal-lm" else 16
 
     def set_params(self, params: dict) -> None:
         """Another generation's trainable weights in the same session (they are graph inputs)."""
@@ -53,8 +53,8 @@ class Predictor:
         confusion = np.zeros((len(self.labels), len(self.labels)))
         for i in range(0, len(encoded), self.eval_batch):
             b = collate(encoded[i : i + self.eval_batch], self.tokenizer.pad_token_id)
-            logits = self.logits(b["input_ids"], b["attention_mask"])
-            if self.task == "classify":
+            logits = self.session.run(None, {k: v for k, v in b.items() if k != "labels"})[0]
+            if self.task != "causal-lm":
                 y = b["labels"]
                 loss_sum -= token_log_probs(logits, y).sum()
                 count += len(y)
@@ -66,7 +66,7 @@ class Predictor:
                 loss_sum -= token_log_probs(logits[:, :-1][keep], target[keep]).sum()
                 count += int(keep.sum())
         loss = loss_sum / max(count, 1)
-        if self.task == "classify":
+        if self.task != "causal-lm":
             return {"rows": len(encoded), "eval_loss": loss, **classification_metrics(confusion), **({"correct": correct} if per_row else {})}
         return {"rows": len(encoded), "tokens": count, "eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
@@ -80,6 +80,22 @@ class Predictor:
                 k = int(p.argmax())
                 out.append({"text": text, "label": self.labels[k], "probability": round(float(p[k]), 6),
                             "probabilities": {name: round(float(q), 6) for name, q in zip(self.labels, p)}})
+        return out
+
+    def predict_images(self, images: list, names: list[str] | None = None, batch_size: int = 16) -> list[dict]:
+        """Image bundles: files or numpy frames (h, w[, 3|4]) through the bundle's preprocessing
+        (edgeft.images, exactly the workstation's), then the inference graph."""
+        pre = self.tokenizer.pre
+        out = []
+        for i in range(0, len(images), batch_size):
+            chunk = images[i : i + batch_size]
+            x = np.stack([pre(im) for im in chunk])  # (B, 3, size, size)
+            probs = np.exp(log_softmax(self.session.run(None, {"pixel_values": x})[0].astype(np.float64)))
+            for j, p in enumerate(probs):
+                k = int(p.argmax())
+                row = {"label": self.labels[k], "probability": round(float(p[k]), 6),
+                       "probabilities": {name: round(float(q), 6) for name, q in zip(self.labels, p)}}
+                out.append({"image": names[i + j], **row} if names else row)
         return out
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

@@ -37,6 +37,9 @@ def validate_rows(rows, task: str, labels: list[str], where: str = "row") -> lis
         loc = f"{where} {i}"
         if not isinstance(row, dict):
             raise DataError(f"{loc}: expected a dict, got {type(row).__name__}", 'e.g. {"text": "...", "label": "positive"}')
+        if task == "image-classify":
+            out.append(_image_row(row, loc, labels))
+            continue
         if task != "classify":
             out.append(_causal_row(row, loc))
             continue
@@ -53,6 +56,20 @@ def validate_rows(rows, task: str, labels: list[str], where: str = "row") -> lis
     if not out:
         raise DataError("no rows given", "pass at least one row")
     return out
+
+
+def _image_row(row: dict, loc: str, labels: list[str]) -> dict:
+    """An image feedback row: {"image": path of a saved frame, "label"}; the file is decoded now."""
+    from ..datasets import _label
+    from ..images import open_image
+
+    if not isinstance(row.get("image"), (str, Path)) or "label" not in row:
+        raise DataError(f"{loc}: image rows are {{'image': path, 'label': ...}}", "save the camera frame as a file and pass its path")
+    label = _label(row["label"], loc, "label")
+    if label not in labels:
+        raise DataError(f"{loc}: label {label!r} is not one the model was trained with", f"known labels: {', '.join(labels)}")
+    open_image(row["image"])
+    return {"image": str(Path(row["image"]).resolve()), "label": label}
 
 
 def training_config(data, eval_data, options: dict):
@@ -103,9 +120,9 @@ class Learner:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .tokenizer import DeviceTokenizer
+            from .data import task_encoder
 
-            self._tokenizer = DeviceTokenizer(self.bundle / "tokenizer")
+            self._tokenizer = task_encoder(self.bundle, self.manifest)
         return self._tokenizer
 
     def _build(self, generation: int, state=None):
@@ -139,7 +156,11 @@ class Learner:
 
     # -- inference -----------------------------------------------------------------
     def predict(self, texts, generation: int | None = None):
-        """Classify: one dict for a string, a list for a list (label, probability, probabilities)."""
+        """Classify: one dict for a string, a list for a list (label, probability, probabilities).
+        Image bundles: an image file path or a numpy frame from a camera ((h, w), (h, w, 3) RGB or
+        (h, w, 4), uint8 or float in [0, 1]) -> one dict; a list of them -> a list."""
+        if self.task == "image-classify":
+            return self._predict_images(texts, generation)
         if self.task != "classify":
             raise UsageError("predict is for classify bundles", "use generate (`edgeft device generate`) for causal-lm bundles")
         single = isinstance(texts, str)
@@ -147,6 +168,17 @@ class Learner:
         if not items or not all(isinstance(t, str) and t.strip() for t in items):
             raise UsageError("predict needs non-empty text strings", "e.g. learner.predict('great battery life')")
         out = self.model(generation).predict(items)
+        return out[0] if single else out
+
+    def _predict_images(self, images, generation: int | None):
+        import numpy as np
+
+        single = isinstance(images, (str, Path, np.ndarray))
+        items = [images] if single else list(images)
+        if not items:
+            raise UsageError("predict needs an image", "e.g. learner.predict(frame) with a numpy (h, w, 3) uint8 frame, or a file path")
+        names = [str(i) if isinstance(i, (str, Path)) else None for i in items]
+        out = self.model(generation).predict_images(items, names if all(names) else None)
         return out[0] if single else out
 
     def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,

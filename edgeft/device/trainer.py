@@ -27,18 +27,17 @@ from ..errors import TrainingDiverged, UsageError  # defined in errors.py (the o
 from ..fsutil import atomic_write_json
 from ..schedule import DEFAULT as SCHEDULE_DEFAULT, lr_at, total_steps
 from ..datasets import load_task_rows, split
-from .data import encode_rows
+from .data import encode_rows, task_encoder
 from .check import CHECK_ROWS, PromotionCheck, auto_check_rows
 from .progress import ProgressLine
 from .rehearsal import blend, disjoint, head_slices, mixed_batch_ids, mixed_micro_batches, pull_to_previous, split_reference
 from .backends import AdamW, Layout, choose_backend
 from .runtime import peak_rss_mib, rss_mib
 from .state import DeviceState, StateError, load_arrays, load_checkpoint, save_arrays, writing
-from .tokenizer import DeviceTokenizer
 
 BEST_EVAL_ROWS = 64  # rows of held-out loss at each checkpoint, to pick the best weights cheaply
 # Device defaults, measured on the domain-shift story (BENCHMARKS.md section 10, tools/bench_domain.py)
-LR = {"classify": 5e-4, "causal-lm": 1e-4}
+LR = {"classify": 5e-4, "image-classify": 5e-4, "causal-lm": 1e-4}
 REPLAY_RATIO = 0.5  # share of each batch taken from replay rows (first generation on reviews: tweets -2.7 points; 0.25: -4.4, 0.75: -5.5)
 L2_PREVIOUS = 0.0  # pull toward the previous generation's adapter (1.0 measured: less gained, no less lost)
 FREEZE_HEAD = False  # keep a fully trained head (modules_to_save) at the previous generation's values (measured: no effect)
@@ -87,7 +86,19 @@ class DeviceTrainConfig:
 
 
 def file_info(path: str | Path, rows: int) -> dict:
-    return {"file": str(path), "sha256": sha256(Path(path)), "rows": rows}
+    return {"file": str(path), "sha256": data_sha256(Path(path)), "rows": rows}
+
+
+def data_sha256(path: Path) -> str:
+    """A data file's sha256; for a folder of images, over every file's relative path and sha256."""
+    if not path.is_dir():
+        return sha256(path)
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path).as_posix()}\0{sha256(f)}\n".encode())
+    return h.hexdigest()
 
 
 class DeviceTrainer:
@@ -101,7 +112,7 @@ class DeviceTrainer:
         self.check_plan()
         self.task, self.labels = self.manifest.task, self.manifest.labels
         self.batch, self.seq = self.manifest.train_shape.batch, self.manifest.train_shape.seq
-        self.tokenizer = DeviceTokenizer(self.bundle / "tokenizer")
+        self.tokenizer = task_encoder(self.bundle, self.manifest)  # a tokenizer, or an image bundle's preprocessing
         self.state = DeviceState(state_dir, self.bundle, self.manifest)
         if cfg.grad_accum < 1 or cfg.checkpoint_every < 1 or (cfg.max_steps is not None and cfg.max_steps < 1) or cfg.epochs <= 0:
             raise UsageError("--grad-accum, --checkpoint-every, --max-steps and --epochs must be positive", "e.g. --max-steps 50")
@@ -295,7 +306,7 @@ class DeviceTrainer:
         total = 0.0
         for i in range(0, len(rows), self.batch):
             b = collate(rows[i : i + self.batch], self.tokenizer.pad_token_id)
-            total += engine.eval_loss(b) * len(b["input_ids"])
+            total += engine.eval_loss(b) * len(b["labels"])
         loss = total / len(rows)
         if math.isfinite(loss) and (progress["best_loss"] is None or loss < progress["best_loss"]):
             progress["best_loss"], progress["best_step"] = loss, progress["step"]
@@ -335,7 +346,7 @@ class DeviceTrainer:
         loss on earlier generations' held-out rows (the device's own domain, never trained on) may
         not rise by more than EARLIER_LOSS either: a feed with wrong labels shows there long before
         128 rows' accuracy can, while a generation that learns the domain lowers it."""
-        key = "accuracy" if self.task == "classify" else "eval_loss"
+        key = "eval_loss" if self.task == "causal-lm" else "accuracy"
         tol = self.cfg.tolerance
         if not metrics["candidate"]:
             return False, "no held-out or reference rows to check it on (pass --eval-data); kept, not promoted"

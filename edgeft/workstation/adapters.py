@@ -166,6 +166,8 @@ def evaluate_adapter(adapter_dir, data: str, scheme, device: str = "cpu", max_se
     from ..encode import collate, encode_causal, encode_classify
     from .objective import evaluate, make_objective
 
+    if read_adapter_meta(adapter_dir).get("task") == "image-classify":
+        return evaluate_image_adapter(adapter_dir, data, scheme, device, batch_size, label_field, base_model)
     model, tokenizer, meta = load_adapted(adapter_dir, scheme, device, base_model)
     max_len = max_seq_len or meta.get("max_seq_len") or 256
     if meta["task"] == "classify":
@@ -179,3 +181,25 @@ def evaluate_adapter(adapter_dir, data: str, scheme, device: str = "cpu", max_se
     batches = (collate(encoded[i : i + batch_size], tokenizer.pad_token_id) for i in range(0, len(encoded), batch_size))
     metrics = evaluate(make_objective(meta["task"], model), batches, meta["task"], len(meta["labels"]))
     return {"rows": len(encoded), "scheme": scheme.name, **metrics}
+
+
+def evaluate_image_adapter(adapter_dir, data: str, scheme, device: str = "cpu", batch_size: int = 32, label_field: str = "label",
+                           base_model: str | Path | None = None) -> dict:
+    """evaluate_adapter for an image-classify adapter: the backbone quantized by `scheme`, centre crops."""
+    from peft import PeftModel
+
+    from ..datasets import load_task_rows
+    from ..images import Preprocess
+    from .objective import evaluate
+    from .vision_model import load_vision_base, read_config
+    from .vision_train import ImageObjective, ImageRows
+
+    meta = read_adapter_meta(adapter_dir)
+    base_path, _ = resolve_base(meta, base_model)
+    labels = meta["labels"]
+    rows = load_task_rows(data, "image-classify", labels)
+    pre = Preprocess.from_dict(meta.get("preprocess") or read_config(base_path).get("preprocess", {}))
+    model = PeftModel.from_pretrained(load_vision_base(base_path, scheme, labels), meta["adapter_dir"]).to(device).eval()
+    images = ImageRows([r["image"] for r in rows], [r["label"] for r in rows], labels, pre)
+    metrics = evaluate(ImageObjective(model), images.eval_batches(batch_size), "classify", len(labels))
+    return {"rows": len(rows), "scheme": scheme.name, **metrics}

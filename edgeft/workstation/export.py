@@ -54,8 +54,9 @@ def pack_base(graph_names: set[str], keep: dict, scheme, weights: dict | None = 
             p = _pack_bnb(name, *codes)
         else:
             p = pack_int(name, codes.codes, codes.scale, codes.zero, codes.group_size, scheme.bits, scheme.symmetric)
+        p.view = getattr(codes, "view", None)  # a convolution's weight, quantized as (out, in/groups * kh * kw)
         del codes
-        if weights is not None and not p.matches(weights[name].numpy()):
+        if weights is not None and not p.matches(weights[name].numpy().reshape(p.shape)):
             raise EdgeftError(f"internal: packed {name} does not decode to the workstation weight", "please report this")
         packed.append(p)
     return packed
@@ -145,10 +146,13 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
     meta = read_adapter_meta(adapter_dir)
     check_adapter_file(meta["adapter_dir"])
     base_model = str(resolve_base(meta, base_model)[0])  # --model, else found and fingerprint-checked
+    target = target.for_task(meta.get("task", ""))  # an image backbone: the profile's [vision] scheme and batch
     scheme = target.scheme
     if meta.get("scheme") and meta["scheme"] != scheme.name:
         log(f"warning: the adapter was trained against {meta['scheme']}, the device base is {scheme.name}; "
             f"metrics will differ (retrain with --target {target.name} for a quantization-aware adapter)")
+    if meta.get("task") == "image-classify":
+        return _export_images(meta, target, out, base_model, batch, reference, force, log)
     batch, seq = device_shape(target, meta.get("max_seq_len"), batch, seq)
     retained = _reference_rows(reference, meta, labels)
     plan = plan_memory(Path(base_model), Path(meta["adapter_dir"]), target, meta["task"], batch, seq)
@@ -256,6 +260,16 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         summary["bundle_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         summary["bundle_bytes_per_base_param"] = round(summary["bundle_bytes"] / max(base_params, 1), 4)
     return summary
+
+
+def _export_images(meta: dict, target, out: Path, base_model: str, batch, reference, force: bool, log) -> dict:
+    """An image-classify run: the same atomic folder and stages, the graphs of vision_export.py."""
+    from ..fsutil import atomic_dir
+    from ..stages import LOG_FOLDER, stages
+    from .vision_export import export_vision_bundle
+
+    with atomic_dir(out) as tmp, stages("export", Path(base_model).name, out.parent / LOG_FOLDER) as stage:
+        return export_vision_bundle(meta, target, out, tmp, stage, base_model, batch, reference, force, log)
 
 
 def _run_schedule(adapter_dir) -> dict:

@@ -20,7 +20,7 @@ from .onnx_base import PackedWeight, replace_with_packed
 
 OPSET = 17  # ORT 1.19 reads <= 21; 17 is what the legacy exporter handles best
 IR_VERSION = 9
-USER_INPUTS = ("input_ids", "attention_mask", "labels")
+USER_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 
 class BundleGraphs(torch.nn.Module):

@@ -26,6 +26,10 @@ ARCHITECTURES: dict[str, tuple[tuple[str, ...], str]] = {
     "distilbert": (("q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"), "classifier"),
 }
 CAUSAL_HEAD = "lm_head"
+# image backbones (vision_model.py): model_type -> (default LoRA target modules, head)
+VISION_ARCHITECTURES: dict[str, tuple[tuple[str, ...], str]] = {
+    "efficientnet-lite": (("_expand_conv", "_project_conv", "_conv_head"), "classifier"),
+}
 
 
 @dataclass
@@ -55,6 +59,14 @@ def inspect_model_dir(path: str | Path, task: str) -> ModelInfo:
         hint = "convert it with save_pretrained(..., safe_serialization=True)" if any(path.glob("*.bin")) else "the folder needs model.safetensors"
         raise ModelError(f"{path} has no .safetensors weights (edgeft never loads pickled .bin files)", hint)
     model_type = config.get("model_type", "")
+    if (task == "image-classify") != (model_type in VISION_ARCHITECTURES):
+        if task == "image-classify":
+            raise ModelError(f"{path} is a {model_type or 'model'} folder, not an image backbone",
+                             f"--task image-classify takes: {', '.join(VISION_ARCHITECTURES)} (tools/prepare_assets builds assets/models/efficientnet-lite0)")
+        raise ModelError(f"{path} is an image backbone ({model_type})", "train it with --task image-classify")
+    if task == "image-classify":
+        modules, head = VISION_ARCHITECTURES[model_type]
+        return ModelInfo(path, model_type, [], modules, head)
     if model_type not in ARCHITECTURES:
         raise ModelError(
             f"unsupported architecture {model_type or '(none)'!r} in {config_file}",

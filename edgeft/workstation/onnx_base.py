@@ -31,6 +31,7 @@ class PackedWeight:
     zero: np.ndarray | None = None  # int asymmetric: (out, n_groups) uint8
     zero_scalar: int = 0  # int symmetric: codes are stored offset by this
     codebook: np.ndarray | None = None  # nf4: (16,) fp32
+    view: tuple | None = None  # the tensor's own shape when it is not (out, in): a convolution's (out, in/groups, kh, kw)
 
     @property
     def nbytes(self) -> int:
@@ -147,6 +148,21 @@ DATA_SUFFIXES = (".codes", ".scale", ".zero")
 
 
 def rebuild_subgraph(p: PackedWeight) -> tuple[list, dict, dict]:
+    """As `_rebuild_2d`, then reshaped to the tensor's own shape where that is not (out, in)."""
+    nodes, data, consts = _rebuild_2d(p)
+    if p.view is None:
+        return nodes, data, consts
+    from onnx import helper
+
+    flat = p.name + "::q.flat"
+    for node in nodes:
+        node.output[:] = [flat if o == p.name else o for o in node.output]
+    consts[p.name + "::q.view"] = np.array(p.view, dtype=np.int64)
+    nodes.append(helper.make_node("Reshape", [flat, p.name + "::q.view"], [p.name]))
+    return nodes, data, consts
+
+
+def _rebuild_2d(p: PackedWeight) -> tuple[list, dict, dict]:
     """(nodes, data, constants) rebuilding the fp32 tensor `p.name` from its packed tensors.
 
     data: the packed tensors (codes, scales, zero points), what a bundle stores once and every graph

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .portable_memory import constant_names, rebuild_graph, recompute_for_backward
+from .portable_memory import clip_masks_from_outputs, constant_names, rebuild_graph, recompute_for_backward
 from .portable_ops import OPSET, Rewriter, check_standard
 from .vocab_chunks import chunk_vocab, prune_dead
 
@@ -64,7 +64,7 @@ def portable_graph(path: Path, frozen: set[str] = frozenset(), recompute: bool =
             outputs.append(helper.make_value_info(grad, param.type))
         else:
             outputs.append(out)
-    nodes = rewriter.nodes
+    nodes = clip_masks_from_outputs(rewriter.nodes)
     inits = list(graph.initializer) + rewriter.inits
     if layouts and recompute:
         nodes, consts, chunked = chunk_vocab(nodes, layouts, training=bool(accumulated))

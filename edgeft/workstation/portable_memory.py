@@ -143,3 +143,26 @@ def rebuild_graph(models: list, frozen: set[str]):
     model.graph.output.extend(typed[h] for h in sorted({h for _, _, handed in parts for h in handed}))
     check_standard(model)
     return model
+
+
+def clip_masks_from_outputs(nodes: list) -> list:
+    """ReLU6 (Clip) gradients masked by the Clip's output instead of its input.
+
+    ORT writes Clip's gradient as dY * (x >= min) * (x <= max), which keeps every Clip input x
+    alive until the backward pass, beside the output y the next convolution keeps anyway: for
+    EfficientNet-Lite, an extra copy of every BN output. (y > min) and (y < max) are the same mask
+    but at x exactly equal to a bound, where they give torch's own hardtanh gradient (strict
+    inequalities); x is then freed after the forward pass (EfficientNet-Lite0, 16 x 160 px: the
+    step's peak RSS 600 -> see BENCHMARKS.md section 12)."""
+    from onnx import helper
+
+    clips = {(n.input[0], n.input[i]): n.output[0] for n in nodes if n.op_type == "Clip" for i in (1, 2) if len(n.input) > i and n.input[i]}
+    out = []
+    for n in nodes:
+        y = clips.get((n.input[0], n.input[1])) if n.op_type in ("GreaterOrEqual", "LessOrEqual") and len(n.input) == 2 else None
+        if y is None:
+            out.append(n)
+            continue
+        op = "Greater" if n.op_type == "GreaterOrEqual" else "Less"
+        out.append(helper.make_node(op, [y, n.input[1]], list(n.output), name=n.name))
+    return out

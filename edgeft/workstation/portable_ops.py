@@ -267,6 +267,18 @@ class Rewriter:
                 lengths.append(self.op("Shape", [x], start=ax, end=ax + 1))
             self.op("Concat", lengths, o[1], axis=0)
 
+    def _Scale(self, i, o, a):
+        """y = x * s, or x / s with scale_down (ReduceMean's gradient: dY spread over the reduced cells)."""
+        x, s = i
+        s = self.op("Cast", [s], to=1)
+        self.op("Div" if a.get("scale_down", 0) else "Mul", [x, s], o[0])
+
+    def _ConvGrad(self, i, o, a):
+        """dX, dW, dB of Conv(X, W) from dY, in standard ops (see conv_grad.py)."""
+        from .conv_grad import conv_grad
+
+        conv_grad(self, i, o, a)
+
     def _SplitTraining(self, i, o, a):
         self.nodes.append(self.h.make_node("Split", i, o, name=self.fresh("Split_node"), axis=a.get("axis", 0)))
 

@@ -52,8 +52,6 @@ class Trainer:
         """Everything that can fail on user input happens here, before any weights load."""
         import torch
 
-        from ..datasets import load_causal
-        from ..encode import encode_causal, encode_classify, require_answers
         from .load import inspect_model_dir, resolve_device
 
         cfg = self.cfg
@@ -74,7 +72,43 @@ class Trainer:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         self.device = device
         torch.manual_seed(cfg.seed)
+        self.images = None
+        if cfg.task == "image-classify":
+            self._prepare_images(train_rows, val_rows)
+        else:
+            self._prepare_text(train_rows, val_rows)
+        from ..encode import batches_per_epoch
+        from ..schedule import total_steps
 
+        self.batches_per_epoch = batches_per_epoch(len(self.train_set), cfg.batch_size, self.world)  # shared with the device
+        if self.batches_per_epoch < 1:
+            raise DataError(f"{cfg.data} has {len(self.train_set)} training rows, fewer than one batch of {cfg.batch_size} per process", "lower --batch-size or add data")
+        steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
+        self.total_steps = total_steps(self.batches_per_epoch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
+        self.eval_every = cfg.eval_every or max(1, min(steps_per_epoch, math.ceil(self.total_steps / 5)))
+        self.checkpoint_every = cfg.checkpoint_every or default_checkpoint_every(self.total_steps)
+        self.info = info
+
+    def _prepare_images(self, train_rows, val_rows) -> None:
+        """Image rows (vision_train.py), every image decoded once up front so a bad file fails here."""
+        from ..images import Preprocess
+        from .vision_model import read_config
+        from .vision_train import ImageRows
+
+        cfg = self.cfg
+        self.preprocess = Preprocess.from_dict(read_config(cfg.model).get("preprocess", {}), cfg.image_size)
+        cfg.image_size = self.preprocess.size
+        self.train_set = ImageRows(*zip(*train_rows), cfg.labels, self.preprocess)
+        self.val_set = ImageRows(*zip(*val_rows), cfg.labels, self.preprocess)
+        self.train_set.check()
+        self.val_set.check()
+        self.images, self.tokenizer, self.truncated, self.reference_set = True, None, 0, None
+
+    def _prepare_text(self, train_rows, val_rows) -> None:
+        from ..datasets import load_causal
+        from ..encode import encode_causal, encode_classify, require_answers
+
+        cfg, names = self.cfg, self.cfg.labels
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -91,39 +125,30 @@ class Trainer:
             require_answers(self.train_set, "training data", cfg.max_seq_len, hint, self.log)
             require_answers(self.val_set, "validation data", cfg.max_seq_len, hint, self.log)
             self.reference_set = encode_causal(self.tokenizer, load_causal(cfg.reference_data), cfg.max_seq_len)[0] if cfg.reference_data else None
-        from ..encode import batches_per_epoch
-        from ..schedule import total_steps
-
-        self.batches_per_epoch = batches_per_epoch(len(self.train_set), cfg.batch_size, self.world)  # shared with the device
-        if self.batches_per_epoch < 1:
-            raise DataError(f"{cfg.data} has {len(self.train_set)} training rows, fewer than one batch of {cfg.batch_size} per process", "lower --batch-size or add data")
-        steps_per_epoch = max(1, self.batches_per_epoch // cfg.grad_accum)
-        self.total_steps = total_steps(self.batches_per_epoch, cfg.grad_accum, cfg.epochs, cfg.max_steps)
-        self.eval_every = cfg.eval_every or max(1, min(steps_per_epoch, math.ceil(self.total_steps / 5)))
-        self.checkpoint_every = cfg.checkpoint_every or default_checkpoint_every(self.total_steps)
-        self.info = info
 
     def build_model(self) -> None:
         import torch
 
         from ..schemes import parse_scheme
-        from .load import load_base
-        from .lora import attach_lora, count_parameters
-        from .objective import make_objective
+        from .lora import count_parameters
 
         cfg, info, device, names = self.cfg, self.info, self.device, self.cfg.labels
-        base = load_base(info, cfg.task, parse_scheme(cfg.scheme), device, names, cfg.trust_remote_code)
-        if cfg.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            base.enable_input_require_grads()
-        self.model = attach_lora(base, info, cfg.task, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.target_modules) if cfg.target_modules else None)
+        if self.images:
+            from .vision_train import ImageObjective, attach_vision_lora
+            from .vision_model import load_vision_base, unfreeze_names
+
+            base = load_vision_base(cfg.model, parse_scheme(cfg.scheme), names, seed=cfg.seed)
+            self.model = attach_vision_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                                            unfreeze_names(base, cfg.unfreeze_blocks))
+            self.objective = ImageObjective(self.model)
+        else:
+            self._build_text_model(info, device, names)
         if cfg.init_adapter and not self.resume:
             from .adapters import load_adapter_weights
 
             load_adapter_weights(self.model, cfg.init_adapter)
         self.model.to(device)
         self.trainable, self.total_params = count_parameters(self.model)
-        self.objective = make_objective(cfg.task, self.model)
         self.train_module = self.objective
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -134,6 +159,20 @@ class Trainer:
         self.trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable_params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
         self.autocast, self.scaler = self._precision(torch)
+
+    def _build_text_model(self, info, device, names) -> None:
+        from ..schemes import parse_scheme
+        from .load import load_base
+        from .lora import attach_lora
+        from .objective import make_objective
+
+        cfg = self.cfg
+        base = load_base(info, cfg.task, parse_scheme(cfg.scheme), device, names, cfg.trust_remote_code)
+        if cfg.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.enable_input_require_grads()
+        self.model = attach_lora(base, info, cfg.task, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, tuple(cfg.target_modules) if cfg.target_modules else None)
+        self.objective = make_objective(cfg.task, self.model)
 
     def _precision(self, torch):
         p = self.cfg.precision
@@ -157,12 +196,19 @@ class Trainer:
         from ..encode import collate, micro_batch_ids
 
         ids = micro_batch_ids(len(self.train_set), self.cfg.batch_size, self.cfg.seed, index, self.world, self.rank)
+        if self.images:
+            import numpy as np
+
+            return self.train_set.batch(ids, np.random.default_rng([self.cfg.seed, index]) if self.cfg.augment else None)
         return collate([self.train_set[i] for i in ids], self.tokenizer.pad_token_id)
 
     def eval_batches(self, dataset, batch_size: int | None = None):
         from ..encode import collate
 
         bs = batch_size or max(self.cfg.batch_size, 16)
+        if self.images:
+            yield from dataset.eval_batches(bs, self.rank, self.world)
+            return
         mine = list(range(len(dataset)))[self.rank :: self.world]
         for i in range(0, len(mine), bs):
             yield collate([dataset[j] for j in mine[i : i + bs]], self.tokenizer.pad_token_id)
@@ -170,7 +216,8 @@ class Trainer:
     def evaluate(self, dataset=None) -> dict:
         from .objective import evaluate
 
-        return evaluate(self.objective, self.eval_batches(dataset or self.val_set), self.cfg.task, len(self.cfg.labels), self.autocast)
+        task = "classify" if self.cfg.classifier else self.cfg.task
+        return evaluate(self.objective, self.eval_batches(dataset or self.val_set), task, len(self.cfg.labels), self.autocast)
 
     # -- outputs -------------------------------------------------------------
     def save_adapter(self, metrics: dict, step: int) -> None:
@@ -180,13 +227,15 @@ class Trainer:
         base = identify(self.cfg.model)  # by name and fingerprint; the path only as a hint relative to the adapter
         with atomic_dir(self.out / "adapter") as tmp:
             self.model.save_pretrained(str(tmp))
-            self.tokenizer.save_pretrained(str(tmp))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(tmp))
             set_peft_base_name(tmp, base.name)
             atomic_write_json(
                 tmp / "edgeft.json",
                 {"edgeft_version": __version__, "task": self.cfg.task, "labels": self.cfg.labels, "scheme": self.cfg.scheme,
                  "target": self.cfg.target, "base": {**base.to_dict(), "path_hint": path_hint(self.cfg.model, self.out / "adapter")},
-                 "step": step, "metrics": metrics, "max_seq_len": self.cfg.max_seq_len},
+                 "step": step, "metrics": metrics, "max_seq_len": self.cfg.max_seq_len,
+                 **({"preprocess": self.preprocess.to_dict(), "unfreeze_blocks": self.cfg.unfreeze_blocks} if self.images else {})},
             )
 
     def better(self, value: float, best: float | None) -> bool:
@@ -282,7 +331,7 @@ class Trainer:
         loss_total, tokens = 0.0, 0
         for micro in range(cfg.grad_accum):
             batch = {k: torch.as_tensor(v).to(self.device) for k, v in self.micro_batch(step * cfg.grad_accum + micro).items()}
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
             sync = micro == cfg.grad_accum - 1 or self.world == 1
             with (contextlib.nullcontext() if sync else self.train_module.no_sync()), (self.autocast() if self.autocast else contextlib.nullcontext()):
                 loss, _ = self.train_module(**batch)

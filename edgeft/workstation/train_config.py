@@ -9,12 +9,14 @@ from pathlib import Path
 
 from ..errors import DataError, UsageError
 
+TASKS = ("classify", "causal-lm", "image-classify")
+
 
 @dataclass
 class TrainConfig:
     model: str
     data: str
-    task: str  # "classify" | "causal-lm"
+    task: str  # "classify" | "causal-lm" | "image-classify"
     out: str
     eval_data: str | None = None
     val_fraction: float = 0.1
@@ -49,10 +51,20 @@ class TrainConfig:
     trust_remote_code: bool = False
     init_adapter: str | None = None  # continue from these LoRA (and head) weights, e.g. a device's
     labels: list[str] = field(default_factory=list)
+    # image-classify only
+    image_size: int | None = None  # default: the model folder's preprocessing (224 for EfficientNet-Lite0)
+    augment: bool = True  # random crop, flip, brightness/contrast on the workstation (the device sees plain crops)
+    unfreeze_blocks: int = 0  # train the last N blocks (and the head conv) whole, beside LoRA
 
     def __post_init__(self):
-        if self.task not in ("classify", "causal-lm"):
-            raise UsageError(f"--task must be classify or causal-lm, got {self.task!r}")
+        if self.task not in TASKS:
+            raise UsageError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.task != "image-classify" and (self.image_size or self.unfreeze_blocks):
+            raise UsageError("--image-size and --unfreeze-blocks apply to --task image-classify only")
+        if self.image_size is not None and self.image_size < 32:
+            raise UsageError(f"--image-size must be >= 32, got {self.image_size}")
+        if self.unfreeze_blocks < 0:
+            raise UsageError(f"--unfreeze-blocks must be >= 0, got {self.unfreeze_blocks}")
         for name in ("lora_r", "batch_size", "grad_accum", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -68,9 +80,13 @@ class TrainConfig:
         if self.reference_data and self.task != "causal-lm":
             raise UsageError("--reference-data (the forgetting check) applies to --task causal-lm only")
         if self.lr is None:
-            self.lr = 1e-3 if self.task == "classify" else 2e-4
+            self.lr = 1e-3 if self.classifier else 2e-4
         if self.metric is None:
-            self.metric = "accuracy" if self.task == "classify" else "eval_loss"
+            self.metric = "accuracy" if self.classifier else "eval_loss"
+
+    @property
+    def classifier(self) -> bool:
+        return self.task in ("classify", "image-classify")
 
     @property
     def higher_is_better(self) -> bool:
@@ -94,6 +110,20 @@ def load_data(cfg: TrainConfig):
     """Parsed rows for train and validation (explicit file or seeded split)."""
     from .. import datasets
 
+    if cfg.task == "image-classify":
+        from ..images import load_image_rows
+
+        paths, labels = load_image_rows(cfg.data, cfg.label_field)
+        names = datasets.label_names(labels)
+        rows = list(zip(paths, labels))
+        if cfg.eval_data:
+            val = list(zip(*load_image_rows(cfg.eval_data, cfg.label_field)))
+            unknown = sorted({label for _, label in val} - set(names))
+            if unknown:
+                raise DataError(f"{cfg.eval_data} has labels not in the training data: {', '.join(unknown[:5])}", "every label must appear in --data")
+        else:
+            rows, val = datasets.split(rows, cfg.val_fraction, cfg.seed)
+        return rows, val, names
     if cfg.task == "classify":
         texts, labels = datasets.load_classify(cfg.data, cfg.text_field, cfg.label_field)
         names = datasets.label_names(labels)
@@ -128,7 +158,7 @@ def adopt_adapter(cfg: TrainConfig, names: list[str]) -> list[str]:
     cfg.lora_r, cfg.lora_alpha = int(peft["r"]), float(peft["lora_alpha"])
     modules = peft.get("target_modules")
     cfg.target_modules = sorted(modules) if isinstance(modules, list) else cfg.target_modules
-    if cfg.task != "classify":
+    if not cfg.classifier:
         return names
     known = meta.get("labels") or []
     unknown = sorted(set(names) - set(known))
