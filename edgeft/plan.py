@@ -31,6 +31,12 @@ HOLD_BASE_MIB = 256
 MIB = 1 << 20
 # A large base's steps project onto the vocabulary in chunks of at most this many fp32 bytes of the
 # head (edgeft.workstation.vocab_chunks), as a power-of-two row count of at least VOCAB_MIN_ROWS.
+# A large base's step allocates a buffer for every weight it rebuilds and every temporary, freed
+# after use; the allocator's high-water mark sits well above the tensors alive at any moment
+# (SmolLM2 at 1 x 64: about 65 MiB alive at the peak, 300 MiB of arena). Measured on Qwen2.5-0.5B
+# (4 x 128, 2 x 128) and SmolLM2-135M (1 x 64; 4 x 128 checked after): about 0.75 x the activations + 100 MiB.
+ARENA_PER_ACTIVATION = 0.75
+ARENA_FIXED_MIB = 100
 VOCAB_CHUNK_BYTES = 32 * MIB
 VOCAB_MIN_ROWS = 1024
 
@@ -76,12 +82,15 @@ class MemoryPlan(_Budgeted):
     inference_activations_mib: float = 0.0
     inference_batch: int = 0
     inference_rebuilt_mib: float = 0.0  # the inference graph rebuilds the head whole
+    arena_mib: float = 0.0  # the allocator's high-water mark above the live tensors (a large base)
 
     def render(self) -> str:
         rebuilt = "fp32 base held for backward" if self.holds_base else "fp32 weights rebuilt at the peak"
         rows = [("packed base", self.base_packed_mib), (rebuilt, self.base_rebuilt_mib),
                 ("trainable params + grads + AdamW", self.trainable_mib), (f"activations ({self.batch} x {self.seq})", self.activations_mib),
                 ("runtime", self.runtime_mib), ("total (estimated peak)", self.total_mib)]
+        if self.arena_mib:
+            rows.insert(-2, ("allocator high-water (measured)", self.arena_mib))
         lines = [f"memory plan for {self.target} (budget {self.budget_mib} MiB)"]
         lines += [f"  {name:<36}{mib:>9.0f} MiB" for name, mib in rows]
         lines.append("  fits" if self.fits else f"  does NOT fit: {self.total_mib - self.budget_mib:.0f} MiB over budget")
@@ -139,6 +148,7 @@ def plan_memory(model_dir: Path, adapter_dir: Path, target, task: str, batch: in
         "trainable_mib": trainable * 4 * 4 / MIB,
         "activations_mib": activations / MIB,
         "runtime_mib": float(RUNTIME_MIB),
+        "arena_mib": 0.0 if holds else ARENA_PER_ACTIVATION * activations / MIB + ARENA_FIXED_MIB,
     }
     return MemoryPlan(target=target.name, budget_mib=target.budget_mb, total_mib=sum(parts.values()), batch=batch, seq=seq, holds_base=holds,
                       task=task, vocab=vocab, hidden=hidden, layers=layers, vocab_chunk_rows=chunk, eval_activations_mib=round(forward / MIB, 1),
@@ -287,7 +297,7 @@ def plan_process(manifest, bundle: Path, command: str, data_bytes: int) -> Proce
     parts = {"runtime": step["runtime_mib"], "packed base": step["base_packed_mib"]}
     if command == "device train":
         parts["trainable params + grads + AdamW"] = step["trainable_mib"]
-        step_peak = rebuilt + step["activations_mib"]
+        step_peak = rebuilt + step["activations_mib"] + step.get("arena_mib", 0.0)
         check = rebuilt + (eval_act if task == "causal-lm" else infer_act)
         parts[f"training step ({step['batch']} x {step['seq']}): weights + activations"] = step_peak
         if check > step_peak:
