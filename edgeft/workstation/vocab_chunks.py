@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .packed_rows import Layout, gather_rows, row_range
-
 from ..plan import VOCAB_CHUNK_BYTES as CHUNK_BYTES
 from ..plan import VOCAB_MIN_ROWS as MIN_ROWS
 from ..plan import vocab_chunk_rows
+from .packed_rows import Layout, gather_rows, row_range
 
 
 def chunk_rows(vocab: int, hidden: int) -> int:
@@ -50,6 +49,14 @@ def packed_source(name: str, producer: dict, layouts: dict) -> Layout | None:
     return layouts[found.pop()] if len(found) == 1 else None
 
 
+def _head(mm, producer: dict, layouts: dict) -> Layout | None:
+    """The packed weight W when `mm` is MatMul(X, Transpose(W)) with W rebuilt from it alone."""
+    tr = producer.get(mm.input[1]) if mm is not None and mm.op_type == "MatMul" else None
+    if tr is None or tr.op_type != "Transpose" or [list(a.ints) for a in tr.attribute if a.name == "perm"] != [[1, 0]]:
+        return None
+    return packed_source(tr.input[0], producer, layouts)
+
+
 def _find(nodes: list, layouts: dict):
     """(head layout, X, the node picking the labels' log-probabilities) of the pattern, or None."""
     from onnx import TensorProto, helper
@@ -65,10 +72,7 @@ def _find(nodes: list, layouts: dict):
         mm = producer.get(ls.input[0])
         while mm is not None and (mm.op_type == "Identity" or (mm.op_type == "Cast" and mm.attribute[0].i == TensorProto.FLOAT)):
             mm = producer.get(mm.input[0])  # `.float()` of fp32 logits: a no-op ORT's training graph drops
-        tr = producer.get(mm.input[1]) if mm is not None and mm.op_type == "MatMul" else None
-        if tr is None or tr.op_type != "Transpose" or [list(a.ints) for a in tr.attribute if a.name == "perm"] != [[1, 0]]:
-            continue
-        lay = packed_source(tr.input[0], producer, layouts)
+        lay = _head(mm, producer, layouts)
         # its other readers are the backward pass's, which the rewrite replaces
         picks = [r for r in readers.get(ls.output[0], []) if r.op_type == "GatherElements"]
         if lay is None or not lay.row_addressable or len(picks) != 1:
@@ -173,10 +177,7 @@ def chunk_head_logits(model, layouts: dict) -> dict | None:
     nodes = list(graph.node)
     producer = {o: n for n in nodes for o in n.output if o}
     for mm in nodes:
-        tr = producer.get(mm.input[1]) if mm.op_type == "MatMul" else None
-        if tr is None or tr.op_type != "Transpose" or [list(a.ints) for a in tr.attribute if a.name == "perm"] != [[1, 0]]:
-            continue
-        lay = packed_source(tr.input[0], producer, layouts)
+        lay = _head(mm, producer, layouts)
         if lay is None or lay.out < max(lay.cols, 2 * chunk_rows(lay.out, lay.cols)):  # a head, and worth chunking
             continue
         rows = chunk_rows(lay.out, lay.cols)
