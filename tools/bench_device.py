@@ -71,19 +71,27 @@ def side_engine(args) -> dict:
     """The device's own training step (engine + shared AdamW graph), exactly as `device train` runs it."""
     for name in HEAVY:
         sys.modules[name] = None  # the device has none of these
-    from edgeft.device.backends import BACKEND_CLASSES, AdamW, Layout
     from edgeft.device.runtime import threads
-    from safetensors.numpy import load_file
 
     if args.ort_defaults:
         ort_defaults()
 
     bundle = Path(args.bundle)
     data, m = batches(bundle, args.data, args.steps + args.warmup)
+    times, losses = device_steps(bundle, m, data, args.side, args.warmup)
+    return {"s_per_step": statistics.median(times), "peak_rss_mib": peak_mib(), "losses": losses[:3], "threads": threads(m)}
+
+
+def device_steps(bundle: Path, m, data: list, side: str, warmup: int) -> tuple[list, list]:
+    """(seconds per step after `warmup`, losses): `device train`'s step (engine + AdamW graph) from the bundle's adapter."""
+    from safetensors.numpy import load_file
+
+    from edgeft.device.backends import BACKEND_CLASSES, AdamW, Layout
+
     peft = load_file(str(bundle / "adapter" / "adapter_model.safetensors"))
     start = {onnx: peft[key] for onnx, key in m.trainable.items()}
     layout = Layout({n: v.shape for n, v in start.items()})
-    engine = BACKEND_CLASSES[args.side](bundle, m)
+    engine = BACKEND_CLASSES[side](bundle, m)
     opt = AdamW(bundle, m, layout, start)
     engine.set_params(layout.views(opt.params))
     times, losses = [], []
@@ -92,10 +100,10 @@ def side_engine(args) -> dict:
         loss = engine.forward_backward(b)
         opt.update(engine.take_grads(), 1e-4)
         engine.set_params(layout.views(opt.params))
-        if i >= args.warmup:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
         losses.append(loss)
-    return {"s_per_step": statistics.median(times), "peak_rss_mib": peak_mib(), "losses": losses[:3], "threads": threads(m)}
+    return times, losses
 
 
 def ort_defaults() -> None:

@@ -132,27 +132,12 @@ def image_batches(bundle: Path, n: int, data: Path):
 def side_engine(args) -> dict:
     for name in HEAVY:
         sys.modules[name] = None
-    from safetensors.numpy import load_file
-
-    from edgeft.device.backends import BACKEND_CLASSES, AdamW, Layout
+    from bench_device import device_steps  # tools/ is this script's folder
 
     bundle = Path(args.bundle)
     data, m = image_batches(bundle, args.steps + args.warmup, Path(args.data))
-    peft = load_file(str(bundle / "adapter" / "adapter_model.safetensors"))
-    start = {onnx: peft[key] for onnx, key in m.trainable.items()}
-    layout = Layout({n: v.shape for n, v in start.items()})
-    engine = BACKEND_CLASSES[args.side](bundle, m)
-    opt = AdamW(bundle, m, layout, start)
-    engine.set_params(layout.views(opt.params))
-    times, losses = [], []
-    for i, b in enumerate(data):
-        t0 = time.perf_counter()
-        loss = engine.forward_backward(b)
-        opt.update(engine.take_grads(), 1e-4)
-        engine.set_params(layout.views(opt.params))
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(round(float(loss), 5))
+    times, losses = device_steps(bundle, m, data, args.side, args.warmup)
+    losses = [round(float(loss), 5) for loss in losses]
     return {"s_per_step": statistics.median(times), "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses[:3]}
 
 
