@@ -316,7 +316,7 @@ def test_guard_rejects_losses_that_add_up_across_generations():
     origin = [True] * 40 + [False] * 10
     parent = [True] * 34 + [False] * 16      # 6 rows lost against the origin
     cand = [True] * 31 + [False] * 19        # 3 more: chance against the parent, 9 lost of 9 changed against the origin
-    acc = lambda xs: {"accuracy": sum(xs) / len(xs)}  # noqa: E731
+    acc = lambda xs: {"accuracy": sum(xs) / len(xs), "eval_loss": 0.5}  # noqa: E731
     metrics = {"baseline": {"reference": acc(parent)}, "candidate": {"reference": acc(cand)}}
     rows = {("baseline", "reference"): parent, ("candidate", "reference"): cand, ("origin", "reference"): origin}
     ok, why = DeviceTrainer.decide(owner, metrics, rows)
@@ -391,3 +391,47 @@ def test_guard_rejects_a_classifier_whose_loss_on_earlier_rows_jumps():
     assert not ok and "earlier eval_loss 0.5287 -> 0.6610" in why
     learning = {"baseline": {"earlier": m(0.74, 0.5985)}, "candidate": {"earlier": m(0.79, 0.5579)}}
     assert DeviceTrainer.decide(owner, learning, {("baseline", "earlier"): after, ("candidate", "earlier"): before})[0]
+
+
+def test_guard_rejects_a_classifier_whose_reference_loss_rises_against_the_origin():
+    """Forgetting shows in the reference rows' loss before 128 rows' accuracy can tell it from chance."""
+    from types import SimpleNamespace
+
+    from edgeft.device.trainer import REFERENCE_LOSS, DeviceTrainer
+
+    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01))
+    same = [True] * 90 + [False] * 38
+    rows = {(side, "reference"): same for side in ("baseline", "candidate", "origin")}
+    m = lambda loss: {"reference": {"accuracy": 0.7031, "eval_loss": loss}}  # noqa: E731
+    rises = 0.6 * (1 + REFERENCE_LOSS) + 0.01
+    ok, why = DeviceTrainer.decide(owner, {"baseline": m(0.6), "candidate": m(rises)}, rows)  # generation 1: the parent is the origin
+    assert not ok and f"reference eval_loss 0.6000 -> {rises:.4f}" in why
+    ok, why = DeviceTrainer.decide(owner, {"baseline": m(0.62), "origin": m(0.6), "candidate": m(rises)}, rows)
+    assert not ok and "against the workstation's adapter" in why  # small against the parent, too much against the origin
+    assert DeviceTrainer.decide(owner, {"baseline": m(0.6), "origin": m(0.6), "candidate": m(0.6 * (1 + REFERENCE_LOSS) - 0.01)}, rows)[0]
+
+
+def test_backoff_retries_a_smaller_blend_only_for_a_reference_regression():
+    from types import SimpleNamespace
+
+    from edgeft.device.trainer import DeviceTrainer
+
+    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01, blend=0.5, blend_backoff=2))
+    prev, trained = {"a": np.zeros(2, np.float32)}, {"a": np.ones(2, np.float32)}
+    same = [True] * 10
+    rows = {(side, split): same for side in ("baseline", "candidate") for split in ("heldout", "reference")}
+    m = lambda held, ref: {"heldout": {"accuracy": 1.0, "eval_loss": held}, "reference": {"accuracy": 1.0, "eval_loss": ref}}  # noqa: E731
+    forgets = {"baseline": m(0.5, 0.5), "candidate": m(0.4, 0.6)}
+    tried = [{"blend": 0.5}]
+    retry = DeviceTrainer.backoff(owner, prev, trained, tried)
+    assert retry(forgets, rows)["a"].tolist() == [0.25, 0.25]  # half the move
+    assert retry(forgets, rows)["a"].tolist() == [0.125, 0.125]
+    assert retry(forgets, rows) is None and [t["blend"] for t in tried] == [0.5, 0.25, 0.125]  # --blend-backoff 2: no more
+    assert "reference eval_loss 0.5000 -> 0.6000" in tried[0]["regressed"][0]
+    tried = [{"blend": 0.5}]
+    ok = {"baseline": m(0.5, 0.5), "candidate": m(0.4, 0.5)}
+    assert DeviceTrainer.backoff(owner, prev, trained, tried)(ok, rows) is None and tried == [{"blend": 0.5, "regressed": []}]
+    tried = [{"blend": 0.5}]
+    rows_lost = {**rows, ("candidate", "heldout"): [False] * 10}  # the device's own rows got worse: the data, not the step
+    bad = {"baseline": m(0.5, 0.5), "candidate": {**m(0.9, 0.6), "heldout": {"accuracy": 0.0, "eval_loss": 0.9}}}
+    assert DeviceTrainer.backoff(owner, prev, trained, tried)(bad, rows_lost) is None and len(tried) == 1

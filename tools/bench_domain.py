@@ -6,7 +6,7 @@ Tomatoes reviews (assets/data/reviews, from tools/prepare_assets.py) in three ge
 `edgeft device train` each, for every seed and mode:
 
   rehearsal   the device defaults: replayed rows mixed into every batch (edgeft/device/rehearsal.py)
-  naive       plain fine-tuning on the new rows: --replay-ratio 0 --l2-previous 0 --no-freeze-head --blend 1
+  naive       plain fine-tuning on the new rows: --replay-ratio 0 --l2-previous 0 --no-freeze-head --blend 1 --blend-backoff 0
 
 After each generation: accuracy of the candidate (the new generation, promoted or not) and of the
 device's current generation on the held-out reviews test set (the device's domain) and on the
@@ -50,7 +50,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = {"rehearsal": [], "naive": ["--replay-ratio", "0", "--l2-previous", "0", "--no-freeze-head", "--blend", "1"]}
+MODES = {"rehearsal": [], "naive": ["--replay-ratio", "0", "--l2-previous", "0", "--no-freeze-head", "--blend", "1",
+                                   "--blend-backoff", "0"]}
 
 
 def edgeft_cmd(spec: str | None) -> list[str]:
@@ -141,7 +142,9 @@ def run_story(edgeft: list[str], bundle: Path, state: Path, shards: list[tuple[s
                                        "candidate": tr["metrics"]["candidate"][split].get(key),
                                        "baseline_loss": tr["metrics"]["baseline"][split]["eval_loss"],
                                        "candidate_loss": tr["metrics"]["candidate"][split]["eval_loss"],
+                                       "origin_loss": tr["metrics"].get("origin", {}).get(split, {}).get("eval_loss"),
                                        "rows": tr["metrics"]["candidate"][split]["rows"]} for split in tr["metrics"]["candidate"]},
+                     "blend": (tr.get("rehearsal") or {}).get("blend"),
                      "rehearsal": tr.get("rehearsal")})
         g = gens[-1]
         log(f"  gen {g['generation']} {name:<14} {'promoted' if g['promoted'] else 'REJECTED':<9} "
@@ -191,13 +194,13 @@ def table(results: list[dict], base: dict, metric: Metric) -> str:
 def markdown(results: list[dict], base: dict, metric: Metric) -> str:
     """The table as Markdown (BENCHMARKS.md), one row per generation."""
     domain, original = list(base)
-    lines = [f"| mode | seed | gen | data | steps | train s | decision | candidate {domain} | candidate {original} | now {domain} | now {original} |",
-             "|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [f"| mode | seed | gen | data | steps | train s | decision | blend | candidate {domain} | candidate {original} | now {domain} | now {original} |",
+             "|---|---:|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in results:
-        lines.append(f"| {r['mode']} | {r['seed']} | 0 | (bundle) | | | | | | {metric.fmt(base[domain])} | {metric.fmt(base[original])} |")
+        lines.append(f"| {r['mode']} | {r['seed']} | 0 | (bundle) | | | | | | | {metric.fmt(base[domain])} | {metric.fmt(base[original])} |")
         for g in r["generations"]:
             lines.append(f"| | | {g['generation']} | {g['data']} | {g['steps']} | {g['train_seconds']:.0f} | "
-                         f"{'promoted' if g['promoted'] else '**rejected**'} | {metric.fmt(g['candidate'][domain])} | "
+                         f"{'promoted' if g['promoted'] else '**rejected**'} | {g.get('blend') or ''} | {metric.fmt(g['candidate'][domain])} | "
                          f"{metric.fmt(g['candidate'][original])} | {metric.fmt(g['now'][domain])} | {metric.fmt(g['now'][original])} |")
     return "\n".join(lines)
 

@@ -145,7 +145,7 @@ class PromotionCheck:
         self.info.update(engine=f"training engine's eval step ({self.engine.name}), batch {self.batch}" if use_engine
                          else "one inference session, weights swapped", fingerprints=prints, origin=origin if origin_split else None,
                          baseline_reused=sorted(s for side, s in known if side == "baseline"))
-        run = self._with_engine if use_engine else self._with_inference
+        self._run = run = self._with_engine if use_engine else self._with_inference
         todo = [s for s in origin_split if ("origin", s) not in known]
         sides = [("origin", origin_params() if todo else None, todo)] if origin_split else []
         sides += [("baseline", base_params, [s for s in self.sets if ("baseline", s) not in known]), ("candidate", new_params, list(self.sets))]
@@ -157,6 +157,19 @@ class PromotionCheck:
         if not use_engine:
             self.info["correct"] = {side: {split: bits(rows.get((side, split))) for split in out[side]} for side in out}
         self.info["seconds"] = round(time.perf_counter() - t0, 2)
+        self._last = out, rows
+        return out, rows
+
+    def rescore(self, new_params: dict) -> tuple[dict, dict]:
+        """compare()'s result with another candidate: only the candidate's side is evaluated again."""
+        t0 = time.perf_counter()
+        out, rows = self._last
+        got, got_rows = self._run(("candidate", new_params, list(self.sets)))
+        out, rows = {**out, "candidate": got["candidate"]}, {**rows, **got_rows}
+        if "correct" in self.info:
+            self.info["correct"]["candidate"] = {split: bits(got_rows.get(("candidate", split))) for split in got["candidate"]}
+        self.info["seconds"] = round(self.info["seconds"] + time.perf_counter() - t0, 2)
+        self._last = out, rows
         return out, rows
 
     def _with_engine(self, *sides) -> tuple[dict, dict]:

@@ -54,6 +54,9 @@ def device():
 @click.option("--blend", type=float, default=None,
               help="Promote the previous adapter + B x (trained - previous), a weight-space average that keeps what was known "
                    "(default 0.5; 1: the trained adapter as is).")
+@click.option("--blend-backoff", type=int, default=None,
+              help="A candidate that regressed on the bundle's reference rows only is checked again at half the blend, "
+                   "up to this many times (default 2; 0: promote or reject at --blend).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between crash-safe checkpoints.")
 @click.option("--tolerance", type=float, default=0.01, show_default=True,
@@ -69,8 +72,8 @@ def device():
               help="Training engine: auto uses the bundle's portable step (any onnxruntime); onnxruntime-training needs that build (x86-64).")
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
-def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_ratio, l2_previous, freeze_head, blend, grad_accum, checkpoint_every, tolerance, seed,
-          refuse_long, restart, force, backend, quiet, as_json, check_rows=None):
+def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_ratio, l2_previous, freeze_head, blend, blend_backoff, grad_accum, checkpoint_every,
+          tolerance, seed, refuse_long, restart, force, backend, quiet, as_json, check_rows=None):
     """Train a new generation on new data; promote it only if it does not regress.
 
     \b
@@ -78,7 +81,7 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_rati
     Killed midway, the same command resumes from the last checkpoint.
     """
     from .learner import Learner
-    from .trainer import BLEND, FREEZE_HEAD, L2_PREVIOUS, REPLAY_RATIO
+    from .trainer import BLEND, BLEND_BACKOFF, FREEZE_HEAD, L2_PREVIOUS, REPLAY_RATIO
 
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     learner = Learner(bundle, state_dir, verify=False, log=log)  # the trainer verifies the bundle
@@ -86,7 +89,7 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_rati
                       replay_ratio=REPLAY_RATIO if replay_ratio is None else replay_ratio,
                       l2_previous=L2_PREVIOUS if l2_previous is None else l2_previous,
                       freeze_head=FREEZE_HEAD if freeze_head is None else freeze_head,
-                      blend=BLEND if blend is None else blend,
+                      blend=BLEND if blend is None else blend, blend_backoff=BLEND_BACKOFF if blend_backoff is None else blend_backoff,
                       grad_accum=grad_accum, checkpoint_every=checkpoint_every, tolerance=tolerance, seed=seed,
                       refuse_long=refuse_long, restart=restart, force=force, backend=backend,
                       **({} if check_rows is None else {"check_rows": check_rows}))

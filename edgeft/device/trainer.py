@@ -43,6 +43,8 @@ L2_PREVIOUS = 0.0  # pull toward the previous generation's adapter (1.0 measured
 FREEZE_HEAD = False  # keep a fully trained head (modules_to_save) at the previous generation's values (measured: no effect)
 BLEND = 0.5  # promote previous + BLEND x (trained - previous) (first review generation: tweets +0.7 points, where 1.0 lost 2.9)
 EARLIER_LOSS = 0.10  # classify: the loss on earlier generations' held-out rows may rise by this share at most (section 10)
+REFERENCE_LOSS = 0.05  # classify: the loss on the bundle's reference rows may rise by this share at most, against the origin
+BLEND_BACKOFF = 2  # a candidate that regressed on the reference rows only is checked again at blend/2, then blend/4
 
 
 @dataclass
@@ -56,6 +58,7 @@ class DeviceTrainConfig:
     l2_previous: float = L2_PREVIOUS
     freeze_head: bool = FREEZE_HEAD
     blend: float = BLEND
+    blend_backoff: int = BLEND_BACKOFF
     grad_accum: int = 1
     checkpoint_every: int = 20
     tolerance: float = 0.01
@@ -82,7 +85,7 @@ class DeviceTrainConfig:
 
     def job_key(self) -> dict:
         """What must match for a rerun to resume the interrupted job rather than start another."""
-        return {k: v for k, v in asdict(self).items() if k not in ("force", "restart", "refuse_long", "backend", "check_rows")}
+        return {k: v for k, v in asdict(self).items() if k not in ("force", "restart", "refuse_long", "backend", "check_rows", "blend_backoff")}
 
 
 def file_info(path: str | Path, rows: int) -> dict:
@@ -105,6 +108,7 @@ class DeviceTrainer:
     def __init__(self, bundle: Path, state_dir: Path, cfg: DeviceTrainConfig, log=print, progress: bool = True):
         self.bundle, self.cfg, self.log, self.show_progress = Path(bundle), cfg, log, progress
         self.state_dir = Path(state_dir)
+        self.blends_tried = [{"blend": cfg.blend}]  # the promotion check's tries (backoff)
         if cfg.check_rows is not None and cfg.check_rows < 1:
             raise UsageError("--check-rows must be at least 1", f"e.g. --check-rows {CHECK_ROWS}")
         self.manifest = verify_bundle(self.bundle)
@@ -118,8 +122,8 @@ class DeviceTrainer:
             raise UsageError("--grad-accum, --checkpoint-every, --max-steps and --epochs must be positive", "e.g. --max-steps 50")
         if cfg.schedule_offset < 0 or (cfg.schedule_total is not None and cfg.schedule_total < 1):
             raise UsageError("the schedule's offset must be at least 0 and its total positive", "e.g. schedule_offset=30, schedule_total=150")
-        if not 0 <= cfg.replay_ratio <= 0.9 or cfg.l2_previous < 0 or not 0 < cfg.blend <= 1:
-            raise UsageError("--replay-ratio must be between 0 and 0.9, --l2-previous at least 0 and --blend in (0, 1]",
+        if not 0 <= cfg.replay_ratio <= 0.9 or cfg.l2_previous < 0 or not 0 < cfg.blend <= 1 or cfg.blend_backoff < 0:
+            raise UsageError("--replay-ratio must be between 0 and 0.9, --l2-previous and --blend-backoff at least 0, --blend in (0, 1]",
                              f"e.g. --replay-ratio {REPLAY_RATIO} --blend {BLEND}")
 
     def check_plan(self) -> None:
@@ -314,12 +318,14 @@ class DeviceTrainer:
                 save_arrays(self.state.job_dir / "best.safetensors", params, {"step": progress["step"]})
 
     # -- decide --------------------------------------------------------------
-    def compare(self, base_params: dict, new_params: dict, parent: int | None = None) -> tuple[dict, dict]:
+    def compare(self, base_params: dict, new_params: dict, parent: int | None = None, retry=None) -> tuple[dict, dict]:
         """Both adapters on the same sample of the held-out and check rows (check.py: the training
         engine's eval step for a causal LM, one inference session for a classifier). Returns
         (metrics, per-row correctness) so the decision can pair the rows; what was drawn, and the
         check's seconds, are in self.check_info. `parent`: the baseline's generation, whose earlier check
-        results on the same rows are reused (check.py). apply.py's checker calls this with itself as self."""
+        results on the same rows are reused (check.py). `retry(metrics, rows)`: another candidate to check
+        instead on the same rows, or None to stop (run: a smaller blend); the last result is returned.
+        apply.py's checker calls this with itself as self."""
         cfg = getattr(self, "cfg", None)
         n = getattr(cfg, "check_rows", None) or auto_check_rows(getattr(self, "trained_rows", None))
         check = PromotionCheck(self, n, getattr(cfg, "seed", 0) or 0, engine=getattr(self, "check_engine", None))
@@ -330,6 +336,8 @@ class DeviceTrainer:
             origin = state.origin(parent) if generations else None
             out, rows = check.compare(base_params, new_params, parent, generations, origin if origin != parent else None,
                                       lambda: state.params(origin))
+            while retry is not None and (params := retry(out, rows)) is not None:
+                out, rows = check.rescore(params)
         finally:
             self.check_engine = None  # the engine's sessions go with it
             gc.collect()
@@ -337,36 +345,27 @@ class DeviceTrainer:
         return out, rows
 
     def decide(self, metrics: dict, rows: dict) -> tuple[bool, str]:
-        """Regressed = worse by more than the tolerance and, for accuracy, beyond chance: a one-sided
-        sign test over the rows the two adapters disagree on (p < 0.05). A few hundred rows move by
-        several points between equally good adapters; the test keeps that noise from blocking updates.
-        The candidate must pass against its parent on every set and, on the bundle's reference rows,
-        against the workstation's last adapter too (metrics["origin"]: generation 0 or the last update
-        applied), so losses too small to see one generation at a time cannot add up. A classifier's
-        loss on earlier generations' held-out rows (the device's own domain, never trained on) may
-        not rise by more than EARLIER_LOSS either: a feed with wrong labels shows there long before
-        128 rows' accuracy can, while a generation that learns the domain lowers it."""
-        key = "eval_loss" if self.task == "causal-lm" else "accuracy"
-        tol = self.cfg.tolerance
+        """Promote unless the candidate regressed (regressions)."""
         if not metrics["candidate"]:
             return False, "no held-out or reference rows to check it on (pass --eval-data); kept, not promoted"
-        worse = []
-        against = [("baseline", name, "") for name in metrics["candidate"]]
-        against += [("origin", name, " (against the workstation's adapter)") for name in metrics.get("origin", {})]
-        for side, name, note in against:
-            old, new = metrics[side][name][key], metrics["candidate"][name][key]
-            if key == "accuracy":
-                p = sign_test(rows[(side, name)], rows[("candidate", name)])
-                if new < old - tol and p < 0.05:
-                    worse.append(f"{name} {key} {old:.4f} -> {new:.4f} (p={p:.3f}){note}")
-            elif new > old * (1 + tol):
-                worse.append(f"{name} {key} {old:.4f} -> {new:.4f}{note}")
-        earlier = (metrics["baseline"].get("earlier"), metrics["candidate"].get("earlier"))
-        if key == "accuracy" and None not in earlier and earlier[1]["eval_loss"] > earlier[0]["eval_loss"] * (1 + EARLIER_LOSS):
-            worse.append(f"earlier eval_loss {earlier[0]['eval_loss']:.4f} -> {earlier[1]['eval_loss']:.4f} (more than {EARLIER_LOSS:.0%})")
+        worse = regressions(self.task, self.cfg.tolerance, metrics, rows)
         if worse:
-            return False, "regressed beyond the tolerance ({}): {}".format(tol, "; ".join(worse))
+            return False, "regressed beyond the tolerance ({}): {}".format(self.cfg.tolerance, "; ".join(text for _, text in worse))
         return True, "no regression on " + " and ".join(metrics["candidate"])
+
+    def backoff(self, previous: dict, trained: dict, tried: list):
+        """retry for compare: when the candidate regressed on the reference rows only (it moved too far from
+        what the workstation taught, while the device's own rows were fine), check it again blended at half
+        the weight, up to --blend-backoff times. A regression on the device's own rows (held-out, earlier)
+        is the data's fault, not the step's size: no retry."""
+        def retry(metrics, rows):
+            worse = regressions(self.task, self.cfg.tolerance, metrics, rows) if metrics["candidate"] else []
+            tried[-1]["regressed"] = [text for _, text in worse]
+            if not worse or any(name != "reference" for name, _ in worse) or len(tried) > self.cfg.blend_backoff:
+                return None
+            tried.append({"blend": tried[-1]["blend"] / 2})
+            return blend(previous, trained, tried[-1]["blend"])
+        return retry
 
     def run(self) -> dict:
         self.prepare_data()
@@ -380,10 +379,14 @@ class DeviceTrainer:
                 self.state.clear_job()
                 raise
             self.trained_rows = job["total_steps"] * self.cfg.grad_accum * self.batch  # sizes the check (check.auto_check_rows)
-            previous = self.state.params(job["parent"])
-            result["params"] = blend(previous, result["params"], self.cfg.blend)
-            metrics, rows = self.compare(previous, result["params"], parent=job["parent"])
+            previous, trained = self.state.params(job["parent"]), result["params"]
+            self.blends_tried = tried = [{"blend": self.cfg.blend}]
+            metrics, rows = self.compare(previous, blend(previous, trained, self.cfg.blend), parent=job["parent"],
+                                         retry=self.backoff(previous, trained, tried))
+            result["params"] = blend(previous, trained, tried[-1]["blend"])
             promote, reason = self.decide(metrics, rows)
+            if len(tried) > 1:
+                reason += f" (blended at {tried[-1]['blend']:g}: at " + "; at ".join(f"{t['blend']:g}, " + "; ".join(t["regressed"]) for t in tried[:-1]) + ")"
             record = {"id": job["generation"], "parent": job["parent"], "status": "promoted" if promote else "rejected", "reason": reason,
                       "created": job["created"], "data": job["data"], "eval": job["eval"], "steps": result["steps"],
                       "best_step": result["best_step"], "backend": result["backend"], "metrics": metrics, "seconds": result["seconds"],
@@ -405,10 +408,43 @@ class DeviceTrainer:
         ratio = self.cfg.replay_ratio if self.mixing else 0.0
         micro = job["total_steps"] * self.cfg.grad_accum
         replayed = math.floor(micro * self.batch * ratio + 1e-9)
-        return {"replay_ratio": ratio, "l2_previous": self.cfg.l2_previous, "freeze_head": self.cfg.freeze_head, "blend": self.cfg.blend,
+        return {"replay_ratio": ratio, "l2_previous": self.cfg.l2_previous, "freeze_head": self.cfg.freeze_head,
+                "blend": self.blends_tried[-1]["blend"], "blends_tried": [t["blend"] for t in self.blends_tried],
                 "pool_rows": len(self.replay_set),
                 "replayed_rows": replayed, "new_rows": micro * self.batch - replayed if self.mixing else None,
                 "check_rows": {name: len(rows) for name, rows in self.check_sets.items()}}
+
+
+def regressions(task: str, tol: float, metrics: dict, rows: dict) -> list[tuple[str, str]]:
+    """(check set, what got worse). Regressed = worse by more than the tolerance and, for accuracy, beyond
+    chance: a one-sided sign test over the rows the two adapters disagree on (p < 0.05). A few hundred rows
+    move by several points between equally good adapters; the test keeps that noise from blocking updates.
+    The candidate must pass against its parent on every set and, on the bundle's reference rows,
+    against the workstation's last adapter too (metrics["origin"]: generation 0 or the last update
+    applied), so losses too small to see one generation at a time cannot add up. A classifier's loss may
+    not rise by more than REFERENCE_LOSS on the reference rows (against the origin) nor by more than
+    EARLIER_LOSS on earlier generations' held-out rows (the device's own domain, never trained on):
+    forgetting, and a feed with wrong labels, show in the loss long before 128 rows' accuracy can."""
+    key = "eval_loss" if task == "causal-lm" else "accuracy"
+    worse = []
+    against = [("baseline", name, "") for name in metrics["candidate"]]
+    against += [("origin", name, " (against the workstation's adapter)") for name in metrics.get("origin", {})]
+    for side, name, note in against:
+        old, new = metrics[side][name][key], metrics["candidate"][name][key]
+        if key == "accuracy":
+            p = sign_test(rows[(side, name)], rows[("candidate", name)])
+            if new < old - tol and p < 0.05:
+                worse.append((name, f"{name} {key} {old:.4f} -> {new:.4f} (p={p:.3f}){note}"))
+        elif new > old * (1 + tol):
+            worse.append((name, f"{name} {key} {old:.4f} -> {new:.4f}{note}"))
+    if key == "accuracy":
+        ref_side = "origin" if "reference" in metrics.get("origin", {}) else "baseline"
+        for name, side, limit in (("reference", ref_side, REFERENCE_LOSS), ("earlier", "baseline", EARLIER_LOSS)):
+            old, new = metrics[side].get(name), metrics["candidate"].get(name)
+            if old and new and new["eval_loss"] > old["eval_loss"] * (1 + limit):
+                note = " (against the workstation's adapter)" if side == "origin" else ""
+                worse.append((name, f"{name} eval_loss {old['eval_loss']:.4f} -> {new['eval_loss']:.4f} (more than {limit:.0%}){note}"))
+    return worse
 
 
 def sign_test(before: list[bool], after: list[bool]) -> float:

@@ -101,7 +101,7 @@ def train_round(bundle: Path, data: Path, state_dir: Path | None, arrays: dict, 
     moments = state_dir / MOMENTS
     cfg = DeviceTrainConfig(data=str(data), max_steps=options.get("max_steps") or None, epochs=float(options.get("epochs") or 1.0),
                             lr=options.get("lr") or None, seed=int(options.get("seed", rnd)), restart=True, force=bool(options.get("force")),
-                            blend=1.0,  # the trained adapter goes back as is: averaging is the server's (aggregate.py)
+                            blend=1.0, blend_backoff=0,  # the trained adapter goes back as is: averaging is the server's (aggregate.py)
                             keep_best=False,  # the round's last step: the stretch of the run's schedule it was sent to take
                             moments_out=str(moments) if keep else None, **schedule_span(options, rnd),
                             **({"replay_ratio": float(options["replay_ratio"])} if options.get("replay_ratio") is not None else {}))
