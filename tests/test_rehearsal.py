@@ -431,6 +431,10 @@ def test_backoff_retries_a_smaller_blend_only_for_a_reference_regression():
     tried = [{"blend": 0.5}]
     ok = {"baseline": m(0.5, 0.5), "candidate": m(0.4, 0.5)}
     assert DeviceTrainer.backoff(owner, prev, trained, tried)(ok, rows) is None and tried == [{"blend": 0.5, "regressed": []}]
+    tried = [{"blend": 0.5}]  # reference accuracy lost beyond chance: a wrong candidate, not too big a step
+    rows_wrong = {**rows, ("candidate", "reference"): [False] * 10}
+    wrong = {"baseline": m(0.5, 0.5), "candidate": {**m(0.4, 0.6), "reference": {"accuracy": 0.0, "eval_loss": 0.6}}}
+    assert DeviceTrainer.backoff(owner, prev, trained, tried)(wrong, rows_wrong) is None and len(tried) == 1
     tried = [{"blend": 0.5}]
     rows_lost = {**rows, ("candidate", "heldout"): [False] * 10}  # the device's own rows got worse: the data, not the step
     bad = {"baseline": m(0.5, 0.5), "candidate": {**m(0.9, 0.6), "heldout": {"accuracy": 0.0, "eval_loss": 0.9}}}
