@@ -150,8 +150,16 @@ def validate_bundle(bundle: Path, expected: dict, trainable: list[str], portable
     result["step_rel"] = float(np.abs(after_ort - after_torch).max() / LR)  # relative to the size of one update
     result["portable_step_rel"] = float(np.abs(adamw.params - after_torch).max() / LR)
     result["tolerance"] = TOLERANCE
-    bad = {k: v for k, v in result.items() if k.endswith("_rel") and not v <= TOLERANCE}
+    # An image bundle's gradients may also be as far from float64 as torch's own fp32 ones are
+    # (vision_export.vision_reference: ReLU6's kinks; a 3-step EfficientNet-Lite0 adapter: ONNX
+    # Runtime 1.8e-4 from float64, torch fp32 5.8e-4).
+    grad_tolerance = max(TOLERANCE, expected.get("torch_fp32_grad_rel", 0.0))
+    if grad_tolerance > TOLERANCE:
+        result["grad_tolerance"] = grad_tolerance
+    bad = {k: v for k, v in result.items()
+           if k.endswith("_rel") and not v <= (grad_tolerance if k.endswith("grad_rel") else TOLERANCE)}
     if bad:
         raise ExportError(f"bundle does not match the workstation model: {', '.join(f'{k}={v:.2e}' for k, v in bad.items())} "
-                          f"(tolerance {TOLERANCE:g})", "please report this with the model and target; the bundle was not written")
+                          f"(tolerance {TOLERANCE:g}" + (f", gradients {grad_tolerance:.2e}" if grad_tolerance > TOLERANCE else "") + ")",
+                          "please report this with the model and target; the bundle was not written")
     return result
