@@ -129,3 +129,18 @@ def test_learner_feedback_with_images(tmp_path, image_bundle):
     assert learner.status()["pending_rows"] == 8
     s = learner.update(min_rows=1, max_steps=2)
     assert s["generation"] == 1 and learner.status()["pending_rows"] == 0
+
+
+def test_image_bundles_give_freed_memory_back(image_bundle, cls_bundle, monkeypatch):
+    """An image step runs without ONNX Runtime's arena (its high-water mark was a third of the step's
+    peak); text keeps it (many small allocations: slower without). EDGEFT_MEMORY overrides either."""
+    from edgeft.bundle import read_manifest
+    from edgeft.device.runtime import lean_memory
+
+    image, text = read_manifest(image_bundle["bundle"]), read_manifest(cls_bundle)
+    monkeypatch.delenv("EDGEFT_MEMORY", raising=False)
+    assert lean_memory(image) and not lean_memory(text)
+    monkeypatch.setenv("EDGEFT_MEMORY", "fast")
+    assert not lean_memory(image)
+    monkeypatch.setenv("EDGEFT_MEMORY", "lean")
+    assert lean_memory(text)

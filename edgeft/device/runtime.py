@@ -89,20 +89,43 @@ def providers(ort, manifest: Manifest, want_cuda: bool | None = None) -> list[st
 
 
 _ARENA_REGISTERED = False
+_MMAP_SET = False
 
 
-def configure_session(ort, options) -> None:
-    """A CPU arena that grows by what is requested, shared by every session in the process,
-    and pool threads that sleep rather than spin between runs.
+def lean_memory(manifest: Manifest) -> bool:
+    """Freed memory goes back to the OS at once (no ONNX Runtime arena; glibc maps every block over
+    128 KiB on its own) instead of staying in the process for the next step. Slower: every step faults
+    its pages in afresh. Default for image bundles (EfficientNet-Lite0's step, batch 16 x 160 px:
+    605 -> 428 MiB peak, BENCHMARKS.md section 12); text steps make many more, smaller allocations
+    (SmolLM2: 6x slower), so they keep the arena. EDGEFT_MEMORY=lean|fast overrides."""
+    mode = os.environ.get("EDGEFT_MEMORY") or ("lean" if manifest.task == "image-classify" else "fast")
+    return mode == "lean"
+
+
+def configure_session(ort, options, manifest: Manifest) -> None:
+    """Pool threads that sleep rather than spin between runs, and either a CPU arena that grows by what
+    is requested, shared by every session in the process, or no arena at all (lean_memory).
 
     ORT's default arena doubles as it grows and keeps its high-water mark; with no arena,
     every step maps and faults fresh pages. Measured on a MiniLM training step (2 cores):
     default arena 379 MiB / 0.112 s, none 324 MiB / 0.18 s, this 327 MiB / 0.124 s.
     """
-    global _ARENA_REGISTERED
+    global _ARENA_REGISTERED, _MMAP_SET
     # Several sessions take turns (step, optimizer, rebuild); a pool thread left spinning after its
     # session's run competes for the cores with the next one (tools/bench_device.py step --ort-defaults).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if lean_memory(manifest):
+        options.enable_cpu_mem_arena = False
+        if not _MMAP_SET and sys.platform == "linux":
+            import ctypes
+            import ctypes.util
+
+            try:  # M_MMAP_THRESHOLD (-3): glibc otherwise raises it as blocks are freed, and keeps them
+                ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 128 << 10)
+            except (OSError, AttributeError):
+                pass  # not glibc: its own allocator decides
+            _MMAP_SET = True
+        return
     if not _ARENA_REGISTERED:
         info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
         ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # 1 = kSameAsRequested
@@ -135,7 +158,7 @@ def training_session(manifest: Manifest):
     ort = onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads(manifest)
-    configure_session(ort, options)
+    configure_session(ort, options, manifest)
     plan_for_training(options)
     return ("cuda" if "CUDAExecutionProvider" in providers(ort, manifest) else "cpu"), options
 
@@ -169,7 +192,7 @@ def inference_session(bundle: Path, manifest: Manifest, params: dict, want_cuda:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)
-    configure_session(ort, options)
+    configure_session(ort, options, manifest)
     info = manifest.inference
     session = ort.InferenceSession(str(Path(bundle) / info.get("file", "inference_model.onnx")), options,
                                    providers=providers(ort, manifest, want_cuda),
