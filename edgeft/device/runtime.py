@@ -98,7 +98,8 @@ def lean_memory(manifest: Manifest) -> bool:
     its pages in afresh. Default for image bundles (EfficientNet-Lite0's step, batch 16 x 160 px:
     605 -> 428 MiB peak, BENCHMARKS.md section 12); text steps make many more, smaller allocations
     (SmolLM2: 6x slower), so they keep the arena. EDGEFT_MEMORY=lean|fast overrides."""
-    mode = os.environ.get("EDGEFT_MEMORY") or ("lean" if manifest.task == "image-classify" else "fast")
+    task = getattr(manifest, "task", None)  # export validation's stand-in manifest names none: the fast way
+    mode = os.environ.get("EDGEFT_MEMORY") or ("lean" if task == "image-classify" else "fast")
     return mode == "lean"
 
 
