@@ -198,8 +198,8 @@ def save_merged(model: EfficientNetLite, base_path, labels: list[str], folder: P
     from safetensors.torch import load_file, save_file
 
     base_path, folder = Path(base_path), Path(folder)
-    bn = {k: v for k, v in load_file(str(base_path / "model.safetensors")).items()
-          if k.rpartition(".")[0] in {n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm)}}
+    norms = {n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm)}
+    bn = {k: v for k, v in load_file(str(base_path / "model.safetensors")).items() if k.rpartition(".")[0] in norms}
     weights = {f"{n}.{k}": p.detach().float().contiguous() for n, m in model.named_modules()
                if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for k, p in m.named_parameters(recurse=False)}
     save_file({**bn, **weights}, str(folder / "model.safetensors"), metadata={"format": "pt"})
