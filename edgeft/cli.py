@@ -149,9 +149,9 @@ def train(model, data, eval_data, val_fraction, task, target, quant, out, resume
             from .targets import load_target
 
             profile = load_target(target).for_task(task)
-        from .schemes import parse_scheme
+        from .schemes import default_scheme, parse_scheme
 
-        scheme = parse_scheme(quant) if quant else (profile.scheme if profile else parse_scheme("int8" if task == "image-classify" else "nf4"))
+        scheme = parse_scheme(quant) if quant else (profile.scheme if profile else default_scheme(task))
         cfg = TrainConfig(
             model=str(model), data=str(data), task=task, out=str(out), eval_data=str(eval_data) if eval_data else None,
             val_fraction=val_fraction, target=profile.name if profile else None, scheme=scheme.name, text_field=text_field,
@@ -196,12 +196,12 @@ def eval_command(adapter, data, quant, target, model, max_seq_len, batch_size, d
     """
     from .schemes import parse_scheme
     from .targets import load_target
-    from .workstation.adapters import evaluate_adapter, read_adapter_meta
+    from .workstation.adapters import adapter_scheme, evaluate_adapter, read_adapter_meta
     from .workstation.load import resolve_device
 
     quiet_libraries()
-    task = read_adapter_meta(adapter).get("task", "")
-    scheme = parse_scheme(quant) if quant else load_target(target).for_task(task).scheme if target else parse_scheme(read_adapter_meta(adapter).get("scheme", "nf4"))
+    meta = read_adapter_meta(adapter)
+    scheme = parse_scheme(quant) if quant else load_target(target).for_task(meta["task"]).scheme if target else adapter_scheme(meta)
     metrics = evaluate_adapter(adapter, str(data), scheme, resolve_device(device), max_seq_len, batch_size, base_model=model)
     emit(metrics, as_json, "\n".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
 
@@ -293,7 +293,7 @@ def _export_update(source, bundle, out, overwrite, base, labels, target, as_json
 @main.command("import")
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Merged model folder (--merge), or the new run directory.")
-@click.option("--merge", is_flag=True, help="Fold the adapter into its base and save a plain Hugging Face model folder.")
+@click.option("--merge", is_flag=True, help="Fold the adapter into its base and save a plain model folder.")
 @click.option("--data", type=click.Path(path_type=Path), help="Continue training on this data (without --merge).")
 @click.option("--eval-data", type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), help="Base model folder (default: the run's, or one the adapter points to); must match the base the adapter was made for.")
@@ -310,9 +310,16 @@ def import_command(adapter, out, merge, data, eval_data, model, epochs, max_step
     edgeft device export-adapter --bundle bundle --out gen3        # on the device
     edgeft import gen3 --merge --out models/sentiment-merged       # a plain HF model
     edgeft import gen3 --data more.jsonl --out runs/continued      # train on from gen3
+
+    The merge folds the adapter into the quantized base the device runs, in fp32, so the folder
+    computes the device's logits. Text: a Hugging Face model folder (config, safetensors,
+    tokenizer). Images: config.json + model.safetensors of the image backbone with the trained head
+    and its labels kept; `edgeft train --model MERGED --task image-classify` takes it as a new base
+    (quantized again, its head kept for the labels it knows). Continuing (--data) keeps the
+    adapter's rank, modules and labels, and for images its size and unfrozen blocks.
     """
     from .errors import UsageError
-    from .workstation.adapters import read_adapter_meta, resolve_base
+    from .workstation.adapters import adapter_scheme, read_adapter_meta, resolve_base
 
     quiet_libraries()
     if merge:
@@ -328,8 +335,9 @@ def import_command(adapter, out, merge, data, eval_data, model, epochs, max_step
     from .workstation.train import Trainer, TrainConfig
 
     meta = read_adapter_meta(adapter)
+    # the adapter fixes the rest (rank, modules, labels; for images the size and the unfrozen blocks): adopt_adapter
     cfg = TrainConfig(model=str(resolve_base(meta, model)[0]), data=str(data), eval_data=str(eval_data) if eval_data else None,
-                      task=meta["task"], out=str(out), target=meta.get("target"), scheme=meta.get("scheme") or "nf4",
+                      task=meta["task"], out=str(out), target=meta.get("target"), scheme=adapter_scheme(meta).name,
                       max_seq_len=meta.get("max_seq_len") or 256, batch_size=batch_size or 8, epochs=epochs, max_steps=max_steps,
                       lr=lr, init_adapter=str(adapter))
     trainer = Trainer(cfg, overwrite=overwrite, progress=not as_json, log=lambda m: click.echo(m, err=True))

@@ -20,6 +20,7 @@ from .errors import DataError
 JSONL_SUFFIXES = (".jsonl", ".json-lines", ".ndjson")
 SUFFIXES = JSONL_SUFFIXES + (".csv", ".parquet")
 ROLES = ("system", "user", "assistant", "tool")
+LABELLED_TASKS = ("classify", "image-classify")  # a head over named labels, whose names and order an adapter fixes
 SHAPES = "{'messages': [{'role', 'content'}, ...]}, {'prompt', 'completion'} or {'text'}"
 
 

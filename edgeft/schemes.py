@@ -46,6 +46,12 @@ class QuantScheme:
         return self.name
 
 
+def default_scheme(task: str) -> QuantScheme:
+    """The base quantization when neither a target nor --quant names one: int8 for an image backbone
+    (per-channel int8 keeps a small convnet's accuracy), nf4 (QLoRA's) for text."""
+    return parse_scheme("int8" if task == "image-classify" else "nf4")
+
+
 def parse_scheme(text: str) -> QuantScheme:
     """Symmetric by default at 4 bits and up; asymmetric below, where a zero point buys a level."""
     text = text.strip().lower()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .basemodel import BaseId
 from .bundle import MANIFEST, Manifest, sha256
+from .datasets import LABELLED_TASKS
 from .errors import BundleError
 
 UPDATE_SCHEMA = 1
@@ -164,7 +165,7 @@ def write_update(out: Path, bundle: Path, manifest: Manifest, weights: dict, ada
         written = write_update_manifest(tmp, {
             "edgeft_version": __version__, "base": manifest.base.to_dict(),
             "bundle": {"manifest_sha256": bundle_identity(bundle), "target": manifest.target_name, "created": manifest.created},
-            "task": manifest.task, "labels": manifest.labels if manifest.task == "classify" else [], "scheme": manifest.scheme,
+            "task": manifest.task, "labels": manifest.labels if manifest.task in LABELLED_TASKS else [], "scheme": manifest.scheme,
             "trainable": {n: {"peft_key": k, "shape": list(weights[n].shape), "dtype": "float32"} for n, k in manifest.trainable.items()},
             "lora": lora, "source": source, "parity": parity,
         })
@@ -219,13 +220,14 @@ def verify_update(folder: Path) -> tuple[UpdateManifest, str]:
 def mismatches(*, base: BaseId | None, task: str, labels: list[str], scheme: str | None, lora: dict | None,
                shapes: dict[str, tuple] | None, manifest: Manifest, bundle_shapes: dict[str, tuple], bundle_lora: dict) -> list[str]:
     """Why an adapter cannot replace the bundle's: one sentence per difference, base first. Empty: it fits.
-    `None` for what is unknown (an adapter from another tool records no scheme)."""
+    `None` for what is unknown (an adapter from another tool records no scheme). Another task (an image
+    adapter for a text bundle) is said alone, after the base: every other difference follows from it."""
     out = []
     if base is not None and base.fingerprint != manifest.base.fingerprint:
         out.append(f"it was made for base {base.short()}, the bundle holds base {manifest.base.short()}")
     if task != manifest.task:
-        out.append(f"its task is {task}, the bundle's is {manifest.task}")
-    elif task == "classify" and list(labels) != list(manifest.labels):
+        return [*out, f"its task is {task}, the bundle's is {manifest.task}"]
+    if task in LABELLED_TASKS and list(labels) != list(manifest.labels):
         out.append(f"its labels are {','.join(labels) or '(none)'}, the bundle's are {','.join(manifest.labels)} (same names, same order)")
     if scheme is not None and scheme != manifest.scheme:
         out.append(f"it was trained against base quantization {scheme}, the bundle's base is {manifest.scheme}")

@@ -144,3 +144,150 @@ def test_image_bundles_give_freed_memory_back(image_bundle, cls_bundle, monkeypa
     assert not lean_memory(image)
     monkeypatch.setenv("EDGEFT_MEMORY", "lean")
     assert lean_memory(text)
+# -- the round trip: device -> workstation -> device ---------------------------------------------------
+
+def workstation_probs(adapter, base, images):
+    """The adapter on its int8 base in torch (vision_export's device model), softmax over the val images."""
+    import torch
+
+    from edgeft.schemes import parse_scheme
+    from edgeft.workstation.adapters import read_adapter_meta, resolve_base
+    from edgeft.workstation.vision_export import vision_device_model
+    from edgeft.workstation.vision_model import adapter_preprocess
+
+    meta = read_adapter_meta(adapter)
+    base, _ = resolve_base(meta, base)  # checked against the adapter's fingerprint
+    model = vision_device_model(meta, parse_scheme("int8"), {}, base)
+    x = torch.from_numpy(adapter_preprocess(meta, base).batch([str(p) for p in images]))
+    with torch.no_grad():
+        return model(x).double().softmax(-1).numpy()
+
+
+def val_loss(model, folder, pre):
+    from edgeft.images import load_image_rows
+    from edgeft.workstation.objective import evaluate
+    from edgeft.workstation.vision_train import ImageObjective, ImageRows
+
+    rows = ImageRows(*load_image_rows(folder), ["bar_h", "bar_v"], pre)
+    return evaluate(ImageObjective(model), rows.eval_batches(16), "classify", 2)["eval_loss"]
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory, image_bundle):
+    """device train -> export-adapter -> import --merge and import --data -> export --update-for -> apply-update."""
+    tmp, b = tmp_path_factory.mktemp("vision-roundtrip"), image_bundle["bundle"]
+    state, train, val = tmp / "state", image_bundle["train"], image_bundle["val"]
+    base = image_bundle["tmp"] / "tiny-lite"  # a device's adapter names its base, without a path: --model
+    out = {"tmp": tmp, "state": state, "base": base}
+    r, out["device_train"] = device("train", "--bundle", b, "--state", state, "--data", train, "--max-steps", 3, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    r, out["export_adapter"] = device("export-adapter", "--bundle", b, "--state", state, "--out", tmp / "gen", "--json")
+    assert r.exit_code == 0, r.output
+    r = run("import", tmp / "gen", "--merge", "--model", base, "--out", tmp / "merged", "--json")
+    assert r.exit_code == 0, r.output
+    out["merge"] = json.loads(r.stdout)
+    r = run("import", tmp / "gen", "--model", base, "--data", train, "--eval-data", val, "--max-steps", 2, "--lr", "5e-2", "--out", tmp / "run2", "--json")
+    assert r.exit_code == 0, r.output
+    out["import"] = json.loads(r.stdout)
+    r = run("export", "--run", tmp / "run2", "--update-for", b, "--out", tmp / "upd", "--json")
+    assert r.exit_code == 0, r.output
+    out["update"] = json.loads(r.stdout)
+    r, out["apply"] = device("apply-update", "--bundle", b, "--state", state, tmp / "upd", "--json")
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_device_adapter_comes_back_as_a_peft_folder_the_workstation_evaluates(round_trip, image_bundle):
+    tmp, b = round_trip["tmp"], image_bundle["bundle"]
+    assert round_trip["device_train"]["generation"] == 1 and round_trip["export_adapter"]["generation"] == 1
+    meta = json.loads((tmp / "gen" / "edgeft.json").read_text())
+    assert (meta["task"], meta["labels"], meta["scheme"]) == ("image-classify", ["bar_h", "bar_v"], "int8")
+    assert meta["preprocess"] == json.loads((b / "manifest.json").read_text())["preprocess"]  # the size it was trained at
+    r = run("eval", "--adapter", tmp / "gen", "--model", round_trip["base"], "--data", image_bundle["val"], "--json")
+    assert r.exit_code == 0, r.output
+    ws = json.loads(r.stdout)
+    r, dev = device("eval", "--bundle", b, "--state", round_trip["state"], "--generation", 1, "--data", image_bundle["val"], "--json")
+    assert r.exit_code == 0, r.output
+    # torch on the int8 base and ONNX Runtime on the bundle, one adapter: the same numbers (fp32 sums apart)
+    assert (ws["rows"], ws["scheme"], ws["accuracy"]) == (8, "int8", dev["accuracy"]), (ws, dev)
+    assert abs(ws["eval_loss"] - dev["eval_loss"]) < 1e-5 * dev["eval_loss"], (ws, dev)
+
+
+def test_merged_image_model_is_the_adapter_on_its_base(round_trip, image_bundle):
+    import torch
+
+    from edgeft.workstation.vision_model import load_vision_base
+
+    tmp = round_trip["tmp"]
+    merged = tmp / "merged"
+    assert round_trip["merge"]["task"] == "image-classify" and round_trip["merge"]["logits_rel"] < 1e-6, round_trip["merge"]
+    assert {p.name for p in merged.iterdir()} == {"config.json", "model.safetensors", "edgeft.json"}
+    config = json.loads((merged / "config.json").read_text())
+    assert config["model_type"] == "efficientnet-lite" and config["labels"] == ["bar_h", "bar_v"]
+    # The folder as saved (fp32, nothing quantized again) against the adapter on the int8 base: the same
+    # fp32 ops on weights that differ by one rounding (W + B A s folded into one tensor): ~1e-7, held to 1e-5.
+    images = sorted(image_bundle["val"].rglob("*.png"))
+    model = load_vision_base(merged, None, ["bar_h", "bar_v"]).eval()
+    from edgeft.images import Preprocess
+
+    x = torch.from_numpy(Preprocess.from_dict(config["preprocess"]).batch([str(p) for p in images]))
+    with torch.no_grad():
+        got = model(x).double().softmax(-1).numpy()
+    want = workstation_probs(tmp / "gen", round_trip["base"], images)
+    assert np.abs(got - want).max() < 1e-5, np.abs(got - want).max()
+    # a base again: its head is kept by label name (a new label starts fresh)
+    again = load_vision_base(merged, None, ["bar_v", "diagonal", "bar_h"])
+    assert torch.equal(again.classifier.weight[0], model.classifier.weight[1]) and torch.equal(again.classifier.weight[2], model.classifier.weight[0])
+    assert torch.equal(again.classifier.bias[[0, 2]], model.classifier.bias[[1, 0]]) and not torch.equal(again.classifier.weight[1], model.classifier.weight[0])
+    r = run("train", "--model", merged, "--data", image_bundle["train"], "--eval-data", image_bundle["val"], "--task", "image-classify",
+            "--out", tmp / "from-merged", "--max-steps", 1, "--batch-size", 4, "--lora-r", 4, "--quiet", "--json")
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout)
+    assert (s["scheme"], s["steps"], s["task"]) == ("int8", 1, "image-classify")
+    # its first evaluation is the merged model quantized again, with the merged head (a fresh one scores otherwise)
+    from edgeft.schemes import parse_scheme
+
+    pre = Preprocess.from_dict(config["preprocess"])
+    kept = val_loss(load_vision_base(merged, parse_scheme("int8"), ["bar_h", "bar_v"]), image_bundle["val"], pre)
+    fresh = val_loss(load_vision_base(merged, parse_scheme("int8"), ["a", "b"]), image_bundle["val"], pre)
+    assert abs(s["before"]["eval_loss"] - kept) < 1e-6 < abs(s["before"]["eval_loss"] - fresh), (s["before"], kept, fresh)
+
+
+def test_continued_run_updates_the_bundle_and_the_device_predicts_as_the_workstation(round_trip, image_bundle):
+    tmp, b = round_trip["tmp"], image_bundle["bundle"]
+    s = round_trip["import"]
+    assert s["task"] == "image-classify" and s["steps"] == 2 and s["scheme"] == "int8"
+    cfg = json.loads((tmp / "run2" / "config.json").read_text())
+    # what the device's adapter fixes: one unfrozen block, the bundle's 32-pixel images, rank 4, its labels
+    assert (cfg["unfreeze_blocks"], cfg["image_size"], cfg["lora_r"], cfg["labels"]) == (1, 32, 4, ["bar_h", "bar_v"])
+    u = round_trip["update"]
+    assert u["task"] == "image-classify" and u["tensors"] == 16 and u["scheme"] == "int8"
+    assert u["parity"]["logits_rel"] < 1e-5 and u["parity"]["weights_max_abs"] == 0.0 and u["parity"]["seq"] == 32, u["parity"]
+    upd = json.loads((tmp / "upd" / "update.json").read_text())
+    assert upd["labels"] == ["bar_h", "bar_v"] and upd["task"] == "image-classify"
+    a = round_trip["apply"]
+    assert (a["generation"], a["promoted"], a["current"], a["previous"]) == (2, True, 2, 1)
+    images = sorted(image_bundle["val"].rglob("*.png"))
+    r, preds = device("predict", "--bundle", b, "--state", round_trip["state"], "--image", image_bundle["val"], "--json")
+    assert r.exit_code == 0, r.output
+    by_name = {p["image"]: p for p in preds}
+    got = np.array([[by_name[str(p)]["probabilities"][k] for k in ("bar_h", "bar_v")] for p in images])
+    want = workstation_probs(tmp / "run2", round_trip["base"], images)
+    assert [by_name[str(p)]["label"] for p in images] == [["bar_h", "bar_v"][k] for k in want.argmax(-1)]
+    assert np.abs(got - want).max() < 2e-6, np.abs(got - want).max()  # predict rounds to 6 decimals
+    assert np.abs(want - workstation_probs(tmp / "gen", round_trip["base"], images)).max() > 1e-3  # the update, not generation 1, predicted
+
+
+def test_image_update_and_text_bundle_refuse_each_other(tmp_path, round_trip, image_bundle, cls_bundle, cls_run):
+    tmp = round_trip["tmp"]
+    r = run("export", "--run", tmp / "run2", "--update-for", cls_bundle, "--out", tmp_path / "u")
+    assert r.exit_code == 4 and "Traceback" not in r.output, r.output
+    # one message: the base and the task, not the LoRA options and tensors that follow from them
+    bert = json.loads((cls_bundle / "manifest.json").read_text())["base"]["fingerprint"].removeprefix("sha256:")[:12]
+    assert r.output.splitlines()[0].endswith(f"the bundle holds base tiny-bert ({bert}); its task is image-classify, the bundle's is classify"), r.output
+    assert not (tmp_path / "u").exists()
+    r = run("export", "--run", cls_run, "--update-for", image_bundle["bundle"], "--out", tmp_path / "u")
+    assert r.exit_code == 4 and "its task is classify, the bundle's is image-classify" in r.output, r.output
+    r, _ = device("apply-update", "--bundle", cls_bundle, "--state", tmp_path / "s", tmp / "upd")
+    assert r.exit_code == 8 and "its task is image-classify, the bundle's is classify; nothing was changed" in r.output, r.output
+    assert not (tmp_path / "s" / "state.json").exists()

@@ -36,6 +36,7 @@ def export_adapter(state: DeviceState, out: Path, gen: int | None = None, overwr
         # the base by name and fingerprint (the manifest's): the workstation checks the folder it is given against it
         meta = {"task": m.task, "labels": m.labels, "scheme": m.scheme, "base": m.base.to_dict(),
                 "max_seq_len": m.max_seq_len, "target": m.target_name, "edgeft_version": m.edgeft_version,
-                "source": {"device_generation": gen, "status": record["status"], "metrics": record.get("metrics", {})}}
+                "source": {"device_generation": gen, "status": record["status"], "metrics": record.get("metrics", {})},
+                **({"preprocess": m.extra["preprocess"]} if "preprocess" in m.extra else {})}  # an image bundle's: the size trained at
         (tmp / "edgeft.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return {"adapter": str(out), "generation": gen, "tensors": len(tensors)}

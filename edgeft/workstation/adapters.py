@@ -42,6 +42,13 @@ def read_adapter_meta(adapter_dir: str | Path) -> dict:
     return meta
 
 
+def adapter_scheme(meta: dict):
+    """The base quantization an adapter was trained against; one from another tool records none: the task's default."""
+    from ..schemes import default_scheme, parse_scheme
+
+    return parse_scheme(meta["scheme"]) if meta.get("scheme") else default_scheme(meta["task"])
+
+
 def _base_candidates(meta: dict):
     """Where the base may be, in order: the run's config.json (paths relative to the run, or,
     for older runs, to the working directory), the adapter's path hint, an older edgeft's
@@ -189,16 +196,15 @@ def evaluate_image_adapter(adapter_dir, data: str, scheme, device: str = "cpu", 
     from peft import PeftModel
 
     from ..datasets import load_task_rows
-    from ..images import Preprocess
     from .objective import evaluate
-    from .vision_model import load_vision_base, read_config
+    from .vision_model import adapter_preprocess, load_vision_base
     from .vision_train import ImageObjective, ImageRows
 
     meta = read_adapter_meta(adapter_dir)
     base_path, _ = resolve_base(meta, base_model)
     labels = meta["labels"]
     rows = load_task_rows(data, "image-classify", labels)
-    pre = Preprocess.from_dict(meta.get("preprocess") or read_config(base_path).get("preprocess", {}))
+    pre = adapter_preprocess(meta, base_path)
     model = PeftModel.from_pretrained(load_vision_base(base_path, scheme, labels), meta["adapter_dir"]).to(device).eval()
     images = ImageRows([r["image"] for r in rows], [r["label"] for r in rows], labels, pre)
     metrics = evaluate(ImageObjective(model), images.eval_batches(batch_size), "classify", len(labels))

@@ -86,7 +86,9 @@ class TrainConfig:
 
     @property
     def classifier(self) -> bool:
-        return self.task in ("classify", "image-classify")
+        from ..datasets import LABELLED_TASKS
+
+        return self.task in LABELLED_TASKS
 
     @property
     def higher_is_better(self) -> bool:
@@ -145,7 +147,9 @@ def load_data(cfg: TrainConfig):
 
 
 def adopt_adapter(cfg: TrainConfig, names: list[str]) -> list[str]:
-    """Continuing from an adapter fixes its shape (rank, alpha, modules) and, for classify, its label order."""
+    """Continuing from an adapter fixes its shape (rank, alpha, modules), for classifiers its label order,
+    and for images the layers it trains whole (--unfreeze-blocks, read from modules_to_save: a device's
+    adapter records no option) and the image size it was trained at (unless --image-size says otherwise)."""
     import json
 
     from .adapters import read_adapter_meta, resolve_base
@@ -158,6 +162,9 @@ def adopt_adapter(cfg: TrainConfig, names: list[str]) -> list[str]:
     cfg.lora_r, cfg.lora_alpha = int(peft["r"]), float(peft["lora_alpha"])
     modules = peft.get("target_modules")
     cfg.target_modules = sorted(modules) if isinstance(modules, list) else cfg.target_modules
+    if cfg.task == "image-classify":
+        cfg.unfreeze_blocks = len({m.split(".")[1] for m in peft.get("modules_to_save") or [] if m.startswith("_blocks.")})
+        cfg.image_size = cfg.image_size or (meta.get("preprocess") or {}).get("size")
     if not cfg.classifier:
         return names
     known = meta.get("labels") or []

@@ -28,6 +28,7 @@ def make_update(source, old_bundle, out: Path, overwrite: bool = False, base_mod
                 labels: list[str] | None = None, target: str | None = None, log=print) -> dict:
     from ..basemodel import BaseId
     from ..bundle import verify_bundle
+    from ..datasets import LABELLED_TASKS
     from ..fsutil import check_output
     from ..update import bundle_shapes, mismatches, read_lora_signature, tensor_shapes, write_update
     from .adapters import check_adapter_file, read_adapter_meta, resolve_base
@@ -47,7 +48,7 @@ def make_update(source, old_bundle, out: Path, overwrite: bool = False, base_mod
     adapter_dir = Path(meta["adapter_dir"])
     check_adapter_file(adapter_dir)
     task = meta["task"]
-    labels = labels or meta.get("labels") or (manifest.labels if task == "classify" else [])  # other tools record none
+    labels = labels or meta.get("labels") or (manifest.labels if task in LABELLED_TASKS else [])  # other tools record none
     bundle_lora = read_lora_signature(old_bundle / "adapter")
     peft_shapes = tensor_shapes(adapter_dir / "adapter_model.safetensors")
     key_to_onnx = {key: name for name, key in manifest.trainable.items()}
@@ -97,36 +98,58 @@ def make_update(source, old_bundle, out: Path, overwrite: bool = False, base_mod
 
 def check_parity(source, bundle: Path, manifest, weights: dict, base_model: str, labels: list[str]) -> dict:
     """The workstation model (adapter on the quantized base, fp32 torch) against the bundle's inference
-    graph with the update's weights, on export validation's sample batch and tolerance."""
-    import torch
-
+    graph with the update's weights, on export validation's sample batch and tolerance (an image
+    bundle: within it of torch in float64 or fp32, the nearer, as vision_export.vision_reference)."""
     from ..device.infer import Predictor
     from ..schemes import parse_scheme
-    from .device_model import LogitsGraph, LossGraph, device_model, sample_batch
     from .validate import TOLERANCE, _rel
 
     t0 = time.perf_counter()
-    model, tokenizer, meta = device_model(source, parse_scheme(manifest.scheme), {}, base_model, labels or None)
-    names = {n for n, p in LossGraph(model, manifest.task).named_parameters() if p.requires_grad}
+    scheme = parse_scheme(manifest.scheme)
+    ref = (_image_reference if manifest.task == "image-classify" else _text_reference)(source, manifest, scheme, base_model, labels)
+    names = set(ref["params"])
     if names != set(manifest.trainable):  # what the graph names its parameters, independently of the PEFT file
         odd = sorted(names ^ set(manifest.trainable))
         raise ModelError(f"{source}: the model's trainable parameters are not the bundle's ({len(odd)} differ, first: {odd[0]})",
                          "train with the LoRA options the bundle was exported with")
-    batch, seq = min(manifest.train_shape.batch, 4), min(manifest.max_seq_len, 64)
-    s = sample_batch(tokenizer, manifest.task, manifest.labels, batch, seq, seed=1)
-    with torch.no_grad():
-        want = LogitsGraph(model)(s["input_ids"], s["attention_mask"]).numpy()
-        state = dict(LossGraph(model, manifest.task).named_parameters())
-        loaded = max(float(np.abs(state[n].detach().numpy() - w).max()) for n, w in weights.items())
-    del model
+    loaded = max(float(np.abs(ref["params"][n] - w).max()) for n, w in weights.items())
     predictor = Predictor(bundle, manifest, weights, tokenizer=None, want_cuda=False)
-    got = predictor.logits(s["input_ids"].numpy(), s["attention_mask"].numpy())
+    got = predictor.session.run(None, ref["feeds"])[0]
     del predictor
+    want = min(ref["logits"], key=lambda w: _rel(got, w))
     result = {"logits_rel": _rel(got, want), "logits_max_abs": float(np.abs(got - want).max()), "weights_max_abs": loaded,
-              "batch": batch, "seq": seq, "tolerance": TOLERANCE}
+              "batch": ref["batch"], "seq": ref["seq"], "tolerance": TOLERANCE}
     if not result["logits_rel"] <= TOLERANCE or loaded != 0.0:
         raise ExportError(f"the bundle's inference graph with this adapter does not compute what torch does: logits rel "
                           f"{result['logits_rel']:.2e} (tolerance {TOLERANCE:g}), weights max abs {loaded:.2e}; nothing was written",
                           "export a new bundle with --target instead, and report this with the run and the bundle")
     result["seconds"] = time.perf_counter() - t0
     return result
+
+
+def _text_reference(source, manifest, scheme, base_model: str, labels: list[str]) -> dict:
+    """torch's logits on a token sample, the trainable tensors by ONNX name, the feeds (device_model.py)."""
+    import torch
+
+    from .device_model import LogitsGraph, LossGraph, device_model, sample_batch
+
+    model, tokenizer, _ = device_model(source, scheme, {}, base_model, labels or None)
+    batch, seq = min(manifest.train_shape.batch, 4), min(manifest.max_seq_len, 64)
+    s = sample_batch(tokenizer, manifest.task, manifest.labels, batch, seq, seed=1)
+    with torch.no_grad():
+        logits = LogitsGraph(model)(s["input_ids"], s["attention_mask"]).numpy()
+    params = {n: p.detach().numpy() for n, p in LossGraph(model, manifest.task).named_parameters() if p.requires_grad}
+    return {"params": params, "logits": [logits], "feeds": {k: s[k].numpy() for k in ("input_ids", "attention_mask")}, "batch": batch, "seq": seq}
+
+
+def _image_reference(source, manifest, scheme, base_model: str, labels: list[str]) -> dict:
+    """The same for an image bundle (vision_export.py's model and sample), logits in float64 and fp32."""
+    from .adapters import read_adapter_meta
+    from .vision_export import VisionGraphs, reference_logits, sample, vision_device_model
+
+    meta = read_adapter_meta(source)
+    model = vision_device_model({**meta, "labels": labels or meta.get("labels")}, scheme, {}, Path(base_model))
+    batch, size = min(manifest.train_shape.batch, 4), manifest.train_shape.seq  # an image bundle's seq is its image size
+    pixels = sample(batch, size, len(manifest.labels), seed=1)["pixel_values"]
+    params = {n: p.detach().numpy() for n, p in VisionGraphs(model).named_parameters() if p.requires_grad}
+    return {"params": params, "logits": reference_logits(model, pixels), "feeds": {"pixel_values": pixels.numpy()}, "batch": batch, "seq": size}

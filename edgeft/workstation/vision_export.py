@@ -57,6 +57,16 @@ def sample(batch: int, size: int, n_labels: int, seed: int = 0) -> dict:
     return {"pixel_values": torch.randn(batch, 3, size, size, generator=g), "labels": torch.randint(0, n_labels, (batch,), generator=g)}
 
 
+def reference_logits(model, pixel_values) -> list[np.ndarray]:
+    """torch's logits in float64 and in fp32: an inference graph must be within tolerance of the nearer
+    (ReLU6's bounds, as for the gradients in vision_reference). What an update is checked against."""
+    import copy
+
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(pixel_values.double()).float().numpy()
+        return [exact, model(pixel_values).float().numpy()]
+
+
 def vision_reference(model, labels, trainable: list[str], batch: int, size: int) -> dict:
     """validate.torch_reference for images: logits, loss, one step's gradients, the start.
 
@@ -95,7 +105,6 @@ def export_vision_bundle(meta: dict, target, out: Path, tmp: Path, stage, base_m
     """Fills `tmp` (export_bundle's atomic folder) with an image bundle; returns export's summary."""
     from .. import __version__
     from ..bundle import write_manifest
-    from ..images import Preprocess
     from ..plan import check_plan, plan_image_memory
     from ..stages import profile_mark
     from .device_model import peft_key
@@ -103,10 +112,10 @@ def export_vision_bundle(meta: dict, target, out: Path, tmp: Path, stage, base_m
     from .export_graphs import base_as_inputs, export_graph, shorten_names, split_graphs
     from .onnx_base import packed_tensors
     from .validate import INFERENCE_DISABLED_OPTIMIZERS, release_memory, validate_bundle
-    from .vision_model import read_config
+    from .vision_model import adapter_preprocess, read_config
 
     scheme, labels = target.scheme, meta["labels"]
-    pre = Preprocess.from_dict(meta.get("preprocess") or read_config(base_model).get("preprocess", {}))
+    pre = adapter_preprocess(meta, base_model)
     batch = batch or target.batch_size
     plan = plan_image_memory(Path(base_model), Path(meta["adapter_dir"]), target, batch, pre.size, len(labels))
     check_plan(plan, force, log)

@@ -10,6 +10,12 @@ A model folder (tools/prepare_assets.py builds assets/models/efficientnet-lite0/
   config.json        {"model_type": "efficientnet-lite", "blocks": [...], "preprocess": {...}, ...}
   model.safetensors  the weights, fp32
 
+A merged model (`edgeft import --merge`, `save_merged`) is such a folder too: every weight fp32 with
+the adapter folded in (LoRA added, layers trained whole replaced), the BatchNorm tensors as the base
+had them, and the trained head as `classifier.weight/bias` with its labels in config.json
+(`"labels"`). It is a base like any other: `--model` of a new run, whose head starts from the
+merged one for every label it shares with it (by name; the others start fresh).
+
 The frozen base (`load_vision_base`):
 - BatchNorm runs with its frozen ImageNet statistics, as the device runs it: each BN becomes
   `FrozenBatchNorm`, y = x * scale + shift with scale = gamma / sqrt(var + eps) and
@@ -17,6 +23,7 @@ The frozen base (`load_vision_base`):
 - Every convolution and linear weight but the new head is rounded to the scheme (int8: one
   scale per output channel over in * kh * kw) with quantize.quantize, the same codes the bundle
   packs, and held at those exact values (the base is 18 MB in fp32, so no packed twin is needed).
+  scheme None keeps the folder's fp32 values (a merged model as it was saved).
 """
 
 from __future__ import annotations
@@ -118,13 +125,21 @@ def read_config(path: Path) -> dict:
     return config
 
 
+def adapter_preprocess(meta: dict, base_path):
+    """The preprocessing an adapter was trained with (its edgeft.json's, a device's included), else its base folder's."""
+    from ..images import Preprocess
+
+    return Preprocess.from_dict(meta.get("preprocess") or read_config(base_path).get("preprocess", {}))
+
+
 def quantized_names(model: EfficientNetLite) -> list[str]:
     """Every conv and linear of the backbone: all but the new head."""
     return [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and n != "classifier"]
 
 
 def load_vision_base(path, scheme, labels: list[str], keep_codes: dict | None = None, seed: int = 0) -> EfficientNetLite:
-    """The frozen backbone quantized as the device holds it, with a fresh head over `labels`."""
+    """The frozen backbone quantized as the device holds it (scheme None: as stored), with a head over
+    `labels`: fresh, or a merged model's rows for the labels it knows."""
     from safetensors.torch import load_file
 
     from .quantize import dequantize, fake_quantize, quantize
@@ -150,7 +165,9 @@ def load_vision_base(path, scheme, labels: list[str], keep_codes: dict | None = 
                 if w is None or tuple(w.shape) != tuple(module.weight.shape):
                     raise ModelError(f"{path}: {name}.weight is {None if w is None else tuple(w.shape)}, the config makes {tuple(module.weight.shape)}")
                 flat = w.reshape(w.shape[0], -1)  # (out, in/groups * kh * kw): one int8 scale per output channel
-                if scheme.kind == "int":
+                if scheme is None:
+                    module.weight.copy_(w)
+                elif scheme.kind == "int":
                     codes = quantize(flat, scheme)
                     codes.view = tuple(w.shape)  # export packs (out, in/groups * kh * kw) and reshapes back
                     if keep_codes is not None:
@@ -158,9 +175,35 @@ def load_vision_base(path, scheme, labels: list[str], keep_codes: dict | None = 
                     module.weight.copy_(dequantize(codes).reshape(w.shape))
                 else:
                     module.weight.copy_(fake_quantize(flat, scheme).reshape(w.shape))
+        _keep_head(model.classifier, config.get("labels") or [], labels, state)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("classifier."))
     return model
+
+
+def _keep_head(head: torch.nn.Linear, known: list[str], labels: list[str], state: dict) -> None:
+    """A merged model's head rows (and biases) for the labels it shares with `labels`, by name."""
+    if "classifier.weight" not in state or tuple(state["classifier.weight"].shape) != (len(known), head.in_features):
+        return
+    for i, label in enumerate(labels):
+        if label in known:
+            head.weight[i] = state["classifier.weight"][known.index(label)]
+            head.bias[i] = state["classifier.bias"][known.index(label)]
+
+
+def save_merged(model: EfficientNetLite, base_path, labels: list[str], folder: Path) -> None:
+    """A merged model as a model folder (module docstring): the base's config with the head's labels,
+    its BatchNorm tensors unchanged (FrozenBatchNorm keeps only their scale and shift), every conv and
+    linear weight and the head from `model`."""
+    from safetensors.torch import load_file, save_file
+
+    base_path, folder = Path(base_path), Path(folder)
+    norms = {n for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm)}
+    bn = {k: v for k, v in load_file(str(base_path / "model.safetensors")).items() if k.rpartition(".")[0] in norms}
+    weights = {f"{n}.{k}": p.detach().float().contiguous() for n, m in model.named_modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for k, p in m.named_parameters(recurse=False)}
+    save_file({**bn, **weights}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps({**read_config(base_path), "labels": list(labels)}, indent=2) + "\n", encoding="utf-8")
 
 
 def unfreeze_names(model: EfficientNetLite, last_blocks: int) -> list[str]:
