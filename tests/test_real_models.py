@@ -148,10 +148,11 @@ def test_user_llm_trains_exports_and_keeps_training_on_a_pi5(tmp_path, name, seq
     x = cli("export", "--run", tmp_path / "run", "--target", "raspberry-pi-5-8gb", "--out", tmp_path / "bundle", "--json")
     assert x["base_bytes_per_param"] <= 0.6 and x["bundle_bytes_per_base_param"] <= 0.65
     p = x["parity"]  # ORT's fused softmax cross-entropy over 262k words once put gradients 1.3e-4 off
-    # one AdamW step, relative to the learning rate; and the portable gradients, whose vocabulary projection runs
-    # in chunks (Gemma-3, 32 chunks of 8192 words: 9.1e-5 against ORT's own graph's 4.3e-6, within the bundle's 1e-4)
-    loose = ("step_rel", "portable_step_rel", "portable_grad_rel")
-    assert all(v <= 2e-5 for k, v in p.items() if k.endswith("_rel") and k not in loose) and all(p[k] < 1e-4 for k in loose), p
+    # The gradients are held to the nearer of torch's two references, the head's log-softmax in fp32 or in float64:
+    # the portable step's chunked head (Gemma-3: 32 chunks of 8192 words) sums the vocabulary more exactly than
+    # torch's fp32 head and ORT's graph, which share its error (9.2e-5 from the float64 head's; validate.torch_reference)
+    steps = ("step_rel", "portable_step_rel")  # one AdamW step, relative to the learning rate
+    assert all(v <= 2e-5 for k, v in p.items() if k.endswith("_rel") and k not in steps) and all(p[k] < 1e-4 for k in steps), p
     t = cli("device", "train", "--bundle", tmp_path / "bundle", "--data", shard, "--eval-data", held, "--max-steps", 2,
             "--quiet", "--json")
     assert t["generation"] == 1 and t["steps"] == 2 and "eval_loss" in t["metrics"]["candidate"]["heldout"]

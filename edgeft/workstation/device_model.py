@@ -20,13 +20,13 @@ PREFIX = "model."  # the export wrappers hold the PEFT model as `.model`
 class LossGraph(torch.nn.Module):
     """(input_ids, attention_mask, labels) -> mean loss: what the device trains on."""
 
-    def __init__(self, model, task: str):
+    def __init__(self, model, task: str, head_dtype=torch.float32):
         super().__init__()
-        self.model, self.task = model, task
+        self.model, self.task, self.head_dtype = model, task, head_dtype  # head_dtype: the log-softmax's (causal LM)
 
     def forward(self, input_ids, attention_mask, labels):
         if self.task != "classify":  # the vocabulary projection only where a label is, as in training
-            return causal_lm_loss(self.model.get_base_model(), input_ids, attention_mask, labels)[0]
+            return causal_lm_loss(self.model.get_base_model(), input_ids, attention_mask, labels, self.head_dtype)[0]
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
         return torch.nn.functional.cross_entropy(logits, labels)
 

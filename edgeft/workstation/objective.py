@@ -16,23 +16,24 @@ from ..encode import IGNORE
 from ..metrics import classification_metrics
 
 
-def causal_lm_loss(hf, input_ids, attention_mask, labels):
+def causal_lm_loss(hf, input_ids, attention_mask, labels, dtype=torch.float32):
     """(mean loss over labelled tokens, number of labelled tokens) of a Hugging Face causal LM."""
     hidden = hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    return causal_lm_loss_on_hidden(hf, hidden, labels)
+    return causal_lm_loss_on_hidden(hf, hidden, labels, dtype)
 
 
-def vocab_logits(hf, hidden):
-    """The model's head over hidden states, as its own forward computes it (softcapping included)."""
-    logits = hf.get_output_embeddings()(hidden).float()
+def vocab_logits(hf, hidden, dtype=torch.float32):
+    """The model's head over hidden states, as its own forward computes it (softcapping included),
+    in `dtype` from the head's output on (validate's second reference: float64)."""
+    logits = hf.get_output_embeddings()(hidden).to(dtype)
     cap = getattr(hf.config, "final_logit_softcapping", None)
     if cap:
         logits = cap * torch.tanh(logits / cap)
     return logits
 
 
-def causal_lm_loss_on_hidden(hf, hidden, labels):
-    """causal_lm_loss from the decoder's last hidden states (B, T, H).
+def causal_lm_loss_on_hidden(hf, hidden, labels, dtype=torch.float32):
+    """causal_lm_loss from the decoder's last hidden states (B, T, H); the log-softmax in `dtype`.
 
     Index positions, not a boolean mask: it exports to ONNX as NonZero + Gather, whose
     gradient ONNX Runtime has, so the device graph gets the same saving."""
@@ -40,7 +41,7 @@ def causal_lm_loss_on_hidden(hf, hidden, labels):
     keep = target != IGNORE
     where = torch.nonzero(keep).squeeze(1)
     picked = hidden[:, :-1].reshape(-1, hidden.shape[-1]).index_select(0, where)  # (N, H)
-    logits = vocab_logits(hf, picked)  # (N, V)
+    logits = vocab_logits(hf, picked, dtype)  # (N, V)
     n = keep.sum()
     # log_softmax + gather rather than F.cross_entropy (the same value): ONNX Runtime's fused
     # SoftmaxCrossEntropyLoss sums exp over the vocabulary less accurately than its LogSoftmax,

@@ -39,7 +39,8 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 def _grad_rel(grads: np.ndarray, expected: dict) -> float:
     """Relative distance to the reference gradients; where the reference gives two (an image bundle:
-    torch in float64 and in fp32, see vision_export.vision_reference), to the nearer one."""
+    torch in float64 and in fp32, see vision_export.vision_reference; a causal LM: the head's
+    log-softmax in fp32 and in float64, see torch_reference), to the nearer one."""
     return min(_rel(grads, g) for g in [expected["grads"], *expected.get("grads_alt", [])])
 
 
@@ -57,7 +58,9 @@ def release_memory() -> None:
 
 def torch_reference(model, task: str, tokenizer, labels, trainable: list[str], batch: int, seq: int) -> dict:
     """What the bundle must compute, from the workstation model on a sample batch: logits, loss,
-    one step's gradients, and the trainable tensors it starts from (numpy; the model is not kept)."""
+    one step's gradients, and the trainable tensors it starts from (numpy; the model is not kept).
+    A causal LM's gradients twice: as torch computes them in fp32, and with the head's log-softmax
+    in float64 (`grads_alt`); the bundle's must be near one of them (_grad_rel)."""
     import torch
 
     from .device_model import LogitsGraph, LossGraph, sample_batch
@@ -74,6 +77,18 @@ def torch_reference(model, task: str, tokenizer, labels, trainable: list[str], b
               "start": {n: params[n].detach().numpy().copy() for n in trainable}}
     for n in trainable:
         params[n].grad = None
+    if task != "classify":
+        # A second reference, the head's log-softmax in float64: torch's fp32 one sums a large vocabulary's
+        # exponentials in one pass, and ORT's unchunked graph shares its error, but the portable step's chunked
+        # head does not. Gemma-3 (262k words), LoRA gradients from this reference: torch fp32 9.4e-5, ORT's
+        # graph 9.5e-5, the chunked step 6.1e-6; from a wholly float64 model's: 9.1e-5, 9.3e-5, 3.2e-6 (and
+        # this reference 4.5e-6).
+        LossGraph(model, task, head_dtype=torch.float64).train()(s["input_ids"], s["attention_mask"], s["labels"]).backward()
+        exact = np.concatenate([params[n].grad.numpy().ravel() for n in trainable])
+        result["grads_alt"] = [exact]
+        result["torch_head_fp32_vs_float64_grad"] = float(np.linalg.norm(result["grads"] - exact) / max(np.linalg.norm(exact), 1e-30))
+        for n in trainable:
+            params[n].grad = None
     model.eval()
     return result
 
@@ -137,6 +152,8 @@ def validate_bundle(bundle: Path, expected: dict, trainable: list[str], portable
     result["portable_loss_rel"] = loss_rel(step.forward_backward(feeds))
     result["portable_grad_rel"] = _grad_rel(step.take_grads(), expected)
     result["portable_eval_loss_rel"] = loss_rel(step.eval_loss(feeds))  # the promotion check's graph
+    if "torch_head_fp32_vs_float64_grad" in expected:  # how far torch's own two references are apart (not a check)
+        result["torch_head_fp32_vs_float64_grad"] = expected["torch_head_fp32_vs_float64_grad"]
     del step
     release_memory()
 
