@@ -146,7 +146,7 @@ def audit(state: Path, inbox: Path, dropped: list[dict]) -> dict:
     trained = collections.Counter(d for h in history for d in h["row_digests"])
     pending = [json.loads(line) for p in sorted((learner / "pending").glob("*.jsonl")) for line in p.read_text().splitlines() if line.strip()]
     expected = collections.Counter(row_digest(r) for r in dropped)
-    gens = json.loads((state / "state.json").read_text())["generations"]
+    gens = json.loads((state / "state.json").read_text())["generations"] if (state / "state.json").is_file() else []  # none trained yet
     rounds = collections.Counter(Path(g["data"]["file"]).stem for g in gens if g.get("data"))
     round_rows = {Path(g["data"]["file"]).stem: g["data"]["rows"] for g in gens if g.get("data")}
     recorded = collections.Counter(h["round"] for h in history)
