@@ -47,6 +47,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str | Path) -> Path:
+    """`mkdir -p` that a power cut cannot undo: a folder's name lives in its parent, so each folder
+    made here is followed by an fsync of its parent (files fsynced inside a folder whose own name
+    was never made durable vanish with it)."""
+    path = Path(path)
+    missing, up = [], path
+    while not up.is_dir() and up != up.parent:
+        missing.append(up)
+        up = up.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:  # another writer made it at the same moment (it fsyncs too)
+            if not folder.is_dir():
+                raise
+        _fsync_dir(folder.parent)
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
