@@ -66,6 +66,18 @@ def make_dirs(path: str | Path) -> Path:
     return path
 
 
+def make_durable(*paths: str | Path) -> None:
+    """fsync each file and folder of `paths` that exists. For a restart: a process killed between a
+    write or rename and its fsync leaves it visible (the page cache survived) but not durable, and
+    the next process must not act on it (move the source file away, finish a round) before it is."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            _fsync_dir(path)
+        elif path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

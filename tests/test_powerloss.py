@@ -5,13 +5,30 @@ producer hands files over; at many cut points the tree a power cut could leave i
 service recovers with `--once`, and every row handed over before the cut is counted.
 """
 
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def work(tmp_path):
+    """A folder on tmpfs when there is one: the simulation needs no real durability, and a real
+    disk's fsyncs (about 7 ms each here) are most of a recovery's time."""
+    if not os.access("/dev/shm", os.W_OK):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="edgeft-powerloss-", dir="/dev/shm"))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def tools():
@@ -73,29 +90,36 @@ atomic_write_text(d / "new2" / "y", "kept")
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == ["d", "d/a", "d/c", "d/new2", "d/new2/y", "e"]
 
 
-def sweep(tmp_path, bundle, files, cuts, per_phase, seed):
-    _, bench = tools()
-    journal = bench.record(bundle, tmp_path, bench.make_files(files, seed))
-    model = tools()[0].Model(journal)
-    chosen = bench.choose_cuts(model, cuts, per_phase, seed)
-    result = bench.sweep(journal, chosen, True, say=lambda m: None)
-    failed = "\n".join(f"cut {r['cut']}/{r['of']} ({r['why']}, {r['variant']}): lost {r.get('rows_lost')}, twice {r.get('rows_trained_twice')}"
-                       f"{'' if r['error'] is None else ', ' + r['error']}" for r in result["failed"])
+KILLS = ["rename:state/learner/pending/0", "rename:state/learner/round.json", "rename:state/state.json"]  # each: killed before its folder's fsync
+
+
+def sweep(work, bundle, files, kills, cuts, per_phase, random_variants, seed):
+    crashsim, bench = tools()
+    journal = bench.record(bundle, work, bench.make_files(files, seed, ["neg", "pos"]), kills=kills, seed=seed)
+    chosen = bench.choose_cuts(crashsim.Model(journal), cuts, per_phase, seed)
+    result = bench.sweep(journal, chosen, random_variants, say=lambda m: None)
+    failed = "\n".join(f"cut {r['cut']}/{r['of']} ({r['why']}, {r['variant']}): lost {r.get('rows_lost')}, twice {r.get('rows_trained_twice')}, "
+                       f"history without generation {r.get('history_without_generation')}{'' if r['error'] is None else ', ' + r['error']}"
+                       for r in result["failed"])
     assert not result["failed"], f"{len(result['failed'])} of {result['states']} crash states failed:\n{failed}"
     assert result["rows_lost"] == result["rows_trained_twice"] == result["rounds_trained_twice"] == result["rows_foreign"] == 0
     return result
 
 
-def test_power_loss_at_any_cut_loses_and_doubles_no_row(tmp_path, cls_bundle):
-    """20 seeded random cuts (each in its minimal state and one random legal state) and 2 windows
-    of each phase: the producer's hand-over, mid-ingest, opening a round, the training
-    checkpoint, the promotion (weights, state.json) and the round's bookkeeping."""
-    r = sweep(tmp_path, cls_bundle, files=6, cuts=20, per_phase=2, seed=14)
-    assert r["cuts"] >= 30 and r["states"] >= 50 and r["rows_handed"] > 0 and r["rows_trained"] > 0
-    assert all(r["by_phase"][p] >= 1 for p in ("hand-over", "ingest", "round", "checkpoint", "promotion", "finish")), r["by_phase"]
+def test_power_loss_at_any_cut_loses_and_doubles_no_row(work, cls_bundle):
+    """20 seeded random cuts (4 of them also in a random legal state) and windows of each phase:
+    the producer's hand-over, mid-ingest, opening a round, the training checkpoint, the promotion
+    (weights, state.json), the round's bookkeeping; and after a SIGKILL that landed between a
+    rename and its folder's fsync (a batch, round.json, state.json), while the restarted service
+    goes on: a SIGKILL, then a power cut."""
+    r = sweep(work, cls_bundle, files=6, kills=KILLS, cuts=20, random_variants=4, seed=14,
+              per_phase={"hand-over": 1, "ingest": 1, "round": 1, "checkpoint": 1, "promotion": 1, "finish": 1, "after-kill": 3})
+    assert r["kills"] == 3 and r["cuts"] >= 26 and r["states"] >= 30 and r["rows_handed"] > 0 and r["rows_trained"] > 0
+    assert all(r["by_phase"][p] >= 1 for p in ("hand-over", "ingest", "round", "checkpoint", "promotion", "finish", "after-kill")), r["by_phase"]
 
 
 @pytest.mark.slow
-def test_power_loss_sweep(tmp_path, cls_bundle):
-    r = sweep(tmp_path, cls_bundle, files=12, cuts=80, per_phase=6, seed=3)
+def test_power_loss_sweep(work, cls_bundle):
+    """tools/bench_powerloss.py's sweep: random SIGKILLs too, more files and cuts."""
+    r = sweep(work, cls_bundle, files=12, kills=KILLS + ["random"] * 4, cuts=80, per_phase=6, random_variants=80, seed=3)
     assert r["cuts"] >= 100

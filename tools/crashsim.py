@@ -33,7 +33,9 @@ The persistence model (`Model.crash_state`), POSIX's minimum plus one stated ass
   at its last fsynced content, empty if none): the worst legal state. "random:SEED" keeps each
   un-fsynced change with probability 1/2 and picks each file's content among the legal ones.
 
-The tree at the start of the recording (`snapshot`) is taken as durable.
+The tree at the start of the recording (`snapshot`) is taken as durable. With --kill-rate (or
+--kill-after OP:PATH) the recorded process SIGKILLs itself right after a journaled call (a restart goes on in the same
+journal), so cuts also fall after a kill and its recovery: a SIGKILL, then a power cut.
 """
 
 from __future__ import annotations
@@ -62,8 +64,13 @@ def _read_fd(fd: int) -> bytes:
 class Journal:
     """The append-only journal of calls under `root`, shared by every recorded process."""
 
-    def __init__(self, folder: str | Path, root: str | Path, who: str | None = None):
+    def __init__(self, folder: str | Path, root: str | Path, who: str | None = None, kill_rate: float = 0.0, seed: int = 0,
+                 kill_after: str | None = None):
+        import random
+
         self.folder, self.root, self.who = Path(folder), os.path.realpath(root), who
+        self.kill_rate, self._rng, self._depth, self._kill_now = kill_rate, random.Random(seed), 0, False
+        self.kill_after = tuple(kill_after.split(":", 1)) if kill_after else None  # (op, path prefix): SIGKILL after the first such call
         (self.folder / "blobs").mkdir(parents=True, exist_ok=True)
         self.fd = _REAL["open"](str(self.folder / "journal.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._thread_lock = threading.RLock()
@@ -88,11 +95,23 @@ class Journal:
         def hold():
             with self._thread_lock:
                 fcntl.flock(self.fd, fcntl.LOCK_EX)
+                self._depth += 1
                 try:
                     yield
                 finally:
+                    self._depth -= 1
                     fcntl.flock(self.fd, fcntl.LOCK_UN)
+                    if not self._depth and (self._kill_now or (self.kill_rate and self._rng.random() < self.kill_rate)):
+                        self.kill()
         return hold()
+
+    def kill(self) -> None:
+        """SIGKILL this process just after a journaled call (and its journal line): the page cache
+        keeps everything, the journal goes on with the next process."""
+        import signal
+
+        self.log("killed")
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def blob(self, data: bytes) -> str:
         import hashlib
@@ -106,6 +125,8 @@ class Journal:
 
     def log(self, op: str, **fields) -> None:
         entry = {"op": op, **fields, "pid": os.getpid(), "by": self.who or _caller()}
+        if self.kill_after and op == self.kill_after[0] and (fields.get("dst") or fields.get("path", "")).startswith(self.kill_after[1]):
+            self._kill_now = True
         os.write(self.fd, (json.dumps(entry, sort_keys=True) + "\n").encode("utf-8"))
 
     def content(self, op: str, fd: int) -> None:
@@ -291,6 +312,7 @@ class Model:
         self.persisted_at = []  # per group: the entry index of the fsync that made it durable, or None
         self.data = {}  # file inode -> [(entry index, blob or None (empty), fsynced?)]
         self.handed = {}  # file name -> entry index of its hand-over
+        self.kills = []  # entry indices of the recorded process's SIGKILLs
         for item in json.loads((self.folder / "initial.json").read_text()):
             d, name = self._parent(item["path"])
             x = self._new(item["kind"])
@@ -355,6 +377,8 @@ class Model:
             for g, (_, _, dirs) in enumerate(self.groups):
                 if self.persisted_at[g] is None and d in dirs:
                     self.persisted_at[g] = i
+        elif op == "killed":  # a SIGKILL: the page cache survives it, so nothing changes here
+            self.kills.append(i)
         elif op == "handed":
             self.handed[e["name"]] = i
         else:
@@ -441,8 +465,11 @@ def main() -> None:
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("-m", dest="module", help="Run this module as __main__ (the arguments after it are its own).")
     what.add_argument("-c", dest="code", help="Run this code.")
+    ap.add_argument("--kill-rate", type=float, default=0.0, help="SIGKILL itself after each journaled call with this probability.")
+    ap.add_argument("--kill-after", metavar="OP:PATH", help="SIGKILL itself after the first such call, e.g. rename:state/state.json.")
+    ap.add_argument("--seed", type=int, default=0)
     args, rest = ap.parse_known_args()
-    install(Journal(args.journal, args.root))
+    install(Journal(args.journal, args.root, kill_rate=args.kill_rate, seed=args.seed, kill_after=args.kill_after))
     sys.argv = [args.module or "-c"] + [a for a in rest if a != "--"]
     if args.code is not None:
         exec(compile(args.code, "<crashsim -c>", "exec"), {"__name__": "__main__"})

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import StateError
-from ..fsutil import _fsync_dir, atomic_write_json, atomic_write_text, make_dirs, read_jsonl
+from ..fsutil import _fsync_dir, atomic_write_json, atomic_write_text, make_dirs, make_durable, read_jsonl
 from .state import writing
 
 STALE_TEMP_S = 600  # a writer's temp older than this is a crash's leftover
@@ -95,6 +95,10 @@ class PendingStore:
                 "round": {"id": r["id"], "rows": r["rows"], "batches": len(r["batches"])} if r else None}
 
     # -- writing ---------------------------------------------------------------
+    def settle(self) -> None:
+        """Make durable what an earlier, killed process left visible (fsutil.make_durable)."""
+        make_durable(self.history_file, self.pending, self.rounds, self.folder, self.folder.parent)
+
     @contextlib.contextmanager
     def lock(self, name: str = "lock", wait: bool = False):
         import fcntl

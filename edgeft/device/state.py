@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..bundle import Manifest
 from ..errors import OutputError, StateError  # defined in errors.py (the one exit-code table)
-from ..fsutil import atomic_write_bytes, atomic_write_json, make_dirs
+from ..fsutil import atomic_write_bytes, atomic_write_json, make_dirs, make_durable
 
 REPLAY_ROWS = 256  # per file: replay.jsonl and replay-check.jsonl
 REPLAY_BYTES = 256 * 1024  # per file, whichever cap is reached first
@@ -135,6 +135,10 @@ class DeviceState:
         return read_jsonl(self.folder / "replay-check.jsonl")
 
     # -- writing ---------------------------------------------------------------
+    def settle(self) -> None:
+        """Make durable what an earlier, killed process left visible (fsutil.make_durable)."""
+        make_durable(self.folder / "generations", self.job_dir, self.folder, self.folder.parent)
+
     @contextlib.contextmanager
     def lock(self):
         import fcntl

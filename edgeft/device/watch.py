@@ -154,6 +154,7 @@ class Watcher:
         self.train()
 
     def run(self, interval: float, once: bool) -> dict:
+        self.learner.settle()  # before a staged file is found ingested (has_key) and moved away
         self.log("started", inbox=str(self.inbox), bundle=str(self.learner.bundle), state=str(self.learner.state_dir), pid=os.getpid(),
                  nice=os.nice(0), min_rows=self.min_rows, **self.learner.store.counts())
         while True:
