@@ -70,7 +70,8 @@ def record(bundle: Path, work: Path, files: list[list[dict]], min_rows: int = 8,
     (journal / "files.json").write_text(json.dumps({"bundle": str(bundle), "root": str(root), "files": names}) + "\n")
     watch = ["-m", "edgeft", "device", "watch", "--bundle", str(bundle), "--state", str(state), "--inbox", str(inbox), "--min-rows", str(min_rows),
              "--interval", "0.05", "--log", str(work / "watch.log"), *QUICK]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "EDGEFT_DEBUG": "0"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), "EDGEFT_DEBUG": "0",
+           "EDGEFT_LOG_DIR": str(work)}  # an internal error's log stays with the run
     producer = crashsim.Journal(journal, root, who="producer")
     stderr = open(work / "watch.stderr", "ab")
     procs = []
@@ -132,16 +133,20 @@ def phase(e: dict) -> str:
 
 def choose_cuts(model: crashsim.Model, n_random: int, per_phase: int | dict, seed: int) -> dict[int, str]:
     """{cut: why}: seeded random cuts, and per phase (a number, or {phase: number}) some windows:
-    just after a name change that no fsync covers yet, where a power cut can undo it."""
+    just after a name change that no fsync covers yet, where a power cut can undo it. The first
+    two windows after each SIGKILL are always taken (the restart acting on what the kill left)."""
     rng = random.Random(seed)
     n = len(model.entries)
     cuts = {k: "random" for k in rng.sample(range(1, n + 1), min(n_random, n))}
-    windows = {p: [] for p in PHASES}
+    windows, first_after_kill = {p: [] for p in PHASES}, []
     for g, (i, _, _) in enumerate(model.groups):
         at = model.persisted_at[g]
         if at is None or at > i + 1:
-            after_kill = any(0 < i - kill <= AFTER_KILL for kill in model.kills)
+            after_kill = [kill for kill in model.kills if 0 < i - kill <= AFTER_KILL]
             windows.setdefault("after-kill" if after_kill else phase(model.entries[i]), []).append(i + 1)
+            if after_kill and sum(after_kill[-1] < k - 1 for k in first_after_kill) < 2:
+                first_after_kill.append(i + 1)
+    cuts.update({k: "after-kill" for k in first_after_kill})
     for p in PHASES:
         n = per_phase.get(p, 0) if isinstance(per_phase, dict) else per_phase
         for k in rng.sample(windows[p], min(n, len(windows[p]))):

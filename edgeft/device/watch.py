@@ -153,8 +153,17 @@ class Watcher:
         self.ingest()
         self.train()
 
+    def sync_leftovers(self) -> None:
+        """At the start, before acting on what a killed run left visible: make it durable (the
+        learner's state; the inbox's folders, whose names a kill between mkdir and the parent's
+        fsync left unsynced, and the renames into them)."""
+        from ..fsutil import make_durable
+
+        self.learner.settle()
+        make_durable(self.stage, self.inbox / "done", self.inbox / "rejected", self.inbox)
+
     def run(self, interval: float, once: bool) -> dict:
-        self.learner.settle()  # before a staged file is found ingested (has_key) and moved away
+        self.sync_leftovers()
         self.log("started", inbox=str(self.inbox), bundle=str(self.learner.bundle), state=str(self.learner.state_dir), pid=os.getpid(),
                  nice=os.nice(0), min_rows=self.min_rows, **self.learner.store.counts())
         while True:
