@@ -21,8 +21,9 @@
    errors        a recovery run that failed or raised, a prediction that did (must be 0)
 
     .venv/bin/python tools/bench_powerloss.py --bundle BUNDLE --files 12 --cuts 60 --per-phase 4 --kills 4 \
-        --kill-after rename:state/learner/pending/0 --kill-after rename:state/learner/round.json \
-        --kill-after rename:state/state.json --out bench-results/watch-powerloss.json
+        --kill-after mkdir:inbox/.edgeft-ingesting --kill-after rename:state/learner/pending/0 \
+        --kill-after rename:state/learner/round.json --kill-after rename:state/state.json \
+        --out bench-results/watch-powerloss.json
 
 The work folder defaults to /dev/shm (tmpfs): the simulation needs no real durability, and a
 disk's fsyncs would be most of the time.
