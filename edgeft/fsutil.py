@@ -47,6 +47,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: str | Path) -> Path:
+    """`mkdir -p` that a power cut cannot undo: a folder's name lives in its parent, so each folder
+    made here is followed by an fsync of its parent (files fsynced inside a folder whose own name
+    was never made durable vanish with it)."""
+    path = Path(path)
+    missing, up = [], path
+    while not up.is_dir() and up != up.parent:
+        missing.append(up)
+        up = up.parent
+    for folder in reversed(missing):
+        try:
+            os.mkdir(folder)
+        except FileExistsError:  # another writer made it at the same moment (it fsyncs too)
+            if not folder.is_dir():
+                raise
+        _fsync_dir(folder.parent)
+    return path
+
+
+def make_durable(*paths: str | Path) -> None:
+    """fsync each file and folder of `paths` that exists. For a restart: a process killed between a
+    write or rename and its fsync leaves it visible (the page cache survived) but not durable, and
+    the next process must not act on it (move the source file away, finish a round) before it is."""
+    for path in map(Path, paths):
+        if path.is_dir():
+            _fsync_dir(path)
+        elif path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -9,7 +9,8 @@ with `--once --min-rows 1` until nothing is pending. Then the audit, from the fi
   rows dropped       rows in the files handed to the inbox
   rows ingested      rows in the learner's store (trained + still pending)
   rows trained       rows in the rounds of recorded generations (learner history)
-  rows lost          dropped but never trained                    (must be 0)
+  rows lost          dropped but never trained, or trained in a generation state.json no longer
+                     records (the weights are gone)              (must be 0)
   rows trained twice in two rounds, or a round in two generations (must be 0)
 
 Meanwhile an app in this process predicts through its own `Learner` every 0.25 s (latency, errors:
@@ -143,11 +144,13 @@ def audit(state: Path, inbox: Path, dropped: list[dict]) -> dict:
     """Count rows from the files: the learner's history, its pending store, state.json."""
     learner = state / "learner"
     history = events(learner / "history.jsonl")
-    trained = collections.Counter(d for h in history for d in h["row_digests"])
     pending = [json.loads(line) for p in sorted((learner / "pending").glob("*.jsonl")) for line in p.read_text().splitlines() if line.strip()]
     expected = collections.Counter(row_digest(r) for r in dropped)
-    gens = json.loads((state / "state.json").read_text())["generations"]
+    gens = json.loads((state / "state.json").read_text())["generations"] if (state / "state.json").is_file() else []  # none trained yet
     rounds = collections.Counter(Path(g["data"]["file"]).stem for g in gens if g.get("data"))
+    orphans = [h for h in history if h["round"] not in rounds]  # recorded as trained, but its generation is gone: its rows are lost
+    history = [h for h in history if h["round"] in rounds]
+    trained = collections.Counter(d for h in history for d in h["row_digests"])
     round_rows = {Path(g["data"]["file"]).stem: g["data"]["rows"] for g in gens if g.get("data")}
     recorded = collections.Counter(h["round"] for h in history)
     pending_keys = collections.Counter(row_digest(r) for r in pending)
@@ -160,6 +163,7 @@ def audit(state: Path, inbox: Path, dropped: list[dict]) -> dict:
         "rows_trained_twice": sum(k - 1 for k in trained.values() if k > 1) + sum((c - 1) * round_rows[r] for r, c in rounds.items()),
         "rounds_trained_twice": sum(c - 1 for c in rounds.values() if c > 1),
         "generations_without_history": sum((rounds - recorded).values()),
+        "history_without_generation": len(orphans),
         "rows_never_dropped": sum((trained - expected).values()),
         "generations": len(history),
         "promoted": sum(h["status"] == "promoted" for h in history),

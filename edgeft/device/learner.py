@@ -103,8 +103,18 @@ class Learner:
         self._updating = threading.Lock()
         self._model = None  # (state stamp, generation, Predictor)
         self._tokenizer = None
+        self._settled = False
 
     # -- state and models --------------------------------------------------------
+    def settle(self) -> None:
+        """Once, before this object first acts on the state folder: make durable what a killed
+        process left visible but not yet fsynced (a batch's name, round.json, state.json, a history
+        line), so a power cut later cannot take back what this process built on."""
+        if not self._settled:
+            self.store.settle()
+            self.state().settle()
+            self._settled = True
+
     def state(self):
         from .state import DeviceState
 
@@ -209,6 +219,7 @@ class Learner:
         """Validate rows and store them durably for the next update. With `key` (e.g. a file's
         sha256), rows already added under that key are not added again."""
         clean = validate_rows(rows, self.task, self.labels)
+        self.settle()
         name = self.store.add(clean, key)
         return {"added": 0 if name is None else len(clean), "duplicate": name is None, **self.store.counts()}
 
@@ -228,6 +239,7 @@ class Learner:
         `min_rows` are waiting. An interrupted round is resumed first, with its own options."""
         training_config("pending rows", None, options)  # an unknown option fails now, not in a committed round
         with self._updating, self.store.lock():
+            self.settle()
             r = self.store.open_round(min_rows, options)
             if r is None:
                 return None

@@ -27,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from ..errors import StateError
-from ..fsutil import _fsync_dir, atomic_write_json, atomic_write_text, read_jsonl
+from ..fsutil import _fsync_dir, atomic_write_json, atomic_write_text, make_dirs, make_durable, read_jsonl
 from .state import writing
 
 STALE_TEMP_S = 600  # a writer's temp older than this is a crash's leftover
@@ -95,12 +95,16 @@ class PendingStore:
                 "round": {"id": r["id"], "rows": r["rows"], "batches": len(r["batches"])} if r else None}
 
     # -- writing ---------------------------------------------------------------
+    def settle(self) -> None:
+        """Make durable what an earlier, killed process left visible (fsutil.make_durable)."""
+        make_durable(self.history_file, self.pending, self.rounds, self.folder, self.folder.parent)
+
     @contextlib.contextmanager
     def lock(self, name: str = "lock", wait: bool = False):
         import fcntl
 
         with writing(f"the learner folder {self.folder}"):
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.folder)
             f = open(self.folder / name, "a")
         try:
             try:
@@ -118,7 +122,7 @@ class PendingStore:
             if key and self.has_key(key):
                 return None
             with writing("the pending rows"):
-                self.pending.mkdir(parents=True, exist_ok=True)
+                make_dirs(self.pending)
                 atomic_write_text(self.pending / name, rows_text(rows))
         return name
 
@@ -139,7 +143,7 @@ class PendingStore:
         r = {"id": rid, "data": str(data), "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "rows": len(rows),
              "batches": names, "options": options, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with writing("the round's data"):
-            self.rounds.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.rounds)
             atomic_write_text(data, text)
             atomic_write_json(self.round_file, r)  # the commit point
         return r

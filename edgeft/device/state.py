@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..bundle import Manifest
 from ..errors import OutputError, StateError  # defined in errors.py (the one exit-code table)
-from ..fsutil import atomic_write_bytes, atomic_write_json
+from ..fsutil import atomic_write_bytes, atomic_write_json, make_dirs, make_durable
 
 REPLAY_ROWS = 256  # per file: replay.jsonl and replay-check.jsonl
 REPLAY_BYTES = 256 * 1024  # per file, whichever cap is reached first
@@ -135,12 +135,16 @@ class DeviceState:
         return read_jsonl(self.folder / "replay-check.jsonl")
 
     # -- writing ---------------------------------------------------------------
+    def settle(self) -> None:
+        """Make durable what an earlier, killed process left visible (fsutil.make_durable)."""
+        make_durable(self.folder / "generations", self.job_dir, self.folder, self.folder.parent)
+
     @contextlib.contextmanager
     def lock(self):
         import fcntl
 
         with writing(f"the state folder {self.folder}"):
-            self.folder.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.folder)
             f = open(self.folder / "lock", "a")
         try:
             try:
@@ -159,7 +163,7 @@ class DeviceState:
         """Weights first, then the record that points at them: a kill in between leaves an orphan file, not a dangling record."""
         if params is not None:
             with writing(f"generation {record['id']}"):
-                (self.folder / "generations").mkdir(exist_ok=True)
+                make_dirs(self.folder / "generations")
                 save_arrays(self.folder / "generations" / f"g{record['id']:04d}.safetensors", params, {"generation": record["id"]})
         self.data["generations"] = [g for g in self.data["generations"] if g["id"] != record["id"]] + [record]
         if promote:

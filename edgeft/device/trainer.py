@@ -24,7 +24,7 @@ import numpy as np
 from ..bundle import sha256, verify_bundle
 from ..encode import batches_per_epoch, collate, micro_batch_ids
 from ..errors import TrainingDiverged, UsageError  # defined in errors.py (the one exit-code table)
-from ..fsutil import atomic_write_json
+from ..fsutil import atomic_write_json, make_dirs
 from ..schedule import DEFAULT as SCHEDULE_DEFAULT, lr_at, total_steps
 from ..datasets import load_task_rows, split
 from .data import encode_rows, task_encoder
@@ -220,7 +220,7 @@ class DeviceTrainer:
         job = {"generation": gen, "parent": self.state.current, "key": self.cfg.job_key(), "data": self.data_info, "eval": self.eval_info,
                "total_steps": self.total_steps, "seed": gen * 1000 + self.cfg.seed, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         with writing("the job file"):
-            self.state.job_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.state.job_dir)
             atomic_write_json(self.state.job_dir / "replay.json", self.replay_rows)  # before job.json: a job always has its snapshot
             atomic_write_json(path, job)
         return job, False

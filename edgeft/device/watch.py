@@ -58,9 +58,9 @@ def complete_files(inbox: Path, settle: float) -> list[Path]:
 
 def move_aside(src: Path, folder: Path, key: str) -> Path:
     """Rename `src` into `folder`, keeping an earlier file of the same name (suffix: the sha256)."""
-    from ..fsutil import _fsync_dir
+    from ..fsutil import _fsync_dir, make_dirs
 
-    folder.mkdir(exist_ok=True)
+    make_dirs(folder)
     dst = folder / src.name
     if dst.exists():
         dst = folder / f"{src.stem}.{key[:12]}{src.suffix}"
@@ -110,9 +110,9 @@ class Watcher:
         self.log("ingested", file=staged.name, sha256=key, rows=added["added"], pending_rows=added["pending_rows"], moved_to=str(dst))
 
     def ingest(self) -> None:
-        from ..fsutil import _fsync_dir
+        from ..fsutil import _fsync_dir, make_dirs
 
-        self.stage.mkdir(exist_ok=True)
+        make_dirs(self.stage)
         for leftover in sorted(self.stage.iterdir()):  # a kill between steps 1 and 3
             if leftover.is_file():
                 self.process(leftover)
@@ -153,7 +153,17 @@ class Watcher:
         self.ingest()
         self.train()
 
+    def sync_leftovers(self) -> None:
+        """At the start, before acting on what a killed run left visible: make it durable (the
+        learner's state; the inbox's folders, whose names a kill between mkdir and the parent's
+        fsync left unsynced, and the renames into them)."""
+        from ..fsutil import make_durable
+
+        self.learner.settle()
+        make_durable(self.stage, self.inbox / "done", self.inbox / "rejected", self.inbox)
+
     def run(self, interval: float, once: bool) -> dict:
+        self.sync_leftovers()
         self.log("started", inbox=str(self.inbox), bundle=str(self.learner.bundle), state=str(self.learner.state_dir), pid=os.getpid(),
                  nice=os.nice(0), min_rows=self.min_rows, **self.learner.store.counts())
         while True:
