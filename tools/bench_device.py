@@ -114,8 +114,8 @@ def ort_defaults() -> None:
 
     configure = runtime.configure_session
 
-    def spinning(ort, options, manifest):
-        configure(ort, options, manifest)
+    def spinning(ort, options):
+        configure(ort, options)
         options.add_session_config_entry("session.intra_op.allow_spinning", "1")
 
     for module in (backends, runtime):

@@ -47,7 +47,7 @@ def _session(ort, path: Path, manifest: Manifest, training: bool = False):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)
-    configure_session(ort, options, manifest)
+    configure_session(ort, options)
     if training:
         plan_for_training(options)
     return ort.InferenceSession(str(path), options, providers=providers(ort, manifest),

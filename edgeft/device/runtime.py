@@ -92,18 +92,16 @@ _ARENA_REGISTERED = False
 _MMAP_SET = False
 
 
-def lean_memory(manifest: Manifest) -> bool:
-    """Freed memory goes back to the OS at once (no ONNX Runtime arena; glibc maps every block over
-    128 KiB on its own) instead of staying in the process for the next step. Slower: every step faults
-    its pages in afresh. Default for image bundles (EfficientNet-Lite0's step, batch 16 x 160 px:
-    605 -> 428 MiB peak, BENCHMARKS.md section 12); text steps make many more, smaller allocations
-    (SmolLM2: 6x slower), so they keep the arena. EDGEFT_MEMORY=lean|fast overrides."""
-    task = getattr(manifest, "task", None)  # export validation's stand-in manifest names none: the fast way
-    mode = os.environ.get("EDGEFT_MEMORY") or ("lean" if task == "image-classify" else "fast")
-    return mode == "lean"
+def lean_memory() -> bool:
+    """EDGEFT_MEMORY=lean: freed memory goes back to the OS at once (no ONNX Runtime arena; glibc maps
+    every block over 128 KiB on its own) instead of staying in the process for the next step. Every
+    step then faults its pages in afresh: EfficientNet-Lite0's step (batch 16 x 160 px) peaks at 428
+    MiB instead of 605 and takes 2.4 s instead of 1.5; SmolLM2's is 6x slower (BENCHMARKS.md sections
+    5 and 12). For a board whose budget the plan exceeds; the arena is the default."""
+    return os.environ.get("EDGEFT_MEMORY", "fast") == "lean"
 
 
-def configure_session(ort, options, manifest: Manifest) -> None:
+def configure_session(ort, options) -> None:
     """Pool threads that sleep rather than spin between runs, and either a CPU arena that grows by what
     is requested, shared by every session in the process, or no arena at all (lean_memory).
 
@@ -115,7 +113,7 @@ def configure_session(ort, options, manifest: Manifest) -> None:
     # Several sessions take turns (step, optimizer, rebuild); a pool thread left spinning after its
     # session's run competes for the cores with the next one (tools/bench_device.py step --ort-defaults).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if lean_memory(manifest):
+    if lean_memory():
         options.enable_cpu_mem_arena = False
         if not _MMAP_SET and sys.platform == "linux":
             import ctypes
@@ -159,7 +157,7 @@ def training_session(manifest: Manifest):
     ort = onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads(manifest)
-    configure_session(ort, options, manifest)
+    configure_session(ort, options)
     plan_for_training(options)
     return ("cuda" if "CUDAExecutionProvider" in providers(ort, manifest) else "cpu"), options
 
@@ -193,7 +191,7 @@ def inference_session(bundle: Path, manifest: Manifest, params: dict, want_cuda:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)
-    configure_session(ort, options, manifest)
+    configure_session(ort, options)
     info = manifest.inference
     session = ort.InferenceSession(str(Path(bundle) / info.get("file", "inference_model.onnx")), options,
                                    providers=providers(ort, manifest, want_cuda),
