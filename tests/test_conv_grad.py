@@ -15,6 +15,9 @@ CASES = [  # (cin, cout, k, stride, pad, dilation, group, size)
     (6, 6, 5, 2, 2, 1, 6, 9),
     (6, 6, 5, 2, 2, 1, 6, 10),
     (4, 4, 3, 1, 2, 2, 1, 9),
+    (6, 6, 5, 1, 2, 1, 6, 7),  # depthwise stride 1, the flipped-kernel Conv
+    (6, 6, 3, 1, 2, 2, 6, 9),  # the same, dilated
+    (6, 6, 3, 1, 0, 1, 6, 9),  # the same, unpadded
 ]
 
 

@@ -13,6 +13,9 @@ For Y = Conv(X, W) (strides s, dilations d, pads p, group g) and the incoming gr
         group = channels, each channel's batch one group.
   dB  = dY summed over batch and space.
 
+Two faster forms of the same arithmetic, where they apply: a depthwise stride-1 dX as the Conv with
+the kernel flipped (ONNX Runtime's grouped ConvTranspose is slow), and a pointwise dW as one Gemm.
+
 Only the gradients a graph uses are built (ORT leaves an unneeded output's name empty).
 """
 
@@ -33,7 +36,16 @@ def conv_grad(rw, i: list[str], o: list[str], a: dict) -> None:
     i64 = lambda v: rw.const(v, np.int64)  # noqa: E731
     want = lambda k: len(o) > k and bool(o[k])  # noqa: E731
 
-    if want(0) and strides == [1, 1]:
+    depthwise = group > 1 and (_dims(rw, w) or [0, 0])[:2] == [group, 1]
+    flip_pads = [d * (k - 1) - p for d, k, p in zip(dilations * 2, kernel * 2, pads)]
+    if want(0) and strides == [1, 1] and depthwise and min(flip_pads) >= 0:
+        # depthwise, stride 1: the transposed conv is the conv with the kernel flipped and the pads
+        # mirrored, and ONNX Runtime's depthwise Conv is far faster than its grouped ConvTranspose
+        # (30-45 ms for 672 channels at 10 x 10, batch 16; BENCHMARKS.md section 12)
+        end = np.iinfo(np.int64).min
+        flipped = rw.op("Slice", [w, i64([-1, -1]), i64([end, end]), i64([2, 3]), i64([-1, -1])])
+        rw.op("Conv", [dy, flipped], o[0], dilations=dilations, pads=flip_pads, group=group, kernel_shape=kernel)
+    elif want(0) and strides == [1, 1]:
         # stride 1: the transposed conv with the forward's pads is exactly X's size (most convolutions
         # of a MobileNet-style net: every pointwise one), so no cut and pad, and no copies of dX for them
         rw.op("ConvTranspose", [dy, w], o[0], strides=strides, dilations=dilations, pads=pads, group=group, kernel_shape=kernel)
@@ -55,12 +67,18 @@ def conv_grad(rw, i: list[str], o: list[str], a: dict) -> None:
     if want(1):
         dy_t = rw.op("Transpose", [dy], perm=[1, 0, 2, 3])  # (Cout, N, Ho, Wo): the batch as input channels
         x_t = rw.op("Transpose", [x], perm=[1, 0, 2, 3])  # (Cin, N, H, W)
-        if group == 1:
+        if group == 1 and kernel == [1, 1] and strides == [1, 1] and not any(pads):
+            # a pointwise conv's dW is one product over batch and space, (Cout, N*H*W) x (Cin, N*H*W)^T:
+            # a Gemm, where the Conv below would slide an H x W kernel once (48 ms for 157 MFLOP, section 12)
+            flat = lambda t: rw.op("Reshape", [t, i64([0, -1])])  # noqa: E731
+            dw = rw.op("Gemm", [flat(dy_t), flat(x_t)], transB=1)
+            rw.op("Unsqueeze", [dw, i64([2, 3])], o[1])
+        elif group == 1:
             r = rw.op("Conv", [x_t, dy_t], strides=dilations, dilations=strides, pads=pads)  # (Cin, Cout, kh', kw')
             cut = r if kernel == [1, 1] and strides == [1, 1] else rw.op("Slice", [r, i64([0, 0]), i64(kernel), i64([2, 3])])
             rw.op("Transpose", [cut], o[1], perm=[1, 0, 2, 3])
         else:
-            shape = _initializer_dims(rw, w)
+            shape = _dims(rw, w)
             if shape is None or shape[1] != 1 or shape[0] != group:
                 raise NotImplementedError("ConvGrad weight gradient of a grouped convolution other than depthwise (multiplier 1)")
             stacked = rw.op("Reshape", [x_t, i64([1, -1, 0, 0])], allowzero=0)  # (1, C * N, H, W), channel-major
@@ -71,11 +89,12 @@ def conv_grad(rw, i: list[str], o: list[str], a: dict) -> None:
         rw.op("ReduceSum", [dy, i64([0, 2, 3])], o[2], keepdims=0)
 
 
-def _initializer_dims(rw, name: str):
+def _dims(rw, name: str):
+    """A value's shape where the graph states it (an initializer, an input, shape inference's value_info)."""
     for init in list(rw.graph.initializer) + rw.inits:
         if init.name == name:
             return list(init.dims)
-    for v in rw.graph.input:
+    for v in list(rw.graph.input) + list(rw.graph.value_info):
         if v.name == name and v.type.tensor_type.HasField("shape"):
             return [d.dim_value for d in v.type.tensor_type.shape.dim]
     return None
