@@ -113,7 +113,7 @@ def test_markdown_table_has_a_row_per_generation(tools, tmp_path, capsys):
     bd, _ = tools
     base = {"reviews": 12.5, "gsm8k": 3.2}
     g = {"generation": 1, "data": "reviews gen1", "promoted": False, "reason": "regressed", "steps": 20, "train_seconds": 40.0,
-         "candidate": {"reviews": 9.0, "gsm8k": 3.5}, "parent": base, "now": base}
+         "candidate": {"reviews": 9.0, "gsm8k": 3.5}, "parent": base, "now": base, "blend": 0.25}
     results = [{"mode": "naive", "seed": 0, "generations": [g]}]
     metric = bd.Metric("causal-lm")
     report = {"task": "causal-lm", "no_update": base, "results": results, "summary": bd.summarize(results, base, 0.01, metric)}
@@ -121,5 +121,5 @@ def test_markdown_table_has_a_row_per_generation(tools, tmp_path, capsys):
     path.write_text(json.dumps(report))
     bd.render(path)
     out = capsys.readouterr().out
-    assert "| | | 1 | reviews gen1 | 20 | 40 | **rejected** | 9.000 | 3.500 | 12.500 | 3.200 |" in out
+    assert "| | | 1 | reviews gen1 | 20 | 40 | **rejected** | 0.25 | 9.000 | 3.500 | 12.500 | 3.200 |" in out
     assert "naive seed 0 gen 1: regressed" in out and "'gsm8k': 0.0" in out and "hurting [[0, 1]], promoted anyway []" in out
