@@ -39,9 +39,20 @@ def test_export_parity_and_manifest(image_bundle):
     assert (b / "portable" / "train_step.onnx").is_file() and (b / "reference.jsonl").is_file()
     import onnx
 
-    step = onnx.load(str(b / "portable" / "train_step.onnx"))
+    step = onnx.load(str(b / "portable" / "train_step.onnx"), load_external_data=False)
     ops = {n.op_type for n in step.graph.node}
     assert {"ConvTranspose", "Conv"} <= ops and all(n.domain in ("", "ai.onnx") for n in step.graph.node)
+    # the base is held as constants the device supplies, not stored and not fed: none is a graph input
+    from safetensors import safe_open
+
+    from edgeft.workstation.portable_memory import SUPPLIED
+
+    supplied = {t.name: t for t in step.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert set(supplied) == set(m["portable"]["supplied"]["train_step"]) and len(supplied) > 10
+    assert all(t.external_data[0].value == SUPPLIED and not t.raw_data for t in supplied.values())
+    with safe_open(str(b / "base.safetensors"), "np") as f:
+        base = set(f.keys())
+    assert not {i.name for i in step.graph.input} & (base | set(supplied))
     # the depthwise conv of the unfrozen last block trains: its weight gradient is an output of the step
     assert any("_depthwise_conv" in o.name for o in step.graph.output)
 

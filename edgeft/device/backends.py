@@ -43,13 +43,16 @@ def choose_backend(manifest: Manifest, wanted: str = "auto") -> type:
     return PortableBackend
 
 
-def _session(ort, path: Path, manifest: Manifest, training: bool = False):
+def _session(ort, path: Path, manifest: Manifest, training: bool = False, supplied: dict | None = None):
+    """supplied: the constants the graph holds but does not store (OrtValues by name: the step's base)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads(manifest)
     configure_session(ort, options)
     if training:
         plan_for_training(options)
+    if supplied:
+        options.add_external_initializers(list(supplied), list(supplied.values()))
     return ort.InferenceSession(str(path), options, providers=providers(ort, manifest),
                                 disabled_optimizers=(manifest.portable or {}).get("disabled_optimizers", []))
 
@@ -181,12 +184,20 @@ class PortableBackend:
             rebuild = _session(ort, b / entry["rebuild"], manifest)
             names = [o.name for o in rebuild.get_outputs()]
             self.frozen.update(zip(names, rebuild.run(None, self.feeds(rebuild, {}))))
-        self.step = _session(ort, b / entry["train_step"], manifest, training=True)
+        # the base as constants of the steps (a bundle that names them): wrapped once, without a copy, and kept
+        # alive with the sessions that read them in place
+        self.supplied = entry.get("supplied") or {}
+        self.constants = {n: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(self.frozen[n]))
+                          for n in dict.fromkeys(n for names in self.supplied.values() for n in names)}
+        self.step = _session(ort, b / entry["train_step"], manifest, training=True, supplied=self._supplied("train_step"))
         self.eval = None  # made on first use: a session costs seconds to build on a large graph
         self.eval_path, self.manifest = b / entry["eval_step"], manifest
         self.grad_names = [o.name for o in self.step.get_outputs()[1:]]
         self.names = list(manifest.trainable)
         self.grads: np.ndarray | None = None
+
+    def _supplied(self, graph: str) -> dict:
+        return {n: self.constants[n] for n in self.supplied.get(graph, [])}
 
     def set_params(self, params: dict) -> None:
         self.params = {n: np.ascontiguousarray(params[n], dtype=np.float32) for n in self.names}
@@ -211,7 +222,7 @@ class PortableBackend:
         if self.eval is None:
             # planned as the step is (a buffer per tensor, freed after its last use): the promotion check
             # runs here after training, and so reuses the arena the step freed instead of adding a block
-            self.eval = _session(check_inference(), self.eval_path, self.manifest, training=True)
+            self.eval = _session(check_inference(), self.eval_path, self.manifest, training=True, supplied=self._supplied("eval_step"))
         return float(self.eval.run(None, self.feeds(self.eval, batch))[0])
 
 

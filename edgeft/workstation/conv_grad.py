@@ -13,8 +13,9 @@ For Y = Conv(X, W) (strides s, dilations d, pads p, group g) and the incoming gr
         group = channels, each channel's batch one group.
   dB  = dY summed over batch and space.
 
-Two faster forms of the same arithmetic, where they apply: a depthwise stride-1 dX as the Conv with
-the kernel flipped (ONNX Runtime's grouped ConvTranspose is slow), and a pointwise dW as one Gemm.
+Two faster forms of the same arithmetic, where they apply: a stride-1 dX of an ungrouped or depthwise
+conv as the Conv with the kernel flipped (ONNX Runtime's ConvTranspose is slow), and a pointwise dW
+as one Gemm.
 
 Only the gradients a graph uses are built (ORT leaves an unneeded output's name empty).
 """
@@ -22,6 +23,8 @@ Only the gradients a graph uses are built (ORT leaves an unneeded output's name 
 from __future__ import annotations
 
 import numpy as np
+
+INT64_MIN = np.iinfo(np.int64).min
 
 
 def conv_grad(rw, i: list[str], o: list[str], a: dict) -> None:
@@ -38,13 +41,16 @@ def conv_grad(rw, i: list[str], o: list[str], a: dict) -> None:
 
     depthwise = group > 1 and (_dims(rw, w) or [0, 0])[:2] == [group, 1]
     flip_pads = [d * (k - 1) - p for d, k, p in zip(dilations * 2, kernel * 2, pads)]
-    if want(0) and strides == [1, 1] and depthwise and min(flip_pads) >= 0:
-        # depthwise, stride 1: the transposed conv is the conv with the kernel flipped and the pads
-        # mirrored, and ONNX Runtime's depthwise Conv is far faster than its grouped ConvTranspose
-        # (30-45 ms for 672 channels at 10 x 10, batch 16; BENCHMARKS.md section 12)
-        end = np.iinfo(np.int64).min
-        flipped = rw.op("Slice", [w, i64([-1, -1]), i64([end, end]), i64([2, 3]), i64([-1, -1])])
-        rw.op("Conv", [dy, flipped], o[0], dilations=dilations, pads=flip_pads, group=group, kernel_shape=kernel)
+    if want(0) and (group == 1 or depthwise) and strides == [1, 1] and min(flip_pads) >= 0:
+        # stride 1: the transposed conv is the conv with the kernel flipped, its channel axes swapped (group 1)
+        # and the pads mirrored. ONNX Runtime's Conv is far faster than its ConvTranspose (a grouped one took
+        # 30-45 ms for 672 channels at 10 x 10, batch 16), and with a constant kernel it is its blocked-layout
+        # (NCHWc) Conv, the flip folded once (BENCHMARKS.md section 12). A strided conv keeps the ConvTranspose:
+        # putting zeros between dY's values costs more than the grouped ConvTranspose does (measured).
+        kernel_t = w if kernel == [1, 1] else rw.op("Slice", [w, i64([-1, -1]), i64([INT64_MIN] * 2), i64([2, 3]), i64([-1, -1])])
+        if group == 1:
+            kernel_t = rw.op("Transpose", [kernel_t], perm=[1, 0, 2, 3])
+        rw.op("Conv", [dy, kernel_t], o[0], dilations=dilations, pads=flip_pads, group=group, kernel_shape=kernel)
     elif want(0) and strides == [1, 1]:
         # stride 1: the transposed conv with the forward's pads is exactly X's size (most convolutions
         # of a MobileNet-style net: every pointwise one), so no cut and pad, and no copies of dX for them

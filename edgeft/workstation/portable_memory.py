@@ -107,10 +107,14 @@ def split_base(model, frozen: set[str]):
     return rest, needed + rebuild, handed
 
 
-def rebuild_graph(models: list, frozen: set[str]):
+def rebuild_graph(models: list, frozen: set[str], constant: bool = False):
     """For a base small enough to hold: the weights are the same every step, so the device
     rebuilds them once per session with this graph, (packed base) -> (fp32 weights), and the
-    steps in `models` (changed in place) take those weights as inputs."""
+    steps in `models` (changed in place) take those weights as inputs, or with `constant`, those
+    weights and the frozen tensors they read straight from the base file as constants the device
+    supplies (supplied_constant).
+
+    Returns (the rebuild graph, for each step the names of the constants it must be given)."""
     import onnx
     from onnx import helper
 
@@ -132,17 +136,49 @@ def rebuild_graph(models: list, frozen: set[str]):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeft")
     model.ir_version = 8
     typed = {v.name: v for v in onnx.shape_inference.infer_shapes(model, ).graph.value_info}
+    supplied = []
     for step, rest, handed in parts:
         used = {i for n in rest for i in n.input}
-        step_inputs = [i for i in step.graph.input if i.name in used] + [typed[h] for h in handed]
+        base = [i for i in step.graph.input if i.name in used and i.name in frozen and constant] + [typed[h] for h in handed]
         del step.graph.node[:]
         step.graph.node.extend(rest)
+        inputs = [i for i in step.graph.input if i.name in used and i.name not in {v.name for v in base}] + ([] if constant else base)
         del step.graph.input[:]
-        step.graph.input.extend(step_inputs)
+        step.graph.input.extend(inputs)
+        if constant:
+            step.graph.initializer.extend(supplied_constant(v) for v in base)
+            supplied.append(sorted(v.name for v in base))
         check_standard(step)
     model.graph.output.extend(typed[h] for h in sorted({h for _, _, handed in parts for h in handed}))
     check_standard(model)
-    return model
+    return model, supplied
+
+
+# Where a step's supplied constants say their data is: nowhere on disk (see supplied_constant)
+SUPPLIED = "supplied-by-edgeft-at-session-start"
+
+
+def supplied_constant(value_info):
+    """An initializer whose values the device hands ONNX Runtime when it makes the session
+    (SessionOptions.add_external_initializers), from the base it holds: the fp32 weights rebuilt once and
+    the frozen tensors of the base file, in memory once, shared by every session.
+
+    As initializers, not graph inputs, ORT treats them as constants: it constant-folds what depends only
+    on them (a backward convolution's transposed or flipped kernel) and gives convolutions with a constant
+    kernel its blocked-layout (NCHWc) kernels, which it cannot for a kernel fed as an input (EfficientNet-
+    Lite0's step, BENCHMARKS.md section 12). The data is external and never written: a session made without
+    the values fails, naming this location."""
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    t = TensorProto()
+    t.name, t.data_type, t.data_location = value_info.name, value_info.type.tensor_type.elem_type, TensorProto.EXTERNAL
+    t.dims.extend(d.dim_value for d in value_info.type.tensor_type.shape.dim)
+    size = int(np.prod(t.dims, dtype=np.int64)) * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    for key, value in (("location", SUPPLIED), ("offset", "0"), ("length", str(size))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
 
 
 def clip_masks_from_outputs(nodes: list) -> list:
@@ -166,3 +202,4 @@ def clip_masks_from_outputs(nodes: list) -> list:
         op = "Greater" if n.op_type == "GreaterOrEqual" else "Less"
         out.append(helper.make_node(op, [y, n.input[1]], list(n.output), name=n.name))
     return out
+

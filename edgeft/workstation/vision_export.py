@@ -162,7 +162,7 @@ def export_vision_bundle(meta: dict, target, out: Path, tmp: Path, stage, base_m
     from .portable import write_portable
 
     stage("rewriting the training step into standard ops (portable/)", "report the model with the log")
-    portable = write_portable(tmp, OPTIMIZER, base_names, recompute=not plan.holds_base)
+    portable = write_portable(tmp, OPTIMIZER, base_names, recompute=not plan.holds_base, constant_base=True)
     shutil.rmtree(work)
     export_seconds = time.perf_counter() - t0
     stage("validating the bundle against torch", "report the model and target with the log")
