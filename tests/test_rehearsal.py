@@ -312,7 +312,7 @@ def test_guard_rejects_losses_that_add_up_across_generations():
 
     from edgeft.device.trainer import DeviceTrainer
 
-    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01))
+    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01, reference_loss_rise=0.05))
     origin = [True] * 40 + [False] * 10
     parent = [True] * 34 + [False] * 16      # 6 rows lost against the origin
     cand = [True] * 31 + [False] * 19        # 3 more: chance against the parent, 9 lost of 9 changed against the origin
@@ -382,7 +382,7 @@ def test_guard_rejects_a_classifier_whose_loss_on_earlier_rows_jumps():
 
     from edgeft.device.trainer import DeviceTrainer
 
-    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01))
+    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01, reference_loss_rise=0.05))
     before, after = [True] * 100 + [False] * 28, [True] * 97 + [False] * 31
     m = lambda acc, loss: {"accuracy": acc, "eval_loss": loss}  # noqa: E731
     rows = {("baseline", "earlier"): before, ("candidate", "earlier"): after}
@@ -399,7 +399,7 @@ def test_guard_rejects_a_classifier_whose_reference_loss_rises_against_the_origi
 
     from edgeft.device.trainer import REFERENCE_LOSS, DeviceTrainer
 
-    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01))
+    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01, reference_loss_rise=0.05))
     same = [True] * 90 + [False] * 38
     rows = {(side, "reference"): same for side in ("baseline", "candidate", "origin")}
     m = lambda loss: {"reference": {"accuracy": 0.7031, "eval_loss": loss}}  # noqa: E731
@@ -409,6 +409,10 @@ def test_guard_rejects_a_classifier_whose_reference_loss_rises_against_the_origi
     ok, why = DeviceTrainer.decide(owner, {"baseline": m(0.62), "origin": m(0.6), "candidate": m(rises)}, rows)
     assert not ok and "against the workstation's adapter" in why  # small against the parent, too much against the origin
     assert DeviceTrainer.decide(owner, {"baseline": m(0.6), "origin": m(0.6), "candidate": m(0.6 * (1 + REFERENCE_LOSS) - 0.01)}, rows)[0]
+    assert why.endswith("(--reference-loss-rise sets how far it may rise)")  # the loss alone blocked it: say which knob moves it
+    owner.cfg.reference_loss_rise = 0.25  # a device moving to a new domain, judged on accuracy
+    assert DeviceTrainer.decide(owner, {"baseline": m(0.62), "origin": m(0.6), "candidate": m(0.6 * 1.24)}, rows)[0]
+    assert not DeviceTrainer.decide(owner, {"baseline": m(0.62), "origin": m(0.6), "candidate": m(0.6 * 1.26)}, rows)[0]
 
 
 def test_backoff_retries_a_smaller_blend_only_for_a_reference_regression():
@@ -416,7 +420,7 @@ def test_backoff_retries_a_smaller_blend_only_for_a_reference_regression():
 
     from edgeft.device.trainer import DeviceTrainer
 
-    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01, blend=0.5, blend_backoff=2))
+    owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01, blend=0.5, blend_backoff=2, reference_loss_rise=0.05))
     prev, trained = {"a": np.zeros(2, np.float32)}, {"a": np.ones(2, np.float32)}
     same = [True] * 10
     rows = {(side, split): same for side in ("baseline", "candidate") for split in ("heldout", "reference")}

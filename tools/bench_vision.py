@@ -59,7 +59,8 @@ def story(args) -> dict:
     out.mkdir(parents=True)
     ws, dev = args.python, args.device_python
     tests = {"mono_test": DATA / "test.jsonl", "poly_test": DATA / "poly_test.jsonl"}
-    result: dict = {"target": args.target, "image_size": args.image_size, "epochs": args.epochs, "rows": {}}
+    result: dict = {"target": args.target, "image_size": args.image_size, "epochs": args.epochs, "reference_loss_rise": args.reference_loss_rise,
+                    "rows": {}}
     s, wall, rss = edgeft(ws, "train", "--model", MODEL, "--task", "image-classify", "--data", DATA / "train.jsonl", "--eval-data",
                           DATA / "val.jsonl", "--target", args.target, "--image-size", args.image_size, "--epochs", args.epochs,
                           "--lora-r", args.lora_r, "--out", out / "run", "--quiet", timed=True)
@@ -89,7 +90,8 @@ def story(args) -> dict:
     result["generations"] = []
     for gen in ("gen1", "gen2"):
         g, wall, rss = edgeft(dev, "device", "train", "--bundle", bundle, "--state", state, "--data", DATA / gen, "--eval-data",
-                              DATA / "poly_val.jsonl", "--epochs", args.device_epochs, "--quiet", timed=True)
+                              DATA / "poly_val.jsonl", "--epochs", args.device_epochs, "--reference-loss-rise", args.reference_loss_rise,
+                              "--quiet", timed=True)
         result["generations"].append({"data": gen, "generation": g["generation"], "promoted": g["promoted"], "reason": g.get("reason"),
                                       "steps": g["steps"], "seconds": round(wall, 1), "peak_rss_mib": round(rss),
                                       "train_seconds": g.get("seconds"), "process_peak_rss_mib": g.get("peak_rss_mib"), "plan_mib": g.get("plan_mib")})
@@ -217,6 +219,9 @@ def main() -> None:
             p.add_argument("--device-epochs", type=float, default=1.0)
             p.add_argument("--lora-r", type=int, default=16)
             p.add_argument("--also-quant", nargs="*", default=["int4-g32"], help="score the adapter on these bases too")
+            # the device moves to a visibly new kind of cell and the old kind is judged on accuracy: the guard's default
+            # (0.05, set for tweets) rejects both generations here (BENCHMARKS.md section 12)
+            p.add_argument("--reference-loss-rise", type=float, default=0.25)
         else:
             if name == "_side":
                 p.add_argument("side")

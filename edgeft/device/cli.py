@@ -57,6 +57,9 @@ def device():
 @click.option("--blend-backoff", type=int, default=None,
               help="A candidate that regressed on the bundle's reference rows only is checked again at half the blend, "
                    "up to this many times (default 2; 0: promote or reject at --blend).")
+@click.option("--reference-loss-rise", type=float, default=None,
+              help="Classifiers: how far the loss on the bundle's reference rows may rise against the workstation's adapter, "
+                   "as a share (default 0.05; more for a device moving to a visibly new domain whose old one is judged on accuracy).")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--checkpoint-every", type=int, default=20, show_default=True, help="Steps between crash-safe checkpoints.")
 @click.option("--tolerance", type=float, default=0.01, show_default=True,
@@ -72,8 +75,8 @@ def device():
               help="Training engine: auto uses the bundle's portable step (any onnxruntime); onnxruntime-training needs that build (x86-64).")
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary.")
-def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_ratio, l2_previous, freeze_head, blend, blend_backoff, grad_accum, checkpoint_every,
-          tolerance, seed, refuse_long, restart, force, backend, quiet, as_json, check_rows=None):
+def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_ratio, l2_previous, freeze_head, blend, blend_backoff, reference_loss_rise,
+          grad_accum, checkpoint_every, tolerance, seed, refuse_long, restart, force, backend, quiet, as_json, check_rows=None):
     """Train a new generation on new data; promote it only if it does not regress.
 
     \b
@@ -81,7 +84,7 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_rati
     Killed midway, the same command resumes from the last checkpoint.
     """
     from .learner import Learner
-    from .trainer import BLEND, BLEND_BACKOFF, FREEZE_HEAD, L2_PREVIOUS, REPLAY_RATIO
+    from .trainer import BLEND, BLEND_BACKOFF, FREEZE_HEAD, L2_PREVIOUS, REFERENCE_LOSS, REPLAY_RATIO
 
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     learner = Learner(bundle, state_dir, verify=False, log=log)  # the trainer verifies the bundle
@@ -90,6 +93,7 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_rati
                       l2_previous=L2_PREVIOUS if l2_previous is None else l2_previous,
                       freeze_head=FREEZE_HEAD if freeze_head is None else freeze_head,
                       blend=BLEND if blend is None else blend, blend_backoff=BLEND_BACKOFF if blend_backoff is None else blend_backoff,
+                      reference_loss_rise=REFERENCE_LOSS if reference_loss_rise is None else reference_loss_rise,
                       grad_accum=grad_accum, checkpoint_every=checkpoint_every, tolerance=tolerance, seed=seed,
                       refuse_long=refuse_long, restart=restart, force=force, backend=backend,
                       **({} if check_rows is None else {"check_rows": check_rows}))
