@@ -137,8 +137,8 @@ def write_portable(bundle: Path, optimizer: dict, frozen: list[str], recompute: 
     recompute: a large base is rebuilt inside the step, where each weight is used (and again in
     the backward pass); a small one (recompute off) once per session, by `rebuild.onnx`.
     constant_base: a small base's steps hold it as constants the device supplies, not as inputs: for
-    convolutions, whose kernels ORT runs far faster when constant (an EfficientNet-Lite0 step in 0.5 s
-    instead of 1.1). Not for a text model: ORT's folded and prepacked copies of its matrices cost
+    convolutions, whose kernels ORT runs far faster when constant (an EfficientNet-Lite0 step in 0.6 s
+    instead of 1.2). Not for a text model: ORT's folded and prepacked copies of its matrices cost
     more memory than they save time (MiniLM's step: 420 MiB instead of 281, 3% faster)."""
     from ..fsutil import atomic_write_bytes
 

@@ -142,7 +142,8 @@ def rebuild_graph(models: list, frozen: set[str], constant: bool = False):
         base = [i for i in step.graph.input if i.name in used and i.name in frozen and constant] + [typed[h] for h in handed]
         del step.graph.node[:]
         step.graph.node.extend(rest)
-        inputs = [i for i in step.graph.input if i.name in used and i.name not in {v.name for v in base}] + ([] if constant else base)
+        held = {v.name for v in base}
+        inputs = [i for i in step.graph.input if i.name in used and i.name not in held] + ([] if constant else base)
         del step.graph.input[:]
         step.graph.input.extend(inputs)
         if constant:
