@@ -139,7 +139,9 @@ class _Check:
         m = state.manifest
         self.bundle, self.manifest, self.task, self.labels = state.bundle, m, m.task, m.labels
         self.tokenizer = task_encoder(state.bundle, m)
-        self.cfg = SimpleNamespace(tolerance=tolerance)
+        from .trainer import REFERENCE_LOSS
+
+        self.cfg = SimpleNamespace(tolerance=tolerance, reference_loss_rise=REFERENCE_LOSS)
         enc = lambda rows, where: encode_rows(rows, m.task, self.tokenizer, m.labels, m.train_shape.seq, False, where, log)  # noqa: E731
         self.held_set = enc(load_task_rows(eval_data, m.task, m.labels), str(eval_data)) if eval_data else []
         reference = load_task_rows(state.bundle / "reference.jsonl", m.task, m.labels) if (state.bundle / "reference.jsonl").is_file() else []
