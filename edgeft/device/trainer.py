@@ -282,6 +282,8 @@ class DeviceTrainer:
                 for a, b in frozen:
                     optimizer.params[a:b] = anchor[a:b]  # AdamW's weight decay moves even a zero-gradient weight
             engine.set_params(layout.views(optimizer.params))
+            if step + 1 == job["total_steps"] and hasattr(engine, "drop_step"):
+                engine.drop_step()  # the last step is taken: what follows (best weights, the check) needs the eval step only
             progress["losses"].append(round(loss, 6))
             progress["step"], progress["adam_step"] = step + 1, optimizer.step
             bar.update(step + 1, loss=loss, lr=step_lr, rss_mib=round(rss_mib()))
