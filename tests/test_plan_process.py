@@ -233,3 +233,20 @@ def test_lean_is_chosen_when_the_arena_would_not_fit(tmp_path, lm_bundle, chat_r
     out = trainer.run()
     assert out["plan"]["memory"] == "fast" and not out["plan"]["fits"] and not runtime.lean_memory()
     assert out["losses"] == s["losses"] and isinstance(trainer.tokenizer, PadOnly)
+
+
+def test_export_accepts_a_step_that_fits_only_lean():
+    """`edgeft export`'s check: a step over the budget only by the arena's high-water mark passes with a note
+    (device train will run lean); one over it even without the arena is refused unless forced."""
+    from edgeft.errors import PlanError
+    from edgeft.plan import MemoryPlan, check_plan
+
+    def plan(budget):
+        return MemoryPlan(target="t", budget_mib=budget, base_packed_mib=84, base_rebuilt_mib=36, trainable_mib=7, activations_mib=77,
+                          runtime_mib=160, total_mib=408, batch=1, seq=64, arena_mib=44)
+    notes = []
+    check_plan(plan(400), False, notes.append)
+    assert plan(400).to_dict()["fits_lean"] and not plan(400).fits and "lean" in notes[0] and "lean" in plan(400).render()
+    with pytest.raises(PlanError):
+        check_plan(plan(360), False, notes.append)
+    assert not plan(360).fits_lean and "does NOT fit" in plan(360).render()
