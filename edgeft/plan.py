@@ -32,11 +32,13 @@ MIB = 1 << 20
 # A large base's steps project onto the vocabulary in chunks of at most this many fp32 bytes of the
 # head (edgeft.workstation.vocab_chunks), as a power-of-two row count of at least VOCAB_MIN_ROWS.
 # A large base's step allocates a buffer for every weight it rebuilds and every temporary, freed
-# after use; the allocator's high-water mark sits well above the tensors alive at any moment
-# (SmolLM2 at 1 x 64: about 65 MiB alive at the peak, 300 MiB of arena). Measured on Qwen2.5-0.5B
-# (4 x 128, 2 x 128) and SmolLM2-135M (1 x 64; 4 x 128 checked after): about 0.75 x the activations + 100 MiB.
-ARENA_PER_ACTIVATION = 0.75
-ARENA_FIXED_MIB = 100
+# after use; the allocator keeps a high-water mark above the tensors alive at any moment. Bundles
+# exported before each rebuild waited for its layer (edgeft.workstation.portable_memory.gate_rebuilds)
+# rebuilt every weight at the step's start: 0.75 x the activations + 100 MiB, fitted to Qwen2.5-0.5B
+# (4 x 128, 2 x 128) and SmolLM2-135M (1 x 64); their manifests keep that figure. With the gates,
+# measured on SmolLM2-135M at 1 x 64 (whole `device train`: 395 MiB, BENCHMARKS.md section 5):
+ARENA_PER_ACTIVATION = 0.25
+ARENA_FIXED_MIB = 25
 VOCAB_CHUNK_BYTES = 32 * MIB
 VOCAB_MIN_ROWS = 1024
 
@@ -93,8 +95,21 @@ class MemoryPlan(_Budgeted):
             rows.insert(-2, ("allocator high-water (measured)", self.arena_mib))
         lines = [f"memory plan for {self.target} (budget {self.budget_mib} MiB)"]
         lines += [f"  {name:<36}{mib:>9.0f} MiB" for name, mib in rows]
-        lines.append("  fits" if self.fits else f"  does NOT fit: {self.total_mib - self.budget_mib:.0f} MiB over budget")
+        if self.fits:
+            lines.append("  fits")
+        elif self.fits_lean:
+            lines.append(f"  fits without ONNX Runtime's arena ({self.total_mib - self.arena_mib:.0f} MiB): device train runs lean")
+        else:
+            lines.append(f"  does NOT fit: {self.total_mib - self.budget_mib:.0f} MiB over budget")
         return "\n".join(lines)
+
+    @property
+    def fits_lean(self) -> bool:
+        """Whether it fits without the arena's high-water mark (device train then runs lean: plan_process)."""
+        return self.total_mib - self.arena_mib <= self.budget_mib
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "fits_lean": self.fits_lean}
 
 
 def safetensors_numel(path: Path) -> int:
@@ -220,6 +235,10 @@ def forward_activations(task: str, batch: int, seq: int, hidden: int, inter: int
 def check_plan(plan: MemoryPlan, force: bool, log=print) -> None:
     if plan.fits:
         return
+    if plan.fits_lean:
+        log(f"note: on {plan.target} the step fits its {plan.budget_mib} MiB budget only without ONNX Runtime's arena "
+            f"({plan.total_mib - plan.arena_mib:.0f} MiB planned): device train will run lean there")
+        return
     message = (f"training on {plan.target} needs about {plan.total_mib:.0f} MiB, over its {plan.budget_mib} MiB budget")
     hint = (f"lower the sequence length (--seq {max(8, plan.seq // 2)}) or batch (--batch {max(1, plan.batch // 2)}), "
             "pick a smaller scheme or model, or pass --force to export anyway")
@@ -248,9 +267,11 @@ class ProcessPlan(_Budgeted):
     parts: dict
     total_mib: float
     step_mib: float | None = None
+    memory: str = "fast"  # the allocator it plans for: ONNX Runtime's arena, or lean (edgeft.device.runtime.lean_memory)
 
     def render(self) -> str:
-        lines = [f"memory plan of `edgeft {self.command}` on {self.target} (budget {self.budget_mib} MiB)"]
+        lean = ", lean allocator: no arena" if self.memory == "lean" else ""
+        lines = [f"memory plan of `edgeft {self.command}` on {self.target} (budget {self.budget_mib} MiB{lean})"]
         lines += [f"  {name:<44}{mib:>9.0f} MiB" for name, mib in self.parts.items()]
         lines.append(f"  {'total (estimated peak)':<44}{self.total_mib:>9.0f} MiB")
         lines.append("  fits" if self.fits else f"  does NOT fit: {self.total_mib - self.budget_mib:.0f} MiB over budget")
@@ -273,17 +294,20 @@ def file_bytes(*paths) -> int:
     return total
 
 
-def plan_process(manifest, bundle: Path, command: str, data_bytes: int) -> ProcessPlan | None:
+def plan_process(manifest, bundle: Path, command: str, data_bytes: int, memory: str | None = None) -> ProcessPlan | None:
     """The plan of a `device train` (training step, then the promotion check) or `device eval`
     process from the bundle's step plan, or None for a bundle exported without one.
 
     train: runtime + packed base + trainable x 4 (values, gradients, AdamW moments) + the larger of
       the step's transient memory (fp32 weights rebuilt or held, activations kept for backward) and
       the check's (a causal LM: the training engine's eval step at the training batch; a classifier:
-      one inference session at its batch, built once the engine is freed), + tokenizer + rows.
+      one inference session at its batch, built once the engine is freed), + rows. The tokenizer is
+      not counted: it is dropped once every row is encoded, before the engine is built.
     eval: runtime + packed base + one copy of the trainable weights + the inference graph's rebuilt
       weights and forward pass + tokenizer + rows.
-    A bundle exported before the forward passes were planned counts the step's activations for them."""
+    A bundle exported before the forward passes were planned counts the step's activations for them.
+    memory: "fast" (ONNX Runtime's arena: the step plan's allocator high-water is counted), "lean" (no
+    arena: not counted), or None: fast unless that plan is over the budget (device train on a large base)."""
     step = getattr(manifest, "memory_plan", None) or {}
     if not step:
         return None
@@ -295,9 +319,13 @@ def plan_process(manifest, bundle: Path, command: str, data_bytes: int) -> Proce
     eval_act = step.get("eval_activations_mib") or step["activations_mib"]
     infer_act = step.get("inference_activations_mib") or step["activations_mib"]
     parts = {"runtime": step["runtime_mib"], "packed base": step["base_packed_mib"]}
+    arena = step.get("arena_mib", 0.0) if command == "device train" else 0.0
+    if memory is None and arena:  # lean when the arena would not fit
+        fast = plan_process(manifest, bundle, command, data_bytes, "fast")
+        return fast if fast.fits else plan_process(manifest, bundle, command, data_bytes, "lean")
     if command == "device train":
         parts["trainable params + grads + AdamW"] = step["trainable_mib"]
-        step_peak = rebuilt + step["activations_mib"] + step.get("arena_mib", 0.0)
+        step_peak = rebuilt + step["activations_mib"] + (arena if memory != "lean" else 0.0)
         check = rebuilt + (eval_act if task == "causal-lm" else infer_act)
         parts[f"training step ({step['batch']} x {step['seq']}): weights + activations"] = step_peak
         if check > step_peak:
@@ -306,11 +334,12 @@ def plan_process(manifest, bundle: Path, command: str, data_bytes: int) -> Proce
         parts["trainable params"] = step["trainable_mib"] / 4
         batch = step.get("inference_batch") or step["batch"]
         parts[f"inference ({batch} x {manifest.max_seq_len}): weights + activations"] = step.get("inference_rebuilt_mib", rebuilt) + infer_act
-    parts["tokenizer"] = tokenizer
+    if command != "device train":  # device train drops the tokenizer once the rows are encoded, before the engine is built
+        parts["tokenizer"] = tokenizer
     parts["rows"] = rows
     parts = {k: round(v, 1) for k, v in parts.items()}
     return ProcessPlan(command=command, target=step.get("target", ""), budget_mib=int(step["budget_mib"]), parts=parts,
-                       total_mib=round(sum(parts.values()), 1), step_mib=round(step["total_mib"], 1))
+                       total_mib=round(sum(parts.values()), 1), step_mib=round(step["total_mib"], 1), memory=memory or "fast")
 
 
 def refuse_over_budget(plan: ProcessPlan | None, force: bool, log=print) -> None:

@@ -98,12 +98,12 @@ def test_a_process_over_its_budget_is_refused_unless_forced(tmp_path, lm_bundle,
     path = bundle / "manifest.json"
     manifest = json.loads(path.read_text())
     plan = manifest["memory_plan"]
-    plan["budget_mib"] = int(plan["total_mib"]) + 1  # the step alone fits; the tokenizer and rows do not
+    plan["budget_mib"] = int(plan["total_mib"]) + 1  # the step alone fits; with the rows it does not
     path.write_text(json.dumps(manifest))
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows)
     state = tmp_path / "state"
     r, _ = device("train", "--bundle", bundle, "--state", state, "--data", data, "--max-steps", 2, "--quiet")
-    assert r.exit_code == 9 and "budget" in r.output and "tokenizer" in r.output and "--force" in r.output, r.output
+    assert r.exit_code == 9 and "budget" in r.output and "rows" in r.output and "--force" in r.output, r.output
     assert not state.exists()
     r, s = device("train", "--bundle", bundle, "--state", state, "--data", data, "--max-steps", 2, "--force", "--json", "--quiet")
     assert r.exit_code == 0 and not s["plan"]["fits"], r.output
@@ -197,3 +197,56 @@ def test_a_large_vocabulary_is_never_planned_whole(tmp_path):
     assert chunked.base_rebuilt_mib == round(2 * 8192 * hidden * 4 / MIB, 1) and whole.base_rebuilt_mib > 2 * head_mib - 1
     assert chunked.activations_mib < whole.activations_mib - 2 * 128 * vocab * 4 / MIB
     assert chunked.total_mib < whole.total_mib - head_mib
+
+
+def test_lean_is_chosen_when_the_arena_would_not_fit(tmp_path, lm_bundle, chat_rows, monkeypatch):
+    """A large base's plan counts the arena's high-water mark; when that is what puts the process over its
+    budget, device train runs without the arena (runtime.lean_memory) and plans so: same step, same losses.
+    The tokenizer is dropped once the rows are encoded (not counted in the plan)."""
+    from edgeft.bundle import read_manifest
+    from edgeft.device import runtime
+    from edgeft.device.tokenizer import PadOnly
+    from edgeft.device.trainer import DeviceTrainConfig, DeviceTrainer
+    from edgeft.plan import plan_process
+
+    monkeypatch.setattr(runtime, "_MODE", "fast")
+    monkeypatch.delenv("EDGEFT_MEMORY", raising=False)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(lm_bundle, bundle)
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["memory_plan"]["arena_mib"] = 500.0  # as if it were a large base
+    path.write_text(json.dumps(manifest))
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows)
+    lean = plan_process(read_manifest(bundle), bundle, "device train", 0, "lean")
+    fast = plan_process(read_manifest(bundle), bundle, "device train", 0, "fast")
+    assert fast.total_mib == lean.total_mib + 500 and "tokenizer" not in " ".join(lean.parts)
+    manifest["memory_plan"]["budget_mib"] = int(lean.total_mib) + 20  # rows: a few KiB, planned at 8 MiB at least
+    path.write_text(json.dumps(manifest))
+
+    r, s = device("train", "--bundle", bundle, "--state", tmp_path / "lean", "--data", data, "--max-steps", 2, "--json", "--quiet")
+    assert r.exit_code == 0 and s["plan"]["memory"] == "lean" and s["plan"]["fits"], r.output
+    assert runtime.lean_memory()
+    monkeypatch.setenv("EDGEFT_MEMORY", "fast")  # asked for: planned with the arena, over the budget
+    cfg = DeviceTrainConfig(data=str(data), max_steps=2, force=True)
+    trainer = DeviceTrainer(bundle, tmp_path / "fast", cfg, log=lambda _: None, progress=False)
+    out = trainer.run()
+    assert out["plan"]["memory"] == "fast" and not out["plan"]["fits"] and not runtime.lean_memory()
+    assert out["losses"] == s["losses"] and isinstance(trainer.tokenizer, PadOnly)
+
+
+def test_export_accepts_a_step_that_fits_only_lean():
+    """`edgeft export`'s check: a step over the budget only by the arena's high-water mark passes with a note
+    (device train will run lean); one over it even without the arena is refused unless forced."""
+    from edgeft.errors import PlanError
+    from edgeft.plan import MemoryPlan, check_plan
+
+    def plan(budget):
+        return MemoryPlan(target="t", budget_mib=budget, base_packed_mib=84, base_rebuilt_mib=36, trainable_mib=7, activations_mib=77,
+                          runtime_mib=160, total_mib=408, batch=1, seq=64, arena_mib=44)
+    notes = []
+    check_plan(plan(400), False, notes.append)
+    assert plan(400).to_dict()["fits_lean"] and not plan(400).fits and "lean" in notes[0] and "lean" in plan(400).render()
+    with pytest.raises(PlanError):
+        check_plan(plan(360), False, notes.append)
+    assert not plan(360).fits_lean and "does NOT fit" in plan(360).render()

@@ -218,6 +218,17 @@ class PortableBackend:
         grads, self.grads = self.grads, None
         return grads
 
+    def drop_step(self) -> None:
+        """Free the training step's session (its graph and kernels: tens of MiB for a large base) before the
+        eval step's is built: the best-weights loss and the promotion check run on the eval step alone."""
+        import gc
+
+        from .runtime import trim_heap
+
+        self.step = None
+        gc.collect()
+        trim_heap()
+
     def eval_loss(self, batch: dict) -> float:
         if self.eval is None:
             # planned as the step is (a buffer per tensor, freed after its last use): the promotion check

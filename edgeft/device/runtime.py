@@ -90,15 +90,46 @@ def providers(ort, manifest: Manifest, want_cuda: bool | None = None) -> list[st
 
 _ARENA_REGISTERED = False
 _MMAP_SET = False
+MEMORY_MODES = ("fast", "lean")
+_MODE = "fast"  # set_memory_mode: this process's choice (device train: from its memory plan)
+
+
+def set_memory_mode(mode: str) -> None:
+    """Choose the allocator for this process's sessions from now on ("fast" or "lean"; see lean_memory)."""
+    global _MODE
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"memory mode must be one of {MEMORY_MODES}, got {mode!r}")
+    _MODE = mode
+
+
+def memory_mode() -> str:
+    """EDGEFT_MEMORY=fast|lean when set, else the process's choice (set_memory_mode), else fast."""
+    env = os.environ.get("EDGEFT_MEMORY")
+    return env if env in MEMORY_MODES else _MODE
 
 
 def lean_memory() -> bool:
-    """EDGEFT_MEMORY=lean: freed memory goes back to the OS at once (no ONNX Runtime arena; glibc maps
-    every block over 128 KiB on its own) instead of staying in the process for the next step. Every
-    step then faults its pages in afresh: EfficientNet-Lite0's step (batch 16 x 160 px) peaks at 428
-    MiB instead of 605 and takes 2.4 s instead of 1.5; SmolLM2's is 6x slower (BENCHMARKS.md sections
-    5 and 12). For a board whose budget the plan exceeds; the arena is the default."""
-    return os.environ.get("EDGEFT_MEMORY", "fast") == "lean"
+    """Lean: freed memory goes back to the OS at once (no ONNX Runtime arena; glibc maps every block
+    over 128 KiB on its own) instead of staying in the process for the next step. Every step then
+    faults its pages in afresh: EfficientNet-Lite0's step (batch 16 x 160 px) peaks at 428 MiB instead
+    of 605 and takes 2.4 s instead of 1.5. A large base's step, whose weights are rebuilt one layer at
+    a time (portable_memory.gate_rebuilds), pays little: SmolLM2-135M at 1 x 64 peaks at 360 MiB instead
+    of 395 in about the same time (BENCHMARKS.md section 5). `device train` chooses it when the plan
+    says the arena would not fit the target's budget and lean would (plan.plan_process)."""
+    return memory_mode() == "lean"
+
+
+def trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc's malloc_trim(0); nothing on another libc)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc
 
 
 def configure_session(ort, options) -> None:

@@ -84,3 +84,10 @@ class DeviceTokenizer:
             self._template = env.from_string(self.chat_template)
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      **{k: v for k, v in self.specials.items() if v is not None})
+
+
+class PadOnly:
+    """What is left of a tokenizer once every row is encoded: the id that pads a batch (encode.collate)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,8 @@ from .check import CHECK_ROWS, PromotionCheck, auto_check_rows
 from .progress import ProgressLine
 from .rehearsal import blend, disjoint, head_slices, mixed_batch_ids, mixed_micro_batches, pull_to_previous, split_reference
 from .backends import AdamW, Layout, choose_backend
-from .runtime import peak_rss_mib, rss_mib
+from .runtime import MEMORY_MODES, peak_rss_mib, rss_mib, set_memory_mode, trim_heap
+from .tokenizer import DeviceTokenizer, PadOnly
 from .state import DeviceState, StateError, load_arrays, load_checkpoint, save_arrays, writing
 
 BEST_EVAL_ROWS = 64  # rows of held-out loss at each checkpoint, to pick the best weights cheaply
@@ -139,8 +141,11 @@ class DeviceTrainer:
 
         rows = file_bytes(self.cfg.data, self.cfg.eval_data, self.bundle / "reference.jsonl",
                           self.state_dir / "replay.jsonl", self.state_dir / "replay-check.jsonl")
-        self.plan = plan_process(self.manifest, self.bundle, "device train", rows)
+        asked = os.environ.get("EDGEFT_MEMORY")
+        self.plan = plan_process(self.manifest, self.bundle, "device train", rows, asked if asked in MEMORY_MODES else None)
         refuse_over_budget(self.plan, self.cfg.force, self.log)
+        if self.plan is not None:
+            set_memory_mode(self.plan.memory)  # before any session: lean when the arena would not fit the budget
         self.plan_mib = self.plan.total_mib if self.plan else None
 
     # -- data ----------------------------------------------------------------
@@ -283,6 +288,8 @@ class DeviceTrainer:
                 for a, b in frozen:
                     optimizer.params[a:b] = anchor[a:b]  # AdamW's weight decay moves even a zero-gradient weight
             engine.set_params(layout.views(optimizer.params))
+            if step + 1 == job["total_steps"] and hasattr(engine, "drop_step"):
+                engine.drop_step()  # the last step is taken: what follows (best weights, the check) needs the eval step only
             progress["losses"].append(round(loss, 6))
             progress["step"], progress["adam_step"] = step + 1, optimizer.step
             bar.update(step + 1, loss=loss, lr=step_lr, rss_mib=round(rss_mib()))
@@ -376,10 +383,20 @@ class DeviceTrainer:
             return blend(previous, trained, tried[-1]["blend"])
         return retry
 
+    def release_tokenizer(self) -> None:
+        """Every row is encoded once the job is open (open_job may re-encode a resumed job's replay rows):
+        from here on only the pad id is read. A parsed tokenizer is large (SmolLM2's 79 MiB, more than the
+        packed base), so it is dropped and its pages handed back before the engine is built."""
+        if isinstance(self.tokenizer, DeviceTokenizer):
+            self.tokenizer = PadOnly(self.tokenizer.pad_token_id)
+            gc.collect()
+            trim_heap()
+
     def run(self) -> dict:
         self.prepare_data()
         with self.state.lock():
             job, resumed = self.open_job()
+            self.release_tokenizer()
             try:
                 result = self.train(job, resumed)
             except TrainingDiverged as e:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .portable_memory import clip_masks_from_outputs, constant_names, rebuild_graph, recompute_for_backward
+from .portable_memory import clip_masks_from_outputs, constant_names, gate_rebuilds, rebuild_graph, recompute_for_backward
 from .portable_ops import OPSET, Rewriter, check_standard
 from .vocab_chunks import chunk_vocab, prune_dead
 
@@ -77,9 +77,12 @@ def portable_graph(path: Path, frozen: set[str] = frozenset(), recompute: bool =
             user = [i for i in user if i.name in read or i.name in ("input_ids", "attention_mask", "labels")]
             if info is not None:
                 info.update(chunked)
-    if accumulated and frozen and recompute:
+    if frozen and recompute:
         constants = constant_names(inits, nodes)
-        nodes = recompute_for_backward(nodes, set(frozen), constants, graph.output[0].name)
+        if accumulated:
+            nodes = recompute_for_backward(nodes, set(frozen), constants, graph.output[0].name)
+        types = {i.name: i.type.tensor_type.elem_type for i in graph.input} | {t.name: t.data_type for t in inits}
+        nodes = gate_rebuilds(nodes, set(frozen), constants, {i.name for i in user}, types)
     made = {o for n in nodes for o in n.output}
     new = helper.make_graph(nodes, graph.name, user, outputs, inits, value_info=[v for v in graph.value_info if v.name in made])
     result = helper.make_model(new, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="edgeft")

@@ -70,6 +70,116 @@ def recompute_for_backward(nodes: list, frozen: set[str], constants: set[str], l
     return out
 
 
+# ONNX Runtime's CPU Where takes these element types (float, int64, int32, double, uint8, bool); most preferred first
+WHERE_TYPES = (7, 1, 6, 11, 2, 9)
+
+
+def gate_rebuilds(nodes: list, frozen: set[str], constants: set[str], inputs: set[str] = frozenset(), types: dict | None = None) -> list:
+    """Each weight rebuilt where it is used, not all of them first.
+
+    A node that reads only the packed base and constants is ready when the step starts, and ONNX
+    Runtime's order runs it then: every layer's weight was rebuilt before the first layer ran, and
+    the fp32 weights of the whole base sat in memory together (SmolLM2 int3, 1 x 64: +235 MiB at the
+    step's peak, where one layer's weights are 14 MiB). Here each chain that rebuilds a weight starts
+    only once the activation of its first user exists: one input of each of the chain's first nodes
+    passes through Where(m == m, x, x) with m = ReduceMax(activation), which is x whatever the condition, so
+    the values do not change; ReduceMax over the activation and a copy of a small input (a constant
+    or a slice's bounds where there is one) are all it costs. The first user is the earliest in the
+    (topological) node order, so the activation never depends on the chain: no cycle.
+    `inputs`: the graph's inputs (never worth waiting for); `types`: element types of the graph's
+    inputs and initializers (Where is gated on a type ONNX Runtime's CPU kernel takes)."""
+    from onnx import helper
+
+    types = dict(types or {})
+    for n in nodes:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            types[n.output[0]] = n.attribute[0].t.data_type
+    base = set(frozen)
+    rebuild = set()
+    for n in nodes:
+        if rebuilds_base(n, base, constants):
+            base.update(o for o in n.output if o)
+            rebuild.add(id(n))
+    index = {id(n): i for i, n in enumerate(nodes)}
+    producer = {o: n for n in nodes for o in n.output if o}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    first_user: dict[int, object] = {}  # rebuild node -> the earliest non-rebuild node reading its chain
+    for n in reversed(nodes):
+        if id(n) not in rebuild:
+            continue
+        best = None
+        for o in n.output:
+            for c in consumers.get(o, []):
+                cand = first_user.get(id(c)) if id(c) in rebuild else c
+                if cand is not None and (best is None or index[id(cand)] < index[id(best)]):
+                    best = cand
+        if best is not None:
+            first_user[id(n)] = best
+    gates: dict[str, str] = {}  # activation -> its condition
+    extra: dict[int, list] = {}  # node position -> nodes to insert before it
+    for n in nodes:
+        if id(n) not in rebuild or any(i in producer and id(producer[i]) in rebuild for i in n.input):
+            continue  # not the start of a chain
+        user = first_user.get(id(n))
+        act = next((i for i in (user.input if user is not None else []) if i and i not in base and i not in constants and i not in inputs), None)
+        if act is None:
+            continue
+        # gate a small input: a constant (a slice's bounds: a few bytes) before a frozen one (scales before codes)
+        rank = lambda k: (n.input[k] not in constants, WHERE_TYPES.index(types[n.input[k]]))  # noqa: E731
+        slots = [k for k, i in enumerate(n.input) if i and types.get(i) in WHERE_TYPES]
+        if not slots:
+            continue
+        slot = min(slots, key=rank)
+        where = index[id(n)]
+        made = []
+        if act not in gates:
+            gates[act] = f"{act}::gate"
+            made += [helper.make_node("ReduceMax", [act], [act + "::gate_max"], keepdims=0, name=act + "::gate_max"),
+                     helper.make_node("Equal", [act + "::gate_max", act + "::gate_max"], [gates[act]], name=act + "::gate")]
+        x = n.input[slot]
+        gated = f"{x}::gated{index[id(n)]}"
+        made.append(helper.make_node("Where", [gates[act], x, x], [gated], name=gated))
+        n.input[slot] = gated
+        extra.setdefault(where, []).extend(made)
+    if not extra:
+        return nodes
+    listed = []
+    for i, n in enumerate(nodes):
+        listed.extend(extra.get(i, []))
+        listed.append(n)
+    return topological(listed)
+
+
+def topological(nodes: list) -> list:
+    """`nodes` in an order where each comes after the producers of its inputs, otherwise as listed."""
+    import heapq
+
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
+    waiting = [0] * len(nodes)
+    users: dict[int, list] = {}
+    for k, n in enumerate(nodes):
+        deps = {producer[i] for i in n.input if i in producer and producer[i] != k}
+        waiting[k] = len(deps)
+        for d in deps:
+            users.setdefault(d, []).append(k)
+    ready = [k for k in range(len(nodes)) if not waiting[k]]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        k = heapq.heappop(ready)
+        out.append(nodes[k])
+        for u in users.get(k, []):
+            waiting[u] -= 1
+            if not waiting[u]:
+                heapq.heappush(ready, u)
+    if len(out) != len(nodes):
+        raise ValueError("gating the rebuilds made a cycle")
+    return out
+
+
 def _clone_chain(name: str, producer: dict, derived: set[str], clones: dict) -> list:
     """Copies of the nodes computing `name` from what stays alive, in order, with fresh output names."""
     from onnx import NodeProto
