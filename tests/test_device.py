@@ -287,7 +287,7 @@ def test_causal_lm_trains_and_generates_on_device(tmp_path, lm_bundle, chat_rows
 
 
 def test_sign_test_separates_noise_from_regression():
-    from edgeft.device.trainer import sign_test
+    from edgeft.device.guard import sign_test
 
     assert sign_test([True] * 10, [True] * 10) == 1.0
     assert sign_test([True] * 8 + [False] * 2, [False] * 8 + [True] * 2) < 0.06  # lost 8, won 2

@@ -397,7 +397,8 @@ def test_guard_rejects_a_classifier_whose_reference_loss_rises_against_the_origi
     """Forgetting shows in the reference rows' loss before 128 rows' accuracy can tell it from chance."""
     from types import SimpleNamespace
 
-    from edgeft.device.trainer import REFERENCE_LOSS, DeviceTrainer
+    from edgeft.device.guard import REFERENCE_LOSS
+    from edgeft.device.trainer import DeviceTrainer
 
     owner = SimpleNamespace(task="classify", cfg=SimpleNamespace(tolerance=0.01, reference_loss_rise=0.05))
     same = [True] * 90 + [False] * 38

@@ -219,7 +219,7 @@ def render(path: Path) -> None:
             if not g["promoted"]:
                 print(f"  {r['mode']} seed {r['seed']} gen {g['generation']}: {g['reason']}")
     if metric.higher:  # classify: what today's earlier-rows loss rule decides on the recorded check (a run made before it)
-        from edgeft.device.trainer import EARLIER_LOSS
+        from edgeft.device.guard import EARLIER_LOSS
 
         for r in report["results"]:
             for g in r["generations"]:

@@ -139,7 +139,7 @@ class _Check:
         m = state.manifest
         self.bundle, self.manifest, self.task, self.labels = state.bundle, m, m.task, m.labels
         self.tokenizer = task_encoder(state.bundle, m)
-        from .trainer import REFERENCE_LOSS
+        from .guard import REFERENCE_LOSS
 
         self.cfg = SimpleNamespace(tolerance=tolerance, reference_loss_rise=REFERENCE_LOSS)
         enc = lambda rows, where: encode_rows(rows, m.task, self.tokenizer, m.labels, m.train_shape.seq, False, where, log)  # noqa: E731

@@ -84,7 +84,8 @@ def train(bundle, state_dir, data, eval_data, epochs, max_steps, lr, replay_rati
     Killed midway, the same command resumes from the last checkpoint.
     """
     from .learner import Learner
-    from .trainer import BLEND, BLEND_BACKOFF, FREEZE_HEAD, L2_PREVIOUS, REFERENCE_LOSS, REPLAY_RATIO
+    from .guard import REFERENCE_LOSS
+    from .trainer import BLEND, BLEND_BACKOFF, FREEZE_HEAD, L2_PREVIOUS, REPLAY_RATIO
 
     log = lambda m: click.echo(m, err=True)  # noqa: E731
     learner = Learner(bundle, state_dir, verify=False, log=log)  # the trainer verifies the bundle
