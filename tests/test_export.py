@@ -99,6 +99,9 @@ def assert_vocab_chunked(bundle, chunks):
     inference = onnx.load(str(bundle / "inference_model.onnx")).graph  # the head chunk by chunk, logits concatenated
     concat = [n for n in inference.node if n.op_type == "Concat" and len(n.input) == chunks]
     assert bool(concat) is (chunks is not None)
+    # a large base's inference graph rebuilds each weight once its layer's input exists (Where(c, x, x) gates)
+    gates = [n for n in inference.node if n.op_type == "Where" and n.input[1] == n.input[2]]
+    assert bool(gates) is (chunks is not None)
 
 
 def assert_backward_recomputes(bundle, holds_base: bool):

@@ -199,7 +199,8 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
         release_memory()
         profile_mark("  graphs: the base as inputs, rebuilt by standard ops")
         base_names = base_as_inputs(work / "loss.onnx", work / "loss.onnx", packed, {n: expected["start"][n] for n in trainable})
-        base_as_inputs(work / "logits.onnx", tmp / "inference_model.onnx", packed, {}, short=True, chunk_head=bool(plan.vocab_chunk_rows))
+        base_as_inputs(work / "logits.onnx", tmp / "inference_model.onnx", packed, {}, short=True, chunk_head=bool(plan.vocab_chunk_rows),
+                       gate=not plan.holds_base)
         frozen.update({name: value for p in packed for name, value in packed_tensors(p).items()})
         _save_frozen(frozen, tmp / FROZEN)
         layouts = {p.name: Layout.of(p) for p in packed}  # what the portable step needs to rebuild parts of a weight

@@ -120,13 +120,14 @@ def add_layernorm_stats(model) -> None:
 
 
 def base_as_inputs(source: Path, target: Path, packed: list[PackedWeight], initial: dict, short: bool = False,
-                   chunk_head: bool = False) -> list[str]:
+                   chunk_head: bool = False, gate: bool = False) -> list[str]:
     """An exported graph (every parameter an input, export_params=False) made into a bundle graph:
     the parameters in `initial` (the trainable ones, for ORT's training artifacts) become initializers,
     each packed weight a subgraph rebuilding it from its packed tensors, which like every other
     frozen tensor stay inputs; `short`: with shortened value names; `chunk_head`: the vocabulary
-    projection chunk by chunk (vocab_chunks.chunk_head_logits). Returns the frozen input names
-    (what base.safetensors holds)."""
+    projection chunk by chunk (vocab_chunks.chunk_head_logits); `gate`: each weight rebuilt only once
+    its layer's input exists (portable_memory.gate_rebuilds), not the whole base first. Returns the
+    frozen input names (what base.safetensors holds)."""
     import onnx
     from onnx import numpy_helper
 
@@ -143,6 +144,10 @@ def base_as_inputs(source: Path, target: Path, packed: list[PackedWeight], initi
 
         chunk_head_logits(model, {p.name: Layout.of(p) for p in packed if p.name in names})
     add_layernorm_stats(model)
+    if gate:
+        from .portable_memory import gate_graph
+
+        gate_graph(model.graph, USER_INPUTS)
     model.ir_version = IR_VERSION
     if short:
         shorten_names(model)

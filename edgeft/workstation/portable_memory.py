@@ -74,6 +74,15 @@ def recompute_for_backward(nodes: list, frozen: set[str], constants: set[str], l
 WHERE_TYPES = (7, 1, 6, 11, 2, 9)
 
 
+def gate_graph(graph, user: set[str]) -> None:
+    """gate_rebuilds on a whole graph, in place: every graph input but `user` is the frozen base."""
+    frozen = {i.name for i in graph.input if i.name not in user}
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input} | {t.name: t.data_type for t in graph.initializer}
+    nodes = gate_rebuilds(list(graph.node), frozen, constant_names(graph.initializer, graph.node), set(user), types)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def gate_rebuilds(nodes: list, frozen: set[str], constants: set[str], inputs: set[str] = frozenset(), types: dict | None = None) -> list:
     """Each weight rebuilt where it is used, not all of them first.
 
