@@ -386,3 +386,31 @@ def test_rows_cut_before_their_answer_are_refused_on_the_device(tmp_path, lm_bun
     state = tmp_path / "state"
     r, _ = device("train", "--bundle", lm_bundle, "--state", state, "--data", data, "--max-steps", 1, "--quiet")
     assert r.exit_code == 3 and "no row keeps an answer token within 32 tokens" in r.output and "shorten the prompts" in r.output
+
+
+def test_adamw_in_slices_equals_adamw_whole(cls_bundle, monkeypatch):
+    """The optimizer graph runs over slices of the flat vectors (bounded temporaries): the values of
+    one run over all of them, and the caller's earlier parameters are left as they were."""
+    from edgeft.bundle import read_manifest
+    from edgeft.device.backends import AdamW, Layout
+
+    from safetensors.numpy import load_file
+
+    manifest = read_manifest(cls_bundle)
+    adapter = load_file(str(cls_bundle / "adapter" / "adapter_model.safetensors"))
+    params = {n: adapter[k] for n, k in manifest.trainable.items()}
+    layout = Layout({n: v.shape for n, v in params.items()})
+    runs = {}
+    for chunk in (layout.size, 7):
+        monkeypatch.setattr(AdamW, "CHUNK", chunk)
+        opt = AdamW(cls_bundle, manifest, layout, params)
+        first = opt.params
+        kept = first.copy()
+        for step in range(3):
+            opt.update(np.random.default_rng(step).standard_normal(layout.size).astype(np.float32), 1e-2)
+        np.testing.assert_array_equal(first, kept)
+        runs[chunk] = (opt.params, opt.exp_avg, opt.exp_avg_sq)
+    assert layout.size > 7 * 3
+    for whole, sliced in zip(runs[layout.size], runs[7]):  # to fp32 rounding: ORT's vector and scalar loops round apart
+        np.testing.assert_allclose(sliced, whole, rtol=1e-6, atol=1e-7)
+    assert not np.array_equal(runs[7][0], layout.flatten(params))  # it moved
