@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import BundleError, Manifest
-from .runtime import check_inference, configure_session, onnxruntime, plan_for_training, providers, threads, training_api, training_session
+from .runtime import (check_inference, configure_session, lean_memory, onnxruntime, plan_for_training, providers, threads, training_api,
+                      training_session)
 from .state import StateError
 
 
@@ -104,6 +105,18 @@ class AdamW:
             params[a:b], self.exp_avg[a:b], self.exp_avg_sq[a:b] = self.session.run(None, {
                 **scalars, "params": self.params[a:b], "grads": grads[a:b], "exp_avg": self.exp_avg[a:b], "exp_avg_sq": self.exp_avg_sq[a:b]})
         self.params = params
+
+    def release_arena(self) -> None:
+        """Hand the shared CPU arena's free regions (the step's buffers, freed) back to the OS, through a
+        one-value run of this graph: before the eval step's session is built and run beside them. Qwen2.5-
+        0.5B on the Pi 4 profile: 1338 -> 662 MiB after the last step; the promotion check then peaked
+        at 1705 MiB, 1.2 x the plan. Nothing to do without an arena (lean)."""
+        if lean_memory():
+            return
+        options = check_inference().RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        one = np.zeros(1, np.float32)
+        self.session.run(None, {"lr": np.array(0, np.float32), "step": np.array(1, np.float32), "params": one, "grads": one, "exp_avg": one, "exp_avg_sq": one}, options)
 
     def arrays(self) -> dict:
         return {"params": self.params, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}

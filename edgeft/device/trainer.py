@@ -291,6 +291,7 @@ class DeviceTrainer:
             progress["step"], progress["adam_step"] = step + 1, optimizer.step
             bar.update(step + 1, loss=loss, lr=step_lr, rss_mib=round(rss_mib()))
             if progress["step"] % cfg.checkpoint_every == 0 or progress["step"] == job["total_steps"]:
+                optimizer.release_arena()  # the eval step (best weights, then the check) runs beside what the step freed
                 if cfg.keep_best:
                     self.track_best(engine, layout.views(optimizer.params), progress)
                 self.save_checkpoint(optimizer, progress)
