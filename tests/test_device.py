@@ -391,10 +391,10 @@ def test_rows_cut_before_their_answer_are_refused_on_the_device(tmp_path, lm_bun
 def test_adamw_in_slices_equals_adamw_whole(cls_bundle, monkeypatch):
     """The optimizer graph runs over slices of the flat vectors (bounded temporaries): the values of
     one run over all of them, and the caller's earlier parameters are left as they were."""
+    from safetensors.numpy import load_file
+
     from edgeft.bundle import read_manifest
     from edgeft.device.backends import AdamW, Layout
-
-    from safetensors.numpy import load_file
 
     manifest = read_manifest(cls_bundle)
     adapter = load_file(str(cls_bundle / "adapter" / "adapter_model.safetensors"))

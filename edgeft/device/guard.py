@@ -48,4 +48,3 @@ def sign_test(before: list[bool], after: list[bool]) -> float:
     lost = sum(b and not a for b, a in zip(before, after))
     changed = lost + sum(a and not b for b, a in zip(before, after))
     return sum(math.comb(changed, k) for k in range(lost, changed + 1)) / 2**changed if changed else 1.0
-
