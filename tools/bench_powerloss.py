@@ -112,7 +112,15 @@ def record(bundle: Path, work: Path, files: list[list[dict]], min_rows: int = 8,
 
 
 def pending_rows(state: Path) -> int:
-    return sum(len(p.read_text().splitlines()) for p in (state / "learner" / "pending").glob("*.jsonl"))
+    """Rows waiting in the live service's pending batches; a batch it finishes while we count is skipped,
+    its rows are in a round or the history by the time the caller looks again."""
+    rows = 0
+    for p in (state / "learner" / "pending").glob("*.jsonl"):
+        try:
+            rows += len(p.read_text().splitlines())
+        except FileNotFoundError:
+            pass
+    return rows
 
 
 def phase(e: dict) -> str:
