@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .errors import PlanError  # defined in errors.py (the one exit-code table)
@@ -41,6 +41,9 @@ ARENA_PER_ACTIVATION = 0.25
 ARENA_FIXED_MIB = 25
 VOCAB_CHUNK_BYTES = 32 * MIB
 VOCAB_MIN_ROWS = 1024
+# `device eval` of a causal LM: at 4 x 256 SmolLM2's 192 MiB of logits and the activations behind them
+# took the process to 1744 MiB; one row at a time, 576 (BENCHMARKS.md section 5), in about the same time
+INFER_LOGITS_BYTES = 64 * MIB
 
 
 def vocab_chunk_rows(vocab: int, hidden: int, chunk_bytes: int = VOCAB_CHUNK_BYTES, min_rows: int = VOCAB_MIN_ROWS) -> int:
@@ -85,6 +88,13 @@ class MemoryPlan(_Budgeted):
     inference_batch: int = 0
     inference_rebuilt_mib: float = 0.0  # the inference graph rebuilds the head whole
     arena_mib: float = 0.0  # the allocator's high-water mark above the live tensors (a large base)
+    measured_step_mib: dict | None = None  # {"fast", "lean"}: the step measured at export (edgeft.device.step_probe)
+
+    def with_measured(self, measured: dict | None) -> MemoryPlan:
+        """This plan with the step export measured: its total takes the larger of the formula and the measurement."""
+        fixed = self.total_mib - step_transient_mib(asdict(self), lean=False)
+        plan = replace(self, measured_step_mib=measured)
+        return replace(plan, total_mib=fixed + step_transient_mib(asdict(plan), lean=False))
 
     def render(self) -> str:
         rebuilt = "fp32 base held for backward" if self.holds_base else "fp32 weights rebuilt at the peak"
@@ -93,12 +103,15 @@ class MemoryPlan(_Budgeted):
                 ("runtime", self.runtime_mib), ("total (estimated peak)", self.total_mib)]
         if self.arena_mib:
             rows.insert(-2, ("allocator high-water (measured)", self.arena_mib))
+        above = step_transient_mib(asdict(self), lean=False) - step_transient_mib({**asdict(self), "measured_step_mib": None}, lean=False)
+        if above > 0:
+            rows.insert(-2, ("step measured at export: above these", above))
         lines = [f"memory plan for {self.target} (budget {self.budget_mib} MiB)"]
         lines += [f"  {name:<36}{mib:>9.0f} MiB" for name, mib in rows]
         if self.fits:
             lines.append("  fits")
         elif self.fits_lean:
-            lines.append(f"  fits without ONNX Runtime's arena ({self.total_mib - self.arena_mib:.0f} MiB): device train runs lean")
+            lines.append(f"  fits without ONNX Runtime's arena ({self.lean_total_mib:.0f} MiB): device train runs lean")
         else:
             lines.append(f"  does NOT fit: {self.total_mib - self.budget_mib:.0f} MiB over budget")
         return "\n".join(lines)
@@ -106,10 +119,23 @@ class MemoryPlan(_Budgeted):
     @property
     def fits_lean(self) -> bool:
         """Whether it fits without the arena's high-water mark (device train then runs lean: plan_process)."""
-        return self.total_mib - self.arena_mib <= self.budget_mib
+        return self.lean_total_mib <= self.budget_mib
+
+    @property
+    def lean_total_mib(self) -> float:
+        d = asdict(self)
+        return self.total_mib - step_transient_mib(d, lean=False) + step_transient_mib(d, lean=True)
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "fits_lean": self.fits_lean}
+
+
+def step_transient_mib(step: dict, lean: bool) -> float:
+    """What a training step holds above the loaded engine (a MemoryPlan's dict): the formula's rebuilt
+    weights and activations, plus the arena's high-water mark unless lean, or what export measured
+    where that is more."""
+    formula = step["base_rebuilt_mib"] + step["activations_mib"] + (0.0 if lean else step.get("arena_mib", 0.0))
+    return max(formula, (step.get("measured_step_mib") or {}).get("lean" if lean else "fast", 0.0))
 
 
 def safetensors_numel(path: Path) -> int:
@@ -152,7 +178,7 @@ def plan_memory(model_dir: Path, adapter_dir: Path, target, task: str, batch: in
     activations = layers * (tokens * (10 * hidden + 2 * inter) + batch * heads * seq * seq) * 4
     if task == "causal-lm":  # at most every position: log-probabilities, softmax, gradient (chunked: a chunk's logits, exp, two temporaries)
         activations += tokens * (chunk * 4 if chunk else vocab * 3) * 4
-    infer_batch = inference_batch(task, batch)
+    infer_batch = inference_batch(task, batch, seq, vocab)
     forward = forward_activations(task, batch, seq, hidden, inter, heads, chunk or vocab, labelled_only=True)
     inference = forward_activations(task, infer_batch, seq, hidden, inter, heads, vocab, labelled_only=False)
     # the largest weight rebuilt whole: the head unless chunked (an embedding is looked up on its packed rows)
@@ -216,9 +242,13 @@ def plan_image_memory(model_dir: Path, adapter_dir: Path, target, batch: int, si
                       **{k: round(v, 1) for k, v in parts.items()})
 
 
-def inference_batch(task: str, train_batch: int) -> int:
-    """The batch `edgeft device eval` runs the inference graph at (edgeft.device.infer.Predictor)."""
-    return train_batch if task == "causal-lm" else 16
+def inference_batch(task: str, train_batch: int, seq: int = 0, vocab: int = 0) -> int:
+    """The batch `edgeft device eval` runs the inference graph at (edgeft.device.infer.Predictor): a
+    causal LM's graph returns (batch, seq, vocab) fp32 logits, so as many rows as keep them under
+    INFER_LOGITS_BYTES (one row for SmolLM2 or Qwen2.5 at 256 tokens), never more than the training batch."""
+    if task != "causal-lm":
+        return 16
+    return max(1, min(train_batch, INFER_LOGITS_BYTES // max(1, seq * vocab * 4))) if seq and vocab else train_batch
 
 
 def forward_activations(task: str, batch: int, seq: int, hidden: int, inter: int, heads: int, vocab: int, labelled_only: bool) -> float:
@@ -237,7 +267,7 @@ def check_plan(plan: MemoryPlan, force: bool, log=print) -> None:
         return
     if plan.fits_lean:
         log(f"note: on {plan.target} the step fits its {plan.budget_mib} MiB budget only without ONNX Runtime's arena "
-            f"({plan.total_mib - plan.arena_mib:.0f} MiB planned): device train will run lean there")
+            f"({plan.lean_total_mib:.0f} MiB planned): device train will run lean there")
         return
     message = (f"training on {plan.target} needs about {plan.total_mib:.0f} MiB, over its {plan.budget_mib} MiB budget")
     hint = (f"lower the sequence length (--seq {max(8, plan.seq // 2)}) or batch (--batch {max(1, plan.batch // 2)}), "
@@ -307,7 +337,8 @@ def plan_process(manifest, bundle: Path, command: str, data_bytes: int, memory: 
       weights and forward pass + tokenizer + rows.
     A bundle exported before the forward passes were planned counts the step's activations for them.
     memory: "fast" (ONNX Runtime's arena: the step plan's allocator high-water is counted), "lean" (no
-    arena: not counted), or None: fast unless that plan is over the budget (device train on a large base)."""
+    arena: not counted), or None: fast unless that plan is over the budget (device train only).
+    A step export measured (step_probe) counts for what it measured where that is more than the formula."""
     step = getattr(manifest, "memory_plan", None) or {}
     if not step:
         return None
@@ -319,13 +350,12 @@ def plan_process(manifest, bundle: Path, command: str, data_bytes: int, memory: 
     eval_act = step.get("eval_activations_mib") or step["activations_mib"]
     infer_act = step.get("inference_activations_mib") or step["activations_mib"]
     parts = {"runtime": step["runtime_mib"], "packed base": step["base_packed_mib"]}
-    arena = step.get("arena_mib", 0.0) if command == "device train" else 0.0
-    if memory is None and arena:  # lean when the arena would not fit
+    if memory is None and command == "device train":  # lean when the arena would not fit
         fast = plan_process(manifest, bundle, command, data_bytes, "fast")
         return fast if fast.fits else plan_process(manifest, bundle, command, data_bytes, "lean")
     if command == "device train":
         parts["trainable params + grads + AdamW"] = step["trainable_mib"]
-        step_peak = rebuilt + step["activations_mib"] + (arena if memory != "lean" else 0.0)
+        step_peak = step_transient_mib(step, lean=memory == "lean")
         check = rebuilt + (eval_act if task == "causal-lm" else infer_act)
         parts[f"training step ({step['batch']} x {step['seq']}): weights + activations"] = step_peak
         if check > step_peak:

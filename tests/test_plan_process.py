@@ -216,6 +216,7 @@ def test_lean_is_chosen_when_the_arena_would_not_fit(tmp_path, lm_bundle, chat_r
     path = bundle / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["memory_plan"]["arena_mib"] = 500.0  # as if it were a large base
+    manifest["memory_plan"]["measured_step_mib"] = None  # the formula alone (a bundle exported before the measurement)
     path.write_text(json.dumps(manifest))
     data = write_jsonl(tmp_path / "d.jsonl", chat_rows)
     lean = plan_process(read_manifest(bundle), bundle, "device train", 0, "lean")
@@ -250,3 +251,64 @@ def test_export_accepts_a_step_that_fits_only_lean():
     with pytest.raises(PlanError):
         check_plan(plan(360), False, notes.append)
     assert not plan(360).fits_lean and "does NOT fit" in plan(360).render()
+
+
+def test_a_step_measured_above_its_formula_is_planned_as_measured(lm_bundle):
+    """Export measures the step (edgeft.device.step_probe) in both allocator modes; the plans count the
+    larger of the formula and the measurement, for the step's own plan and the whole process's."""
+    from edgeft.bundle import read_manifest
+    from edgeft.plan import MemoryPlan, plan_process
+
+    step = read_manifest(lm_bundle).memory_plan
+    assert set(step["measured_step_mib"]) == {"fast", "lean"} and step["measured_step_mib"]["fast"] > 0  # this export measured it
+    plan = MemoryPlan(target="t", budget_mib=1000, base_packed_mib=84, base_rebuilt_mib=36, trainable_mib=7, activations_mib=77,
+                      runtime_mib=160, total_mib=408, batch=1, seq=64, arena_mib=44)
+    assert plan.with_measured({"fast": 100.0, "lean": 90.0}).total_mib == 408  # under the formula: the formula stands
+    hot = plan.with_measured({"fast": 657.0, "lean": 600.0})  # Gemma-3-like: twice the formula
+    assert hot.total_mib == 408 - 157 + 657 and hot.lean_total_mib == 251 + 600 and hot.fits
+    assert "step measured at export" in hot.render() and not replace_budget(hot, 800).fits and not replace_budget(hot, 800).fits_lean
+    assert replace_budget(hot, 860).fits_lean
+
+    class Manifest:
+        task, max_seq_len, memory_plan = "causal-lm", 64, {**hot.to_dict(), "measured_step_mib": {"fast": 657.0, "lean": 600.0}}
+    fast = plan_process(Manifest, lm_bundle, "device train", 0, "fast")
+    lean = plan_process(Manifest, lm_bundle, "device train", 0, "lean")
+    assert fast.parts["training step (1 x 64): weights + activations"] == 657 and fast.total_mib - lean.total_mib == 57
+
+
+def replace_budget(plan, budget):
+    from dataclasses import replace
+
+    return replace(plan, budget_mib=budget)
+
+
+def test_device_eval_keeps_a_causal_lms_logits_bounded():
+    """One row at a time where a batch's (B, S, V) logits would pass INFER_LOGITS_BYTES; a classifier's are tiny."""
+    from edgeft.plan import inference_batch
+
+    assert inference_batch("causal-lm", 4, 256, 49152) == 1  # SmolLM2: 48 MiB a row
+    assert inference_batch("causal-lm", 8, 64, 49152) == 5  # 64 MiB // 12 MiB a row
+    assert inference_batch("causal-lm", 4, 64, 49152) == 4  # never more than the training batch
+    assert inference_batch("causal-lm", 4, 128, 262144) == 1  # Gemma-3: 128 MiB a row, still one
+    assert inference_batch("classify", 4, 128, 3) == 16
+
+
+def test_evaluation_order_changes_no_metric_and_no_rows_verdict(tmp_path, cls_bundle):
+    """Rows run longest first; the loss and each row's right/wrong come back as if in file order."""
+    from edgeft.device.learner import Learner
+
+    learner = Learner(cls_bundle, tmp_path / "state")
+    texts = ["sad", "i loved it so much today", "great", "terrible day and a sad movie too", "awful", "what a great movie"]
+    said = [p["label"] for p in learner.predict(texts)]
+    other = {"pos": "neg", "neg": "pos"}
+    wrong = [False, True, True, False, True, False]  # rows of every length, right and wrong
+    rows = [{"text": t, "label": other[y] if w else y} for t, y, w in zip(texts, said, wrong)]
+    from edgeft.device.data import encode_rows
+
+    m = learner.manifest
+    encoded = encode_rows(rows, m.task, learner.tokenizer, m.labels, m.max_seq_len, where="rows", warn=lambda _: None)
+    model = learner.model()
+    out = model.evaluate(encoded, per_row=True)
+    assert out["correct"] == [not w for w in wrong]
+    back = model.evaluate(encoded[::-1], per_row=True)
+    assert back["correct"] == out["correct"][::-1] and abs(back["eval_loss"] - out["eval_loss"]) < 1e-9

@@ -10,6 +10,7 @@ import numpy as np
 from ..bundle import Manifest
 from ..encode import IGNORE, Encoded, collate
 from ..metrics import classification_metrics
+from ..plan import inference_batch
 from .runtime import inference_session
 
 
@@ -38,8 +39,8 @@ class Predictor:
         self.session = inference_session(bundle, manifest, params, want_cuda)
         self.task, self.labels, self.tokenizer = manifest.task, manifest.labels, tokenizer
         self.seq = manifest.max_seq_len
-        # a causal LM's logits are (batch x seq x vocabulary): evaluate at the training batch
-        self.eval_batch = manifest.train_shape.batch if self.task == "causal-lm" else 16
+        vocab = self.session.get_outputs()[0].shape[-1]
+        self.eval_batch = inference_batch(self.task, manifest.train_shape.batch, self.seq, vocab if isinstance(vocab, int) else 0)
 
     def set_params(self, params: dict) -> None:
         """Another generation's trainable weights in the same session (they are graph inputs)."""
@@ -54,17 +55,22 @@ class Predictor:
     def evaluate(self, encoded: list, per_row: bool = False) -> dict:
         """The workstation's metrics: loss + accuracy/macro-F1, or loss + perplexity over answer tokens.
         `per_row` adds "correct" (classify): which rows were right, for a paired comparison."""
-        loss_sum, count, correct = 0.0, 0, []
+        loss_sum, count, correct = 0.0, 0, [False] * len(encoded)
         confusion = np.zeros((len(self.labels), len(self.labels)))
-        for i in range(0, len(encoded), self.eval_batch):
-            b = collate(encoded[i : i + self.eval_batch], self.tokenizer.pad_token_id)
+        # longest rows first: every later batch's tensors then fit in the arena's free blocks (rows in
+        # file order grew SmolLM2's evaluation from 378 to 805 MiB), and a batch pads its rows less
+        order = sorted(range(len(encoded)), key=lambda k: -len(encoded[k].input_ids))
+        for i in range(0, len(order), self.eval_batch):
+            at = order[i : i + self.eval_batch]
+            b = collate([encoded[k] for k in at], self.tokenizer.pad_token_id)
             logits = self.session.run(None, {k: v for k, v in b.items() if k != "labels"})[0]
             if self.task != "causal-lm":
                 y = b["labels"]
                 loss_sum -= token_log_probs(logits, y).sum()
                 count += len(y)
                 np.add.at(confusion, (y, logits.argmax(-1)), 1)
-                correct += (logits.argmax(-1) == y).tolist()
+                for k, right in zip(at, (logits.argmax(-1) == y).tolist()):
+                    correct[k] = right
             else:
                 rows, cols = np.nonzero(b["labels"][:, 1:] != IGNORE)  # position t predicts the label at t + 1
                 step = max(1, SLICE_BYTES // (4 * logits.shape[-1]))

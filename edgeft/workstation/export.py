@@ -244,7 +244,7 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
             "base_bytes_per_param": round(base_bytes / max(base_params, 1), 4), "trainable_params": trainable_params,
             "parity": parity,
         }
-        write_manifest(tmp, {
+        values = {
             "edgeft_version": __version__, "task": task, "labels": labels, "target": target.to_dict(source=False), "scheme": scheme.name,
             "model_type": model_type, "base": meta["base"],  # name + fingerprint, no path
             "trainable": {n: peft_key(n) for n in trainable},
@@ -256,11 +256,29 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
             "inference": {"file": "inference_model.onnx", "disabled_optimizers": INFERENCE_DISABLED_OPTIMIZERS},
             "parity": parity, "base_bytes_per_param": summary["base_bytes_per_param"], "memory_plan": plan.to_dict(),
             "reference": {"file": REFERENCE, "rows": len(retained)} if retained else None,
-        })
+        }
+        write_manifest(tmp, values)
+        stage("measuring the device's training step (memory)", "report the model and target with the log")
+        plan = measured_plan(tmp, plan, force, log)
+        values["memory_plan"] = plan.to_dict()
+        write_manifest(tmp, values)
         summary["memory_plan"] = plan.to_dict()
         summary["bundle_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         summary["bundle_bytes_per_base_param"] = round(summary["bundle_bytes"] / max(base_params, 1), 4)
     return summary
+
+
+def measured_plan(bundle: Path, plan, force: bool, log):
+    """`plan` with the bundle's step measured (edgeft.device.step_probe), checked against the budget again:
+    a step that measures over the budget is refused like a planned one, and nothing is left behind."""
+    from ..device.step_probe import measure_step
+    from ..plan import check_plan
+
+    measured = plan.with_measured(measure_step(bundle))
+    if measured.total_mib > plan.total_mib:
+        log(f"note: the step measured {measured.total_mib - plan.total_mib:.0f} MiB above its formula; the plan counts the measurement")
+    check_plan(measured, force, log)
+    return measured
 
 
 def _export_images(meta: dict, target, out: Path, base_model: str, batch, reference, force: bool, log) -> dict:
