@@ -286,16 +286,53 @@ def curves(args) -> dict:
     return result
 
 
-def timed(cmd: list[str], threads: int) -> tuple[dict, float, float, str]:
-    """(JSON summary, wall seconds, the kernel's peak RSS in MiB, stderr) of one edgeft command."""
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a process and all its descendants, from /proc (0 once it is gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmRSS")), 0)
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return total / 1024
+
+
+def timed(cmd: list[str], threads: int, sample: float = 0.0) -> tuple[dict, float, float, str, list]:
+    """(JSON summary, wall seconds, the kernel's peak RSS in MiB, stderr, [(seconds, RSS MiB)] every
+    `sample` seconds when asked) of one edgeft command."""
     t0 = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
-                          env={**os.environ, "EDGEFT_THREADS": str(threads), "EDGEFT_PROGRESS_SECONDS": "0"})
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "EDGEFT_THREADS": str(threads), "EDGEFT_PROGRESS_SECONDS": "0"})
+    samples: list = []
+    if sample:
+        def watch():
+            while proc.poll() is None:
+                samples.append((round(time.perf_counter() - t0, 2), round(tree_rss_mib(proc.pid), 1)))
+                time.sleep(sample)
+        import threading
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+    out, err = proc.communicate()
     wall = time.perf_counter() - t0
     if proc.returncode:
-        sys.exit(f"{' '.join(cmd[1:4])} failed:\n{proc.stderr[-3000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1)) / 1024
-    return json.loads(proc.stdout), wall, rss, proc.stderr
+        sys.exit(f"{' '.join(cmd[1:4])} failed:\n{err[-3000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", err).group(1)) / 1024
+    return json.loads(out), wall, rss, err, samples
+
+
+def phase_peaks(samples: list, wall: float, check_seconds: float | None) -> dict:
+    """Where a device train's peak was: the sampled RSS before its promotion check (loading and the steps)
+    and during it (the check is the run's last `check_seconds`)."""
+    split = wall - (check_seconds or 0.0)
+    before = [r for t, r in samples if t < split]
+    during = [r for t, r in samples if t >= split]
+    return {"steps_peak_mib": max(before, default=None), "check_peak_mib": max(during, default=None), "samples": len(samples)}
 
 
 def process(args) -> dict:
@@ -315,15 +352,17 @@ def process(args) -> dict:
         train = [edgeft, "device", "train", "--bundle", args.bundle, "--data", str(data), "--state", str(work / "state"), "--json", "--quiet"]
         train += ["--max-steps", str(args.max_steps)] if args.max_steps else []
         train += ["--check-rows", str(args.check_rows)] if args.check_rows else []
-        s, wall, rss, _ = timed(train, args.threads)
+        s, wall, rss, _, samples = timed(train, args.threads, args.sample)
         check = s.get("check") or {}
         gens.append({"generation": s["generation"], "steps": s["steps"], "backend": s["backend"], "train_seconds": s["seconds"],
                      "check": {k: v for k, v in check.items() if k != "correct"}, "check_seconds": check.get("seconds"),
                      "wall_seconds": round(wall, 1), "check_share": round(check["seconds"] / wall, 3) if check.get("seconds") is not None else None,
                      "plan": s["plan"], "plan_mib": s["plan_mib"], "peak_rss_mib": round(rss, 1), "peak_rss_mib_self": s["peak_rss_mib"],
                      "peak_over_plan": round(rss / s["plan_mib"], 3) if s["plan_mib"] else None, "promoted": s["promoted"], "reason": s["reason"]})
+        if args.sample:
+            gens[-1]["sampled"] = phase_peaks(samples, wall, check.get("seconds"))
         print(f"  generation {s['generation']} done: {json.dumps({k: v for k, v in gens[-1].items() if k != 'plan'})}", flush=True)
-    e, e_wall, e_rss, _ = timed([edgeft, "device", "eval", "--bundle", args.bundle, "--data", str(data), "--state", str(work / "state"),
+    e, e_wall, e_rss, *_ = timed([edgeft, "device", "eval", "--bundle", args.bundle, "--data", str(data), "--state", str(work / "state"),
                                  "--json"], args.threads)
     shutil.rmtree(work, ignore_errors=True)
     result = {"bundle": args.bundle, "rows": args.rows, "threads": args.threads, "generations": gens,
@@ -337,6 +376,9 @@ def process(args) -> dict:
         reused = f"; baseline reused: {', '.join(c['baseline_reused'])}" if c.get("baseline_reused") else ""
         print(f"  {'train, gen ' + str(r['generation']):<16}{r['steps']:>6}{r['plan_mib']:>6.0f} MiB{r['peak_rss_mib']:>8.0f} MiB"
               f"{r['peak_over_plan']:>11.2f}{r['wall_seconds']:>8.1f}s{r['check_seconds'] or 0:>8.1f}s{r['check_share'] or 0:>8.0%}  {drawn}{reused}")
+        if r.get("sampled"):
+            sp = r["sampled"]
+            print(f"    RSS sampled every {args.sample} s: {sp['steps_peak_mib']} MiB before the check, {sp['check_peak_mib']} MiB during it")
     if e.get("plan_mib"):
         print(f"  {'device eval':<16}{'':>6}{e['plan_mib']:>6.0f} MiB{e_rss:>8.0f} MiB{e_rss / e['plan_mib']:>11.2f}{e_wall:>8.1f}s")
     print(f"  train plan: {', '.join(f'{k} {v:.0f}' for k, v in gens[0]['plan']['parts'].items())} (MiB); check: {gens[0]['check'].get('engine')}")
@@ -446,6 +488,8 @@ def main() -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--rows", type=int, default=200)
         p.add_argument("--generations", type=int, default=1, help="process: generations in a row, each on the next --rows rows")
+        p.add_argument("--sample", type=float, default=0.0, help="process: sample the RSS every SAMPLE seconds and report "
+                       "the peak before the promotion check and during it")
         p.add_argument("--out")
         p.add_argument("--model", help="the bundle's base model folder (default: assets/models/NAME, NAME from the manifest); "
                        "checked against the manifest's fingerprint")
