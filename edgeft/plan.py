@@ -42,7 +42,7 @@ ARENA_FIXED_MIB = 25
 VOCAB_CHUNK_BYTES = 32 * MIB
 VOCAB_MIN_ROWS = 1024
 # `device eval` of a causal LM: at 4 x 256 SmolLM2's 192 MiB of logits and the activations behind them
-# took the process to 1744 MiB; one row at a time, 576 (BENCHMARKS.md section 5), in about the same time
+# took the process to 1744 MiB; one row at a time, 533 (BENCHMARKS.md section 5), in about the same time
 INFER_LOGITS_BYTES = 64 * MIB
 
 

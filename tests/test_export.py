@@ -188,6 +188,21 @@ def test_plan_refuses_then_force_warns(tmp_path, cls_run):
     assert r.exit_code == 0 and "warning" in r.output
 
 
+def test_a_step_measured_over_the_budget_is_refused_and_leaves_nothing(tmp_path, cls_run, monkeypatch):
+    """The plan's formula fits; the step export measures (edgeft.device.step_probe) does not: exit 9 naming
+    the budget, no bundle. The measurement is recorded where it passes."""
+    from edgeft.device import step_probe
+
+    r = run("export", "--run", cls_run, "--target", target(tmp_path), "--out", tmp_path / "ok", "--json")
+    assert r.exception is None and r.exit_code == 0, r.output
+    measured = json.loads(r.stdout)["memory_plan"]["measured_step_mib"]
+    assert measured["fast"] > 0 and measured["lean"] > 0
+    monkeypatch.setattr(step_probe, "measure_step", lambda bundle: {"fast": 1e5, "lean": 1e5})
+    r = run("export", "--run", cls_run, "--target", target(tmp_path), "--out", tmp_path / "b")
+    assert r.exit_code == 9 and "budget" in r.output and "measured" in r.output, r.output
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))  # nor atomic_dir's work folder
+
+
 def test_preflight_names_the_op_and_layer():
     from onnx import TensorProto, helper
 

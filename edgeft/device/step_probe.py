@@ -6,7 +6,7 @@ memory plan takes the larger of this and its formula. The formula (per-token ten
 SmolLM2) missed architectures that keep more per token: Gemma-3-270M's step, with 4 heads of 256
 and a decomposed GELU-tanh, held 1077 MiB against 629 planned (BENCHMARKS.md section 5).
 
-    python -m edgeft.device.step_probe BUNDLE [--lean]   # prints {"step_mib": ...}
+    EDGEFT_MEMORY=fast|lean python -m edgeft.device.step_probe BUNDLE   # prints {"step_mib": ...}
 """
 
 from __future__ import annotations
