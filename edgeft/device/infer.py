@@ -59,7 +59,7 @@ class Predictor:
         confusion = np.zeros((len(self.labels), len(self.labels)))
         # longest rows first: every later batch's tensors then fit in the arena's free blocks (rows in
         # file order grew SmolLM2's evaluation from 378 to 805 MiB), and a batch pads its rows less
-        order = sorted(range(len(encoded)), key=lambda k: -len(encoded[k].input_ids))
+        order = sorted(range(len(encoded)), key=lambda k: -len(getattr(encoded[k], "input_ids", ())))  # images: one size
         for i in range(0, len(order), self.eval_batch):
             at = order[i : i + self.eval_batch]
             b = collate([encoded[k] for k in at], self.tokenizer.pad_token_id)
