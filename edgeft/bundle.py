@@ -98,13 +98,14 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path, values: dict | Manifest) -> Manifest:
-    """List every file of `folder` with its sha256 and size, and write manifest.json last."""
+def write_manifest(folder: Path, values: dict | Manifest, files: dict | None = None) -> Manifest:
+    """List every file of `folder` with its sha256 and size (or take `files`, an earlier manifest's list
+    of the same, unchanged files), and write manifest.json last."""
     from .fsutil import atomic_write_text
 
     folder = Path(folder)
-    files = {str(p.relative_to(folder)): {"sha256": sha256(p), "bytes": p.stat().st_size}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = files if files is not None else {str(p.relative_to(folder)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+                                             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     values = values.to_dict() if isinstance(values, Manifest) else values
     manifest = Manifest.from_dict({"schema_version": SCHEMA_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                    **values, "files": files})

@@ -103,7 +103,8 @@ class MemoryPlan(_Budgeted):
                 ("runtime", self.runtime_mib), ("total (estimated peak)", self.total_mib)]
         if self.arena_mib:
             rows.insert(-2, ("allocator high-water (measured)", self.arena_mib))
-        above = step_transient_mib(asdict(self), lean=False) - step_transient_mib({**asdict(self), "measured_step_mib": None}, lean=False)
+        d = asdict(self)
+        above = step_transient_mib(d, lean=False) - step_transient_mib(d, lean=False, measured=False)
         if above > 0:
             rows.insert(-2, ("step measured at export: above these", above))
         lines = [f"memory plan for {self.target} (budget {self.budget_mib} MiB)"]
@@ -130,12 +131,12 @@ class MemoryPlan(_Budgeted):
         return {**super().to_dict(), "fits_lean": self.fits_lean}
 
 
-def step_transient_mib(step: dict, lean: bool) -> float:
+def step_transient_mib(step: dict, lean: bool, measured: bool = True) -> float:
     """What a training step holds above the loaded engine (a MemoryPlan's dict): the formula's rebuilt
     weights and activations, plus the arena's high-water mark unless lean, or what export measured
-    where that is more."""
+    where that is more (unless `measured` is False: the formula alone)."""
     formula = step["base_rebuilt_mib"] + step["activations_mib"] + (0.0 if lean else step.get("arena_mib", 0.0))
-    return max(formula, (step.get("measured_step_mib") or {}).get("lean" if lean else "fast", 0.0))
+    return max(formula, (step.get("measured_step_mib") or {}).get("lean" if lean else "fast", 0.0) if measured else 0.0)
 
 
 def safetensors_numel(path: Path) -> int:

@@ -38,6 +38,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -314,10 +315,7 @@ def timed(cmd: list[str], threads: int, sample: float = 0.0) -> tuple[dict, floa
             while proc.poll() is None:
                 samples.append((round(time.perf_counter() - t0, 2), round(tree_rss_mib(proc.pid), 1)))
                 time.sleep(sample)
-        import threading
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        threading.Thread(target=watch, daemon=True).start()
     out, err = proc.communicate()
     wall = time.perf_counter() - t0
     if proc.returncode:

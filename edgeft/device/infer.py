@@ -57,8 +57,8 @@ class Predictor:
         `per_row` adds "correct" (classify): which rows were right, for a paired comparison."""
         loss_sum, count, correct = 0.0, 0, [False] * len(encoded)
         confusion = np.zeros((len(self.labels), len(self.labels)))
-        # longest rows first: every later batch's tensors then fit in the arena's free blocks (rows in
-        # file order grew SmolLM2's evaluation from 378 to 805 MiB), and a batch pads its rows less
+        # longest rows first: every later batch's tensors then fit in the arena's free blocks (in file
+        # order each longer row took a new block: BENCHMARKS.md section 5), and a batch pads its rows less
         order = sorted(range(len(encoded)), key=lambda k: -len(getattr(encoded[k], "input_ids", ())))  # images: one size
         for i in range(0, len(order), self.eval_batch):
             at = order[i : i + self.eval_batch]

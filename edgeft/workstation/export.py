@@ -257,11 +257,10 @@ def export_bundle(adapter_dir, target, out: Path, overwrite: bool = False, force
             "parity": parity, "base_bytes_per_param": summary["base_bytes_per_param"], "memory_plan": plan.to_dict(),
             "reference": {"file": REFERENCE, "rows": len(retained)} if retained else None,
         }
-        write_manifest(tmp, values)
+        first = write_manifest(tmp, values)
         stage("measuring the device's training step (memory)", "report the model and target with the log")
         plan = measured_plan(tmp, plan, force, log)
-        values["memory_plan"] = plan.to_dict()
-        write_manifest(tmp, values)
+        write_manifest(tmp, {**values, "memory_plan": plan.to_dict()}, files=first.files)  # the files are as hashed
         summary["memory_plan"] = plan.to_dict()
         summary["bundle_bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         summary["bundle_bytes_per_base_param"] = round(summary["bundle_bytes"] / max(base_params, 1), 4)
